@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="villa",
+    version="0.1.0",
+    description="ViLLA: fine-grained vision-language learning from data with high image-text sample complexity",
+    python_requires=">=3.10",
+    packages=find_packages(include=["villa", "villa.*"]),
+    package_data={"villa": ["configs/*.yaml", "configs/*/*.yaml"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.1,<2.15",
+        "torchvision>=0.16,<0.30",
+        "numpy>=1.24",
+        "pandas>=2.0",
+        "pyarrow>=12",
+        "pillow>=9",
+        "hydra-core>=1.3,<1.4",
+        "omegaconf>=2.3",
+        "python-dotenv>=1.0",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+        "transformers>=4.40",
+        "open-clip-torch>=2.20",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "nbclient>=0.7", "nbformat>=5", "ipykernel>=6", "ruff>=0.5", "pre-commit>=3"],
+    },
+)

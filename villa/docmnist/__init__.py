@@ -1,0 +1,25 @@
+"""DocMNIST: a synthetic vision-language dataset whose image-text sample complexity is dialled by flags."""
+
+from villa.docmnist.vocabulary import (
+    ATTRIBUTE_KIND,
+    ATTRIBUTES,
+    COLORS,
+    DIGIT_WORDS,
+    KINDS,
+    SHAPES,
+    SIZES,
+    TEMPLATES,
+    attribute_prompts,
+)
+
+__all__ = [
+    "ATTRIBUTES",
+    "ATTRIBUTE_KIND",
+    "COLORS",
+    "DIGIT_WORDS",
+    "KINDS",
+    "SHAPES",
+    "SIZES",
+    "TEMPLATES",
+    "attribute_prompts",
+]
