@@ -1,0 +1,105 @@
+"""The shared training loop: checkpoints, metrics, resume, early stopping, determinism."""
+
+from __future__ import annotations
+
+import csv
+import functools
+
+import pytest
+import torch
+
+from villa.checkpoints import load_checkpoint, load_model_state
+from villa.errors import VillaError
+from villa.training import fit
+
+
+class Points(torch.utils.data.Dataset):
+    """y = 3x - 1 with seeded noise; ``__getitems__`` returns a ready batch."""
+
+    def __init__(self, n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 1, generator=g)
+        self.y = 3 * self.x - 1 + 0.1 * torch.randn(n, 1, generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitems__(self, indices):
+        return {"x": self.x[indices], "y": self.y[indices]}
+
+
+def mse(model, batch):
+    return torch.nn.functional.mse_loss(model(batch["x"]), batch["y"]), len(batch["x"])
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Linear(1, 1)
+
+
+def run(tmp_path, epochs, resume=False, patience=None, val=True, lr=0.1):
+    model = make_model()
+    result = fit(
+        model,
+        Points(40, 1),
+        Points(16, 2) if val else None,
+        mse,
+        collate_fn=lambda b: b,
+        batch_size=8,
+        epochs=epochs,
+        optimizer_factory=functools.partial(torch.optim.SGD, lr=lr),
+        run_dir=tmp_path,
+        device=torch.device("cpu"),
+        seed=5,
+        resume=resume,
+        early_stopping_patience=patience,
+        progress=False,
+    )
+    return model, result
+
+
+def test_fit_learns_and_writes_artifacts(tmp_path):
+    model, result = run(tmp_path, epochs=6)
+    assert abs(model.weight.item() - 3) < 0.2 and abs(model.bias.item() + 1) < 0.2
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 7))
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    ckpt = load_checkpoint(tmp_path / "last.pkl")
+    assert ckpt["epoch"] == 6 and len(ckpt["history"]) == 6
+    assert load_checkpoint(tmp_path / "best.pkl")["epoch"] == result.best_epoch
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    full, _ = run(tmp_path / "full", epochs=4)
+    run(tmp_path / "split", epochs=2)
+    resumed, result = run(tmp_path / "split", epochs=4, resume=True)
+    assert torch.equal(full.weight, resumed.weight) and torch.equal(full.bias, resumed.bias)
+    assert [r["epoch"] for r in result.history] == [1, 2, 3, 4]
+
+
+def test_same_seed_same_weights(tmp_path):
+    a, _ = run(tmp_path / "a", epochs=3)
+    b, _ = run(tmp_path / "b", epochs=3)
+    assert torch.equal(a.weight, b.weight)
+
+
+def test_early_stopping(tmp_path):
+    # lr 0 never improves after the first epoch, so patience 2 stops after epoch 3
+    _, result = run(tmp_path, epochs=10, patience=2, lr=0.0)
+    assert result.stopped_early and len(result.history) == 3 and result.best_epoch == 1
+
+
+def test_train_loss_is_monitored_without_val_set(tmp_path):
+    _, result = run(tmp_path, epochs=2, val=False)
+    assert result.history[-1]["val_loss"] is None and result.best_epoch == 2
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(VillaError, match="epochs"):
+        run(tmp_path, epochs=-1)
+    with pytest.raises(VillaError, match="no checkpoint"):
+        load_model_state(tmp_path / "missing.pkl", make_model())
+    run(tmp_path, epochs=1)
+    with pytest.raises(VillaError, match="does not fit"):
+        load_model_state(tmp_path / "last.pkl", torch.nn.Linear(2, 1))

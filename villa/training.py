@@ -1,0 +1,293 @@
+"""The training loop shared by stage 1 and stage 2.
+
+``fit`` owns everything around the model's loss: device placement, mixed precision (CUDA only),
+gradient scaling, DistributedDataParallel under torchrun, seeded per-epoch shuffling, validation,
+learning-rate scheduling, early stopping, ``metrics.csv``, atomic ``last.pkl`` / ``best.pkl`` and resume.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from villa import distributed
+from villa.checkpoints import BEST, LAST, load_checkpoint, save_checkpoint, unwrap
+from villa.device import autocast, needs_grad_scaler
+from villa.errors import VillaError
+from villa.io import atomic_path
+
+METRICS_FILE = "metrics.csv"
+METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "lr", "seconds", "data_seconds", "improved")
+
+LossFn = Callable[[torch.nn.Module, Any], "torch.Tensor | tuple[torch.Tensor, int]"]
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_val_loss: float | None = None
+    run_dir: Path | None = None
+    stopped_early: bool = False
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.run_dir / LAST
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.run_dir / BEST
+
+
+def move_to_device(batch, device: torch.device, non_blocking: bool = False):
+    """Move every tensor in a (nested) dict/list/tuple batch to ``device``."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, Mapping):
+        return {k: move_to_device(v, device, non_blocking) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device, non_blocking) for v in batch)
+    return batch
+
+
+def _unpack(out) -> tuple[torch.Tensor, int]:
+    if isinstance(out, tuple):
+        return out[0], int(out[1])
+    return out, 1
+
+
+def _make_loader(dataset, batch_size, shuffle, seed, ctx, collate_fn, num_workers, pin_memory) -> DataLoader:
+    # DistributedSampler with one replica is an ordinary seeded, per-epoch reshuffling sampler, so one code
+    # path serves single-process and torchrun runs, and a resumed run sees the same order as an uninterrupted one.
+    sampler = DistributedSampler(
+        dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed, drop_last=False
+    )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def _write_metrics(run_dir: Path, history: list[dict]) -> None:
+    with atomic_path(run_dir / METRICS_FILE) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def _progress(iterable, total, desc, enabled):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _run_epoch(model, loader, loss_fn, optimizer, scaler, device, amp, train, desc, progress, grad_clip_norm):
+    """One pass over ``loader``; returns (mean loss over items, seconds waiting for data)."""
+    totals = torch.zeros(2, dtype=torch.float64)  # [sum of loss * items, items]
+    data_seconds = 0.0
+    non_blocking = device.type == "cuda"
+    bar = _progress(loader, len(loader), desc, progress)
+    tick = time.perf_counter()
+    for batch in bar:
+        batch = move_to_device(batch, device, non_blocking)
+        data_seconds += time.perf_counter() - tick
+        with torch.set_grad_enabled(train), autocast(device, amp):
+            loss, n_items = _unpack(loss_fn(model, batch))
+        if train:
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                if grad_clip_norm:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                if grad_clip_norm:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+                optimizer.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise VillaError(f"{desc}: the loss became {value}; lower the learning rate or disable amp")
+        totals += torch.tensor([value * n_items, n_items], dtype=torch.float64)
+        if progress and hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{value:.4f}")
+        tick = time.perf_counter()
+    distributed.all_reduce_sum(totals)
+    return float(totals[0] / max(totals[1], 1)), data_seconds
+
+
+def fit(
+    model: torch.nn.Module,
+    train_set: Dataset,
+    val_set: Dataset | None,
+    loss_fn: LossFn,
+    *,
+    batch_size: int,
+    epochs: int,
+    optimizer_factory: Callable,
+    run_dir: str | os.PathLike,
+    device: torch.device,
+    seed: int = 0,
+    collate_fn: Callable | None = None,
+    scheduler_factory: Callable | None = None,
+    amp: bool = True,
+    resume: bool = False,
+    early_stopping_patience: int | None = None,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    config: dict | None = None,
+    extra: dict | None = None,
+    desc: str = "train",
+    grad_clip_norm: float | None = None,
+    compile: bool = False,
+    find_unused_parameters: bool = False,
+    progress: bool = True,
+) -> FitResult:
+    """Train ``model`` with ``loss_fn(model, batch)`` and return the per-epoch history.
+
+    ``optimizer_factory(params)`` and ``scheduler_factory(optimizer)`` are Hydra partials. A
+    ``ReduceLROnPlateau`` scheduler steps on the validation loss (train loss without a val set).
+    Only rank 0 writes files. ``resume=True`` continues from ``run_dir/last.pkl`` when it exists.
+    """
+    if epochs < 0:
+        raise VillaError(f"epochs must be >= 0, got {epochs}")
+    if batch_size < 1:
+        raise VillaError(f"batch_size must be >= 1, got {batch_size}")
+    if len(train_set) == 0:
+        raise VillaError("the training set is empty")
+    run_dir = Path(run_dir)
+    ctx = distributed.init_distributed(device)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    model.to(device)
+    optimizer = optimizer_factory([p for p in model.parameters() if p.requires_grad])
+    scheduler = scheduler_factory(optimizer) if scheduler_factory is not None else None
+    scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(device, amp) else None
+
+    result = FitResult(run_dir=run_dir)
+    epochs_without_improvement = 0
+    start_epoch = 0
+    if resume and (run_dir / LAST).is_file():
+        ckpt = load_checkpoint(run_dir / LAST)
+        unwrap(model).load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler is not None and ckpt.get("scheduler") is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler") is not None:
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch = int(ckpt["epoch"])
+        result.history = list(ckpt.get("history", []))
+        result.best_epoch = ckpt.get("best_epoch")
+        result.best_val_loss = ckpt.get("best_val_loss")
+        result.stopped_early = bool(ckpt.get("stopped_early", False))
+        epochs_without_improvement = int(ckpt.get("epochs_without_improvement", 0))
+        if ctx.is_main:
+            print(f"resuming {desc} from {run_dir / LAST} after epoch {start_epoch}")
+        if result.stopped_early:
+            return result
+    elif ctx.is_main:
+        for stale in (LAST, BEST, METRICS_FILE):
+            (run_dir / stale).unlink(missing_ok=True)
+
+    train_model = model
+    if ctx.enabled:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=find_unused_parameters,
+        )
+    if compile:
+        train_model = torch.compile(train_model)
+
+    pin_memory = pin_memory and device.type == "cuda"
+    train_loader = _make_loader(train_set, batch_size, True, seed, ctx, collate_fn, num_workers, pin_memory)
+    val_loader = None
+    if val_set is not None and len(val_set) > 0:
+        val_loader = _make_loader(val_set, batch_size, False, seed, ctx, collate_fn, num_workers, pin_memory)
+    plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    show = progress and ctx.is_main
+
+    for epoch in range(start_epoch, epochs):
+        started = time.perf_counter()
+        torch.manual_seed(seed + epoch)  # stochastic layers draw the same numbers on resume
+        train_loader.sampler.set_epoch(epoch)
+        train_model.train()
+        train_loss, data_seconds = _run_epoch(
+            train_model, train_loader, loss_fn, optimizer, scaler, device, amp, True,
+            f"{desc} epoch {epoch + 1}/{epochs}", show, grad_clip_norm,
+        )  # fmt: skip
+        val_loss = None
+        if val_loader is not None:
+            train_model.eval()
+            val_loss, _ = _run_epoch(
+                train_model, val_loader, loss_fn, None, None, device, amp, False, f"{desc} val", show, None
+            )
+        monitored = val_loss if val_loss is not None else train_loss
+        lr = optimizer.param_groups[0]["lr"]
+        if plateau:
+            scheduler.step(monitored)
+        elif scheduler is not None:
+            scheduler.step()
+        improved = result.best_val_loss is None or monitored < result.best_val_loss
+        if improved:
+            result.best_val_loss, result.best_epoch = monitored, epoch + 1
+            epochs_without_improvement = 0
+        else:
+            epochs_without_improvement += 1
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "lr": lr,
+            "seconds": round(time.perf_counter() - started, 3),
+            "data_seconds": round(data_seconds, 3),
+            "improved": improved,
+        }
+        result.history.append(row)
+        result.stopped_early = (
+            early_stopping_patience is not None and epochs_without_improvement >= early_stopping_patience
+        )
+        if ctx.is_main:
+            state = {
+                "history": result.history,
+                "best_epoch": result.best_epoch,
+                "best_val_loss": result.best_val_loss,
+                "epochs_without_improvement": epochs_without_improvement,
+                "stopped_early": result.stopped_early,
+                "scaler": scaler.state_dict() if scaler is not None else None,
+            }
+            save_checkpoint(run_dir / LAST, model, optimizer, scheduler, epoch + 1, config, extra, **state)
+            if improved:
+                save_checkpoint(run_dir / BEST, model, None, None, epoch + 1, config, extra, **state)
+            _write_metrics(run_dir, result.history)
+            val_text = f" val_loss {val_loss:.4f}" if val_loss is not None else ""
+            print(
+                f"{desc} epoch {epoch + 1}/{epochs}: train_loss {train_loss:.4f}{val_text} "
+                f"lr {lr:.2e} ({row['seconds']:.1f}s){' *' if improved else ''}",
+                flush=True,
+            )
+        distributed.barrier()
+        if result.stopped_early:
+            if ctx.is_main:
+                print(f"{desc}: early stop, no val-loss improvement for {epochs_without_improvement} epochs")
+            break
+    return result
