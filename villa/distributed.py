@@ -70,3 +70,56 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def _pad_for_gather(tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Pad dim 0 to the longest rank's length (all_gather needs equal shapes); also return every rank's length."""
+    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device))
+    sizes = [int(s) for s in sizes]
+    padding = tensor.new_zeros((max(sizes) - tensor.shape[0], *tensor.shape[1:]))
+    return torch.cat([tensor, padding]), sizes
+
+
+def _single_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient and hands each rank the part of its own rows."""
+
+    @staticmethod
+    def forward(ctx, padded: torch.Tensor) -> torch.Tensor:
+        gathered = [torch.zeros_like(padded) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, padded.contiguous())
+        return torch.stack(gathered)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[dist.get_rank()]
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenate ``tensor`` ([n_rank, ...], n may differ per rank) from every rank along dim 0, keeping autograd.
+
+    Returns the concatenation and the offset of this rank's rows in it. Contrastive losses use it so that
+    every rank sees the negatives of the whole global batch, as a single process would; gradients flow
+    back to the rank that owns each row. A no-op (offset 0) in a single process.
+    """
+    if _single_process():
+        return tensor, 0
+    padded, sizes = _pad_for_gather(tensor)
+    gathered = _GatherWithGrad.apply(padded)
+    return torch.cat([g[:n] for g, n in zip(gathered, sizes)]), sum(sizes[: dist.get_rank()])
+
+
+def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0, for tensors that need no gradient (masks, labels)."""
+    if _single_process():
+        return tensor
+    padded, sizes = _pad_for_gather(tensor.detach())
+    gathered = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:n] for g, n in zip(gathered, sizes)])

@@ -20,8 +20,10 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("villa_project_dir", lambda: str(project_dir()), replace=True)
 
 
-def hydra_main(default_experiment: str | None = None) -> Callable[[Callable[[DictConfig], object]], Callable]:
-    """Decorate ``main(cfg)`` as a Hydra app on ``villa/configs/default.yaml``.
+def hydra_main(
+    default_experiment: str | None = None, config_name: str = "default"
+) -> Callable[[Callable[[DictConfig], object]], Callable]:
+    """Decorate ``main(cfg)`` as a Hydra app on ``villa/configs/<config_name>.yaml``.
 
     ``default_experiment`` is used when the command line names none, so ``python -m villa.stage1`` works.
     A :class:`VillaError` raised inside prints ``error: <message>`` and exits with 2.
@@ -45,14 +47,14 @@ def hydra_main(default_experiment: str | None = None) -> Callable[[Callable[[Dic
 
             import hydra
 
-            hydra.main(config_path=str(CONFIG_DIR), config_name="default", version_base="1.3")(task)()
+            hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")(task)()
 
         return entry
 
     return decorate
 
 
-def compose(overrides: Sequence[str] = ()) -> DictConfig:
+def compose(overrides: Sequence[str] = (), config_name: str = "default") -> DictConfig:
     """Compose the config as the command line would (for tests, notebooks and the sweep)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -61,7 +63,7 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     register_resolvers()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose(config_name="default", overrides=list(overrides))
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -1,0 +1,252 @@
+"""The paper's DocMNIST experiment: retrieval quality of ViLLA, CLIP and the untrained encoder against
+the training data's average image-text sample complexity.
+
+For every target complexity the sweep runs generate -> preprocess -> stage 1 -> ViLLA stage 2 ->
+CLIP baseline -> evaluation of the three, under ``out_dir/c<T>/``. Each finished step leaves a marker
+(its output file), so a rerun skips it and a killed sweep resumes; interrupted training resumes from
+``last.pkl``. ``results.csv`` and ``results.png`` gather every complexity finished under ``out_dir``,
+so Hydra multirun jobs that share ``out_dir`` add up to one table.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from villa.errors import VillaError
+from villa.io import atomic_path, write_json
+
+RESULT_COLUMNS = (
+    "target_sample_complexity",
+    "avg_sample_complexity",
+    "method",
+    "text_to_region_r_precision",
+    "region_to_text_r_precision",
+    "zero_shot_auroc",
+    "mapping_f1",
+)
+METHOD_EXPERIMENTS = {"villa": "docmnist_stage2", "clip": "docmnist_clip", "untrained": "docmnist_untrained"}
+STEP_TIMES_FILE = "step_times.csv"
+TRAINED_MARKER = "sweep_trained.json"
+
+
+class _Steps:
+    """Prints progress per step and records each step's wall time in ``out_dir/step_times.csv``."""
+
+    def __init__(self, out_dir: Path, total: int):
+        self.out_dir, self.total, self.done = out_dir, total, 0
+        path = out_dir / STEP_TIMES_FILE
+        self.rows = pd.read_csv(path).to_dict("records") if path.is_file() else []
+
+    def run(self, complexity: int, name: str, finished: bool, action):
+        self.done += 1
+        prefix = f"[sweep {self.done}/{self.total}] T={complexity} {name}"
+        if finished:
+            print(f"{prefix}: already done, skipped", flush=True)
+            return None
+        print(f"{prefix} ...", flush=True)
+        started = time.perf_counter()
+        out = action()
+        seconds = round(time.perf_counter() - started, 1)
+        print(f"{prefix}: done in {seconds:.1f}s", flush=True)
+        self.rows = [r for r in self.rows if not (r["complexity"] == complexity and r["step"] == name)]
+        self.rows.append({"complexity": complexity, "step": name, "seconds": seconds})
+        with atomic_path(self.out_dir / STEP_TIMES_FILE) as tmp:
+            pd.DataFrame(self.rows).to_csv(tmp, index=False)
+        return out
+
+
+def _stage_overrides(
+    experiment: str, dataset_dir: Path, run_root: Path, common: dict, extra: dict
+) -> list[str]:
+    values = {
+        "experiment": experiment,
+        "data_dir": str(dataset_dir),
+        "checkpoint_dir": str(run_root),
+        "resume": True,
+        **common,
+        **extra,
+    }
+    return [f"{key}={'null' if value is None else value}" for key, value in values.items()]
+
+
+def run_sweep(
+    complexities: Sequence[int],
+    attribute_budget: int,
+    out_dir: str | Path,
+    *,
+    val_attribute_budget: int = 10000,
+    test_attribute_budget: int = 10000,
+    data_root: str | Path | None = None,
+    seed: int = 23,
+    encoder: str = "default",
+    clip_weights: str | None = None,
+    device: str = "auto",
+    stage1: dict | None = None,
+    stage2: dict | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Run (or resume) the sweep and return the results table (also written to ``out_dir``)."""
+    from villa.docmnist.generate import generate_docmnist
+    from villa.evaluation.run import evaluate_from_config
+    from villa.hydra_app import compose
+    from villa.mapping.run import run_stage1_from_config
+    from villa.preprocess import preprocess_dataset
+    from villa.vlm.run import run_stage2_from_config
+
+    complexities = [int(c) for c in complexities]
+    if not complexities:
+        raise VillaError("complexities is empty: give at least one target sample complexity")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data_root = Path(data_root) if data_root is not None else out_dir / "data"
+    stage1, stage2 = dict(stage1 or {}), dict(stage2 or {})
+    common = {
+        "seed": seed,
+        "device": device,
+        "encoder": encoder,
+        "clip_weights": clip_weights,
+        "progress": progress,
+    }
+    steps = _Steps(out_dir, total=8 * len(complexities))
+
+    for complexity in complexities:
+        run_root = out_dir / f"c{complexity}"
+        record_path = run_root / "dataset.json"
+
+        def generate(complexity=complexity, record_path=record_path):
+            result = generate_docmnist(
+                attribute_budget=attribute_budget,
+                target_sample_complexity=complexity,
+                seed=seed,
+                val_attribute_budget=val_attribute_budget,
+                test_attribute_budget=test_attribute_budget,
+                data_root=data_root,
+                overwrite=True,
+                progress=progress,
+            )
+            write_json(record_path, {"dataset_dir": str(result.dataset_dir), **result.summary()})
+
+        steps.run(complexity, "generate", record_path.is_file(), generate)
+        record = json.loads(record_path.read_text())
+        dataset_dir = Path(record["dataset_dir"])
+        if not dataset_dir.is_dir():
+            raise VillaError(
+                f"{record_path} names {dataset_dir}, which is gone: delete {record_path} and rerun"
+            )
+
+        manifest = dataset_dir / "region_embs" / "manifest.json"
+        embedded = manifest.is_file() and json.loads(manifest.read_text()).get("encoder") == encoder
+        steps.run(
+            complexity,
+            "preprocess",
+            embedded,
+            lambda d=dataset_dir: preprocess_dataset(
+                d, encoder=encoder, clip_weights=clip_weights, device=device, progress=progress
+            ),
+        )
+
+        stage1_dir = run_root / "docmnist_stage1"
+        cfg1 = compose(_stage_overrides("docmnist_stage1", dataset_dir, run_root, common, stage1))
+        steps.run(
+            complexity,
+            "stage1",
+            (stage1_dir / "mapping_metrics.json").is_file(),
+            lambda c=cfg1: run_stage1_from_config(c),
+        )
+
+        for method in ("villa", "clip"):
+            experiment = METHOD_EXPERIMENTS[method]
+            overrides = {**stage2, "stage_1_ckpt_dir": str(stage1_dir)} if method == "villa" else stage2
+            cfg2 = compose(_stage_overrides(experiment, dataset_dir, run_root, common, overrides))
+            done_marker = run_root / experiment / TRAINED_MARKER
+
+            def train(c=cfg2, marker=done_marker):
+                run_stage2_from_config(c)
+                write_json(marker, {"finished": True})
+
+            steps.run(complexity, f"{method} stage2", done_marker.is_file(), train)
+        for method, experiment in METHOD_EXPERIMENTS.items():
+            cfg_eval = compose(_stage_overrides(experiment, dataset_dir, run_root, common, {}))
+            steps.run(
+                complexity,
+                f"{method} evaluate",
+                (run_root / experiment / "metrics.json").is_file(),
+                lambda c=cfg_eval: evaluate_from_config(c),
+            )
+
+    results = collect_results(out_dir)
+    write_results(out_dir, results)
+    return results
+
+
+def collect_results(out_dir: str | Path) -> pd.DataFrame:
+    """One row per (complexity, method) for every complexity under ``out_dir`` with all metrics present."""
+    out_dir = Path(out_dir)
+    rows = []
+    for run_root in sorted(out_dir.glob("c*"), key=lambda p: int(p.name[1:]) if p.name[1:].isdigit() else -1):
+        if not run_root.name[1:].isdigit() or not (run_root / "dataset.json").is_file():
+            continue
+        record = json.loads((run_root / "dataset.json").read_text())
+        mapping_path = run_root / "docmnist_stage1" / "mapping_metrics.json"
+        mapping_f1 = json.loads(mapping_path.read_text())["test"]["f1"] if mapping_path.is_file() else None
+        for method, experiment in METHOD_EXPERIMENTS.items():
+            metrics_path = run_root / experiment / "metrics.json"
+            if not metrics_path.is_file():
+                continue
+            metrics = json.loads(metrics_path.read_text())
+            rows.append(
+                {
+                    "target_sample_complexity": int(run_root.name[1:]),
+                    "avg_sample_complexity": record.get("avg_train_complexity"),
+                    "method": method,
+                    "text_to_region_r_precision": metrics["text_to_region_r_precision"],
+                    "region_to_text_r_precision": metrics["region_to_text_r_precision"],
+                    "zero_shot_auroc": metrics["zero_shot_auroc"],
+                    "mapping_f1": mapping_f1 if method == "villa" else None,
+                }
+            )
+    return pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+
+
+def write_results(out_dir: str | Path, results: pd.DataFrame) -> tuple[Path, Path]:
+    """Write ``results.csv`` and ``results.png`` (R-Precision against average complexity, a line per method)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    csv_path, png_path = out_dir / "results.csv", out_dir / "results.png"
+    with atomic_path(csv_path) as tmp:
+        results.to_csv(tmp, index=False, float_format="%.2f")
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    panels = (
+        ("text_to_region_r_precision", "text -> region"),
+        ("region_to_text_r_precision", "region -> text"),
+    )
+    for ax, (column, title) in zip(axes, panels):
+        for method, group in results.groupby("method", sort=False):
+            group = group.sort_values("avg_sample_complexity")
+            ax.plot(group["avg_sample_complexity"], group[column], marker="o", label=method)
+        ax.set_xlabel("average training sample complexity (region-attribute pairs / image)")
+        ax.set_ylabel("R-Precision (%)")
+        ax.set_title(f"DocMNIST {title} retrieval (test split)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return csv_path, png_path
+
+
+def format_results(results: pd.DataFrame) -> str:
+    """The results table as aligned text."""
+    if results.empty:
+        return "(no finished runs)"
+    return results.to_string(index=False, float_format=lambda v: f"{v:.1f}", na_rep="")
