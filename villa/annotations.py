@@ -22,12 +22,16 @@ attributes     attributes of the image (a set, stored as a list in vocabulary or
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from villa.errors import VillaError
+
+if TYPE_CHECKING:  # pandas costs ~0.5 s and ~100 MB to import: the DocMNIST generator writes without it
+    import pandas as pd
 
 ANNOTATIONS_FILE = "annotations.feather"
 SPLITS = ("train", "val", "test")
@@ -76,11 +80,61 @@ def write_annotations(dataset_dir: str | os.PathLike, frame: pd.DataFrame) -> Pa
     return path
 
 
+def _arrow_schema():
+    """The Arrow types of the table, as pandas writes them (strings as large_string)."""
+    import pyarrow as pa
+
+    text, words, ints = pa.large_string(), pa.list_(pa.string()), pa.list_(pa.int64())
+    types = {
+        "image_id": pa.int64(),
+        "image_size": ints,
+        "image_filepath": text,
+        "region_coord": pa.list_(ints),
+        "num_regions": pa.int64(),
+        "split": text,
+        "text": text,
+        "digit_label": words,
+        "color_label": words,
+        "shape_label": words,
+        "size_label": words,
+        "reg_to_attr": pa.list_(words),
+        "attributes": words,
+    }
+    return pa.schema([(c, types[c]) for c in COLUMNS])
+
+
+def write_annotation_columns(dataset_dir: str | os.PathLike, columns: Mapping[str, Sequence]) -> Path:
+    """Like :func:`write_annotations`, from plain per-column lists (Python lists, no pandas needed).
+
+    Lets the DocMNIST generator start fast; the file reads back identically with :func:`read_annotations`.
+    """
+    import pyarrow as pa
+    import pyarrow.feather as feather
+
+    from villa.io import atomic_path
+
+    missing = [c for c in COLUMNS if c not in columns]
+    if missing:
+        raise ValueError(f"annotation table lacks columns {missing}")
+    ids = list(columns["image_id"])
+    if len(set(ids)) != len(ids):
+        raise ValueError("image_id must be unique")
+    schema = _arrow_schema()
+    table = pa.Table.from_arrays(
+        [pa.array(columns[c], type=schema.field(c).type) for c in COLUMNS], schema=schema
+    )
+    path = annotations_path(dataset_dir)
+    with atomic_path(path) as tmp:
+        feather.write_feather(table, tmp)
+    return path
+
+
 def read_annotations(dataset_dir: str | os.PathLike, split: str | None = None) -> pd.DataFrame:
     """Read the annotation table (list columns as Python lists), optionally one split only.
 
     Raises :class:`VillaError` when the file is missing or lacks columns, or the split is empty.
     """
+    import pandas as pd
     import pyarrow.feather as feather
 
     path = annotations_path(dataset_dir)

@@ -1,0 +1,105 @@
+"""Visualisation: the grid figure, the statistics, the PNG command and the notebook (headless)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.patches import Rectangle
+from PIL import Image
+
+from villa import visualize
+from villa.annotations import read_annotations
+from villa.docmnist.generate import generate_docmnist
+from villa.docmnist.vocabulary import ATTRIBUTES
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (30, 28, 28), dtype=np.uint8)
+    labels = np.arange(30) % 10
+    pools = {split: (images, labels) for split in ("train", "val", "test")}
+    result = generate_docmnist(
+        120,
+        10,
+        seed=3,
+        val_attribute_budget=40,
+        test_attribute_budget=40,
+        data_root=tmp_path_factory.mktemp("data"),
+        digit_pools=pools,
+        progress=False,
+    )
+    return result.dataset_dir
+
+
+def test_draw_grid_boxes_and_captions(dataset_dir):
+    frame = read_annotations(dataset_dir, "val")
+    fig = visualize.draw_grid(dataset_dir, split="val", n=4, seed=0)
+    image_axes = [ax for ax in fig.axes if ax.images]
+    assert len(image_axes) == 4
+    by_id = {int(r["image_id"]): r for r in frame.to_dict("records")}
+    for ax in image_axes:
+        image_id = int(ax.get_title().split()[0].lstrip("#"))
+        row = by_id[image_id]  # only val images are drawn
+        boxes = [p for p in ax.patches if isinstance(p, Rectangle)]
+        assert len(boxes) == row["num_regions"]
+        assert ax.get_xlabel().replace("\n", " ") == row["text"]
+        assert ax.images[0].get_array().shape == (84, 84, 3)
+
+
+def test_statistics_add_up(dataset_dir):
+    frame = read_annotations(dataset_dir)
+    stats = visualize.dataset_statistics(dataset_dir)
+    counts, hist, summary = stats["attribute_counts"], stats["complexity"], stats["summary"]
+    assert list(counts.index) == list(ATTRIBUTES) and list(counts.columns) == ["train", "val", "test"]
+    for split in ("train", "val", "test"):
+        rows = frame[frame["split"] == split]
+        pairs = sum(len(r) for regions in rows["reg_to_attr"] for r in regions)
+        assert counts[split].sum() == pairs == summary.loc[split, "pairs"]
+        assert hist[split].sum() == len(rows) == summary.loc[split, "images"]
+    fig = visualize.plot_statistics(stats)
+    assert len(fig.axes) == 2 and len(fig.axes[0].patches) == 3 * len(ATTRIBUTES)
+
+
+def test_cli_writes_png(dataset_dir, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    stats_out = tmp_path / "stats.png"
+    visualize.main([f"--data_dir={dataset_dir}", f"--out={out}", "--n=2", f"--stats_out={stats_out}"])
+    for path in (out, stats_out):
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.size[0] > 200
+    assert capsys.readouterr().out.split() == [str(out), str(stats_out)]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask  # atomic writes keep the usual file mode
+
+
+def test_cli_bad_data_dir_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        visualize.main([f"--data_dir={tmp_path / 'nope'}", f"--out={tmp_path / 'g.png'}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: dataset folder not found") and "\n" not in err
+
+
+def test_notebook_runs_headless(dataset_dir, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("VILLA_DATA_DIR", str(dataset_dir))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    notebook = nbformat.read(REPO / "docmnist" / "visualize_data.ipynb", as_version=4)
+    client = nbclient.NotebookClient(
+        notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": os.getcwd()}}
+    )
+    client.execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 2  # the grid and the statistics
+    assert any(str(dataset_dir) in o.get("data", {}).get("text/plain", "") for o in outputs)
