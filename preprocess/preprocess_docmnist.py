@@ -1,0 +1,55 @@
+"""Precompute DocMNIST embeddings: attr_embs.pth, region_embs/ and text_embs/ in the dataset folder.
+
+    python3 preprocess/preprocess_docmnist.py --data_dir=docmnist_30000_15.2
+    python3 preprocess/preprocess_docmnist.py --data_dir=docmnist_30000_15.2 \\
+        --encoder=clip_rn50 --clip_weights=/path/to/RN50.pt --device=cuda
+
+The ``default`` encoder works offline; its image tower is untrained (see villa/encoders/__init__.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from villa.errors import exit_on_error
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data_dir", required=True, help="dataset folder, or its name under the data root")
+    parser.add_argument(
+        "--encoder", default="default", help="default | clip_rn50 | hf:<folder> (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--clip_weights", default=None, help="CLIP RN50 weights file (OpenAI RN50.pt or a state dict)"
+    )
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: %(default)s)")
+    parser.add_argument(
+        "--batch_size", type=int, default=64, help="images per forward pass (default: %(default)s)"
+    )
+    parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+@exit_on_error
+def main(argv: list[str] | None = None) -> dict:
+    from villa.preprocess import preprocess_dataset
+
+    args = build_parser().parse_args(argv)
+    summary = preprocess_dataset(
+        args.data_dir,
+        encoder=args.encoder,
+        clip_weights=args.clip_weights,
+        device=args.device,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

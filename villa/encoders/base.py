@@ -1,0 +1,90 @@
+"""The encoder abstraction and its registry.
+
+An :class:`Encoder` is a *pair*: a text tower (``encode_text``) and the recipe for a region image
+tower (``build_image_model``), both producing vectors of the same dimension ``dim``. Encoders are
+selected by name through :func:`villa.encoders.get_encoder`; a new one is a class decorated with
+:func:`register_encoder`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from villa.errors import VillaError
+
+if TYPE_CHECKING:
+    from villa.encoders.clip_resnet import RegionImageEncoder
+
+
+class Encoder(abc.ABC):
+    """A text tower plus the recipe of a region image tower, both ``dim``-dimensional.
+
+    Attributes:
+        name: the registry name; it is written into embedding manifests and checked by later stages.
+        dim: embedding dimension D of both towers.
+        config: JSON-able dict, enough to rebuild the encoder (``get_encoder(**config)``-style keys).
+        device: the device of the text tower.
+    """
+
+    name: str
+    dim: int
+    device: torch.device
+
+    @property
+    @abc.abstractmethod
+    def config(self) -> dict:
+        """JSON-able description of this encoder (name, weights, architecture)."""
+
+    @property
+    def has_text_tower(self) -> bool:
+        """False when the weights hold no text tower (e.g. a visual-only CLIP checkpoint)."""
+        return True
+
+    @abc.abstractmethod
+    def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """Embed ``texts``: float32 ``[N, D]`` on CPU, NOT normalised, no grad."""
+
+    @abc.abstractmethod
+    def build_image_model(self) -> RegionImageEncoder:
+        """A fresh region image tower (on CPU, eval mode) holding this encoder's initial weights."""
+
+
+#: name -> factory(name, clip_weights, device) -> Encoder
+_REGISTRY: dict[str, Callable[..., Encoder]] = {}
+#: prefix (e.g. "hf:") -> factory(name, clip_weights, device) -> Encoder; the name carries the argument
+_PREFIXES: dict[str, Callable[..., Encoder]] = {}
+
+
+def register_encoder(name: str, *, prefix: bool = False):
+    """Class/function decorator: make ``factory(name=..., clip_weights=..., device=...)`` available.
+
+    With ``prefix=True`` the factory serves every name starting with ``name`` (e.g. ``"hf:"``
+    followed by a folder), and receives the full name.
+    """
+
+    def decorate(factory):
+        table = _PREFIXES if prefix else _REGISTRY
+        if name in table:
+            raise ValueError(f"encoder '{name}' registered twice")
+        table[name] = factory
+        return factory
+
+    return decorate
+
+
+def registered_names() -> list[str]:
+    """Registered encoder names; prefix families are shown as ``prefix<...>``."""
+    return sorted(_REGISTRY) + [f"{p}<...>" for p in sorted(_PREFIXES)]
+
+
+def lookup_factory(name: str) -> Callable[..., Encoder]:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    for prefix, factory in _PREFIXES.items():
+        if name.startswith(prefix) and len(name) > len(prefix):
+            return factory
+    raise VillaError(f"unknown encoder '{name}': choose one of {', '.join(registered_names())}")

@@ -1,0 +1,226 @@
+"""OpenAI CLIP RN50 from a local file, both towers built by open-clip-torch.
+
+Accepted files (``--clip_weights``):
+
+* the OpenAI ``RN50.pt`` TorchScript archive;
+* a plain state dict of a CLIP RN50 model (open_clip / OpenAI key layout), optionally nested under
+  ``"state_dict"`` or ``"model"`` and/or with a ``"module."`` prefix;
+* a visual-only state dict (the reference repo's ``clip.pth``): ``ModifiedResNet`` keys, bare or
+  under any prefix such as ``"visual."``. Such a file gives the image tower only; ``encode_text``
+  then raises :class:`VillaError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from villa.encoders.base import Encoder, register_encoder
+from villa.encoders.clip_resnet import RegionImageEncoder, build_modified_resnet
+from villa.errors import VillaError
+
+RN50_DIM = 1024
+RN50_LAYERS = (3, 4, 6, 3)
+RN50_WIDTH = 64
+RN50_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}
+#: keys in OpenAI's archive that are metadata, not parameters
+_OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
+_VISUAL_ANCHOR = "layer1.0.conv1.weight"
+_TEXT_ANCHOR = "token_embedding.weight"
+
+
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zip files with a ``code/`` folder; ``torch.save`` files have none."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name or name.startswith("code/") for name in archive.namelist())
+
+
+def _read_file(path: Path) -> dict:
+    """The state dict of a TorchScript archive, or the tensors-only object in a ``torch.save`` file."""
+    try:
+        if _is_torchscript(path):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
+                return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise VillaError(
+            f"cannot read CLIP weights '{path}': neither a TorchScript archive nor a tensors-only "
+            f"state dict ({first})"
+        ) from None
+
+
+def _unwrap(obj) -> dict[str, torch.Tensor]:
+    """Find the flat name -> tensor mapping inside common checkpoint wrappers."""
+    for _ in range(3):
+        if isinstance(obj, dict) and not any(torch.is_tensor(v) for v in obj.values()):
+            inner = next(
+                (obj[k] for k in ("state_dict", "model", "module") if isinstance(obj.get(k), dict)), None
+            )
+            if inner is None:
+                break
+            obj = inner
+    if not isinstance(obj, dict) or not obj:
+        return {}
+    return {str(k): v for k, v in obj.items() if torch.is_tensor(v)}
+
+
+def _split_by_prefix(state: dict[str, torch.Tensor], anchor: str):
+    """Keys sharing the prefix in front of ``anchor`` (stripped), or None when ``anchor`` is absent."""
+    hits = sorted((k for k in state if k.endswith(anchor)), key=len)
+    if not hits:
+        return None, None
+    prefix = hits[0][: -len(anchor)]
+    return prefix, {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_clip_rn50_weights(path: str | os.PathLike) -> tuple[dict, dict | None]:
+    """Read ``path`` and return (visual state dict, text state dict or None), float32, validated.
+
+    Raises :class:`VillaError` (one line) for a missing/unreadable file or a non-RN50 key layout.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise VillaError(f"CLIP weights file not found: '{path}'")
+    state = _unwrap(_read_file(path))
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    for key in _OPENAI_META_KEYS:
+        state.pop(key, None)
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+
+    visual_prefix, visual = _split_by_prefix(state, _VISUAL_ANCHOR)
+    if visual is None:
+        raise VillaError(
+            f"'{path}' holds no CLIP modified-ResNet weights (no key ending in '{_VISUAL_ANCHOR}'): "
+            "expected OpenAI RN50.pt or a CLIP RN50 state dict"
+        )
+    text = None
+    if any(k.endswith(_TEXT_ANCHOR) for k in state):
+        text_prefix, text = _split_by_prefix(state, _TEXT_ANCHOR)
+        text = {k: v for k, v in text.items() if not (text_prefix + k).startswith(visual_prefix)}
+        text.pop("logit_scale", None)
+        text.pop("logit_bias", None)
+    _check_keys(rn50_visual_shapes(), visual, path, "visual")
+    return visual, text
+
+
+def rn50_visual_shapes() -> dict[str, torch.Size]:
+    """Key -> shape of an RN50 ``ModifiedResNet`` state dict (built on the meta device: no init cost)."""
+    with torch.device("meta"):
+        return {
+            k: v.shape
+            for k, v in build_modified_resnet(RN50_LAYERS, RN50_WIDTH, RN50_DIM).state_dict().items()
+        }
+
+
+def _check_keys(expected: dict[str, torch.Size], state: dict, path: Path, what: str) -> None:
+    """Same keys and shapes as ``expected``, else a one-line VillaError naming the first differences."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    bad = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])]
+    if missing:
+        detail = f"{len(missing)} missing (e.g. {missing[:2]})"
+    elif unexpected:
+        detail = f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+    elif bad:
+        detail = f"{len(bad)} with wrong shapes (e.g. {bad[0]}: {tuple(state[bad[0]].shape)} != {tuple(expected[bad[0]])})"
+    else:
+        return
+    raise VillaError(f"'{path}' is not a CLIP RN50 checkpoint: {what} tower keys {detail}")
+
+
+def _build_text_tower() -> nn.Module:
+    from open_clip.model import CLIPTextCfg, _build_text_tower
+
+    return _build_text_tower(RN50_DIM, CLIPTextCfg(**RN50_TEXT), quick_gelu=True)
+
+
+def _file_digest(path: Path, limit: int = 1 << 20) -> str:
+    """sha256 of the first MiB and the size: cheap identity of a large weights file for manifests."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        digest.update(handle.read(limit))
+    return f"{digest.hexdigest()[:16]}-{path.stat().st_size}"
+
+
+class ClipRN50Encoder(Encoder):
+    """OpenAI CLIP RN50: image tower = ``ModifiedResNet`` (3,4,6,3) width 64, text tower = CLIP's
+    12-layer transformer with open_clip's BPE tokenizer (ships with the package). D = 1024."""
+
+    name = "clip_rn50"
+    dim = RN50_DIM
+
+    def __init__(self, clip_weights: str | os.PathLike, device: torch.device):
+        self.weights_path = Path(clip_weights).expanduser().resolve()
+        self.device = device
+        self._visual_state, text_state = load_clip_rn50_weights(self.weights_path)
+        self._digest = _file_digest(self.weights_path)
+        self._text = None
+        if text_state is not None:
+            from open_clip.tokenizer import SimpleTokenizer
+
+            self._text = _build_text_tower()
+            _check_keys(
+                {k: v.shape for k, v in self._text.state_dict().items()},
+                text_state,
+                self.weights_path,
+                "text",
+            )
+            self._text.load_state_dict(text_state)
+            self._text.eval().to(device)
+            self._tokenizer = SimpleTokenizer(context_length=RN50_TEXT["context_length"])
+
+    @property
+    def config(self) -> dict:
+        return {
+            "name": self.name,
+            "clip_weights": str(self.weights_path),
+            "weights_digest": self._digest,
+            "image_layers": list(RN50_LAYERS),
+            "image_width": RN50_WIDTH,
+            "has_text_tower": self.has_text_tower,
+            "dim": self.dim,
+        }
+
+    @property
+    def has_text_tower(self) -> bool:
+        return self._text is not None
+
+    @torch.no_grad()  # not inference_mode: callers may use the result next to tensors that need grad
+    def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        if self._text is None:
+            raise VillaError(
+                f"'{self.weights_path}' holds only CLIP's visual tower: text embeddings need the full "
+                "CLIP RN50 checkpoint (e.g. OpenAI's RN50.pt)"
+            )
+        out = [
+            self._text(self._tokenizer(list(texts[s : s + batch_size])).to(self.device)).float().cpu()
+            for s in range(0, len(texts), batch_size)
+        ]
+        return torch.cat(out) if out else torch.zeros(0, self.dim)
+
+    def build_image_model(self) -> RegionImageEncoder:
+        # built on meta then given copies of the weights: skips a random init that would be overwritten
+        with torch.device("meta"):
+            visual = build_modified_resnet(RN50_LAYERS, RN50_WIDTH, RN50_DIM)
+        visual.load_state_dict({k: v.clone() for k, v in self._visual_state.items()}, assign=True)
+        return RegionImageEncoder(visual).eval()
+
+
+@register_encoder("clip_rn50")
+def _clip_rn50(name: str = "clip_rn50", clip_weights=None, device="cpu") -> ClipRN50Encoder:
+    if not clip_weights:
+        raise VillaError(
+            "encoder 'clip_rn50' needs --clip_weights=PATH (OpenAI RN50.pt or a CLIP state dict)"
+        )
+    return ClipRN50Encoder(clip_weights, torch.device(device))
