@@ -129,7 +129,13 @@ def run_sweep(
                 overwrite=True,
                 progress=progress,
             )
-            write_json(record_path, {"dataset_dir": str(result.dataset_dir), **result.summary()})
+            record = {
+                "dataset_dir": str(result.dataset_dir),
+                "avg_train_complexity": result.average_complexity["train"],
+                "split_sizes": result.split_sizes,
+                "average_complexity": result.average_complexity,
+            }
+            write_json(record_path, record)
 
         steps.run(complexity, "generate", record_path.is_file(), generate)
         record = json.loads(record_path.read_text())

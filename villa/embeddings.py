@@ -17,6 +17,7 @@ concatenated in manifest order to form the global row index.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -82,6 +83,27 @@ def check_encoder(manifest: dict, expected_encoder: str | None, where: str | os.
             f"embeddings in {where} were computed with encoder '{manifest.get('encoder')}' "
             f"(dim {manifest.get('dim')}), but this run uses encoder '{expected_encoder}': "
             f"re-run preprocessing with --encoder={expected_encoder}"
+        )
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_fresh(manifest: dict, dataset_dir: str | os.PathLike, where: str | os.PathLike) -> None:
+    """Refuse embeddings computed from another version of the dataset's annotation table."""
+    from villa.annotations import annotations_path
+
+    recorded = manifest.get("annotations_sha256")
+    current = annotations_path(dataset_dir)
+    if recorded and current.is_file() and file_sha256(current) != recorded:
+        raise VillaError(
+            f"embeddings in {where} were computed from an older annotations.feather: re-run preprocessing"
         )
 
 
@@ -195,6 +217,7 @@ class RegionEmbeddings:
         folder = Path(dataset_dir) / REGION_EMBS_DIR
         manifest = read_manifest(folder)
         check_encoder(manifest, expected_encoder, folder)
+        check_fresh(manifest, dataset_dir, folder)
         mapping = pd.read_feather(folder / MAPPING_FILE)
         shards = [np.load(folder / s["file"], mmap_mode="r") for s in manifest["shards"]]
         return cls(folder, manifest, mapping, shards)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from villa.annotations import annotations_path, read_annotations, region_boxes, region_offsets
 from villa.device import autocast, resolve_device
 from villa.docmnist.vocabulary import ATTRIBUTES, attribute_prompts
-from villa.embeddings import RegionEmbeddingWriter, TextEmbeddingCache, save_attr_embs
+from villa.embeddings import RegionEmbeddingWriter, TextEmbeddingCache, file_sha256, save_attr_embs
 from villa.errors import VillaError
 from villa.text import split_sentences
 
@@ -312,7 +312,7 @@ def _preprocess(
         "dataset_path": str(dataset_dir),
         "image_preprocessing": IMAGE_PREPROCESSING,
         # lets a later stage notice embeddings older than a regenerated annotation table
-        "annotations_sha256": _sha256(annotations_path(dataset_dir)),
+        "annotations_sha256": file_sha256(annotations_path(dataset_dir)),
         "splits": sorted(frame["split"].unique().tolist()),
     }
     if world_size == 1:
@@ -343,12 +343,6 @@ def _preprocess(
         "rank": rank,
         "world_size": world_size,
     }
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _stream_into(writer: RegionEmbeddingWriter, batches, dim: int) -> None:
