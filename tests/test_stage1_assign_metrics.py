@@ -1,0 +1,161 @@
+"""Stage 1: the assignment rule, sentence choice, assigned text, metrics and the mapping schema."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from villa.docmnist.vocabulary import ATTRIBUTE_KIND, ATTRIBUTES
+from villa.errors import VillaError
+from villa.mapping.assign import assign_regions, assigned_columns, choose_sentences
+from villa.mapping.metrics import format_metrics_table, mapping_metrics, truth_matrix
+from villa.mapping.schema import read_mapping, read_mapping_metrics, write_mapping, write_mapping_metrics
+
+
+def _one(values, mask=None, present=True):
+    cos = torch.tensor(values, dtype=torch.float32).reshape(1, -1, 1)
+    mask = torch.ones(1, cos.shape[1], dtype=torch.bool) if mask is None else torch.tensor([mask])
+    return cos, mask, torch.tensor([[present]])
+
+
+def _regions(assigned):
+    return assigned[0, :, 0].nonzero().flatten().tolist()
+
+
+def test_epsilon_zero_assigns_the_argmax_and_all_ties():
+    cos, mask, present = _one([0.5, 0.25, 0.5, 0.125])
+    assert _regions(assign_regions(cos, mask, present, 0.0)) == [0, 2]
+    cos, mask, present = _one([0.125, 0.75, 0.5])
+    assert _regions(assign_regions(cos, mask, present, 0.0)) == [1]
+
+
+def test_epsilon_margin_is_strict():
+    cos, mask, present = _one([0.5, 0.25, 0.0, 0.125])
+    # 0.5 - 0.25 = 0.25: the region at exactly max - epsilon is NOT assigned (score > max - epsilon)
+    assert _regions(assign_regions(cos, mask, present, 0.25)) == [0]
+    assert _regions(assign_regions(cos, mask, present, 0.5)) == [0, 1, 3]
+    assert _regions(assign_regions(cos, mask, present, 10.0)) == [0, 1, 2, 3]
+
+
+def test_padding_and_absent_attributes_are_never_assigned():
+    cos, mask, present = _one([0.25, 0.125, 0.9], mask=[True, True, False])
+    assert _regions(assign_regions(cos, mask, present, 0.0)) == [0]  # the padding's 0.9 is no max
+    cos, mask, present = _one([0.25, 0.125], present=False)
+    assert _regions(assign_regions(cos, mask, present, 1.0)) == []
+
+
+def test_negative_epsilon_is_refused():
+    cos, mask, present = _one([0.5])
+    with pytest.raises(VillaError, match="epsilon"):
+        assign_regions(cos, mask, present, -0.1)
+
+
+def test_sentence_choice_is_seeded_and_matches_the_attribute():
+    texts = [
+        "the color is red . the image shows a one . the digit appears to be red . there is a circle",
+        "the number is a seven . the image is blue",
+    ]
+    attrs = [["one", "red", "circle"], ["seven", "blue"]]
+    a = choose_sentences(texts, attrs, ATTRIBUTES, seed=5)
+    assert a.shape == (2, 20)
+    assert a[0, ATTRIBUTES.index("one")] == "the image shows a one"
+    assert a[0, ATTRIBUTES.index("red")] in {"the color is red", "the digit appears to be red"}
+    assert a[1, ATTRIBUTES.index("blue")] == "the image is blue"
+    assert a[1, ATTRIBUTES.index("red")] == "" and a[0, ATTRIBUTES.index("seven")] == ""
+    assert (choose_sentences(texts, attrs, ATTRIBUTES, seed=5) == a).all()
+    picks = {
+        choose_sentences(texts, attrs, ATTRIBUTES, seed=s)[0, ATTRIBUTES.index("red")] for s in range(20)
+    }
+    assert picks == {"the color is red", "the digit appears to be red"}  # both candidates get drawn
+
+
+def test_assigned_columns_per_region_in_vocabulary_order():
+    k_red, k_one, k_circle = ATTRIBUTES.index("red"), ATTRIBUTES.index("one"), ATTRIBUTES.index("circle")
+    assigned = np.zeros((2, 2, 20), dtype=bool)
+    assigned[0, 0, [k_red, k_one]] = True  # red comes after one in the vocabulary
+    assigned[0, 1, k_circle] = True
+    mask = np.array([[True, True], [True, False]])
+    sentences = np.full((2, 20), "", dtype=object)
+    sentences[0, [k_red, k_one, k_circle]] = [
+        "the color is red",
+        "the image shows a one",
+        "there is a circle",
+    ]
+    attrs, texts = assigned_columns(assigned, mask, sentences, ATTRIBUTES)
+    assert attrs == [[["one", "red"], ["circle"]], [[]]]
+    assert texts == [["the image shows a one . the color is red", "there is a circle"], [""]]
+
+
+def test_metrics_hand_worked():
+    truth_lists = [["one", "red"], ["two", "blue", "circle", "small"]]
+    assigned_lists = [["one", "red", "circle"], ["blue", "circle"]]
+    from villa.annotations import attribute_multi_hot
+
+    truth = attribute_multi_hot(truth_lists, ATTRIBUTES)
+    assigned = attribute_multi_hot(assigned_lists, ATTRIBUTES)
+    m = mapping_metrics(assigned, truth, ATTRIBUTES, ATTRIBUTE_KIND)
+    # correct: one, red, blue, circle(region 1) = 4 of 5 assigned, of 6 true
+    assert m["precision"] == pytest.approx(80.0)
+    assert m["recall"] == pytest.approx(400 / 6)
+    assert m["f1"] == pytest.approx(2 * 80 * (400 / 6) / (80 + 400 / 6))
+    assert m["per_kind"]["digit"] == {"precision": 100.0, "recall": 50.0, "f1": pytest.approx(200 / 3)}
+    assert m["per_kind"]["shape"]["precision"] == 50.0 and m["per_kind"]["shape"]["recall"] == 100.0
+    assert m["per_kind"]["size"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    table = format_metrics_table({"val": m})
+    assert "val" in table and "80.0" in table and "digit F1" in table
+
+
+def _frame():
+    return pd.DataFrame(
+        {
+            "image_id": [3, 7],
+            "image_size": [[84, 84], [84, 84]],
+            "image_filepath": ["images/000003.png", "images/000007.png"],
+            "region_coord": [[[0, 0, 28, 28], [28, 0, 56, 28]], [[56, 56, 84, 84]]],
+            "num_regions": [2, 1],
+            "split": ["val", "val"],
+            "text": ["the number is a one . the color is red", "the image shows a two . the image is blue"],
+            "digit_label": [["one", "one"], ["two"]],
+            "color_label": [["red", "red"], ["blue"]],
+            "shape_label": [[None, "circle"], [None]],
+            "size_label": [[None, "small"], [None]],
+            "reg_to_attr": [[["one", "red"], ["one", "red", "circle", "small"]], [["two", "blue"]]],
+            "attributes": [["one", "red", "circle", "small"], ["two", "blue"]],
+            "assigned_attributes": [[["one"], ["red"]], [["two", "blue"]]],
+            "assigned_text": [
+                ["the number is a one", "the color is red"],
+                ["the image shows a two . the image is blue"],
+            ],
+        }
+    )
+
+
+def test_truth_matrix_flattens_regions_in_order():
+    t = truth_matrix(_frame(), ATTRIBUTES)
+    assert t.shape == (3, 20) and t.sum() == 8 and t[1, ATTRIBUTES.index("small")]
+
+
+def test_mapping_schema_round_trip(tmp_path):
+    frame = _frame()
+    write_mapping(tmp_path, "val", frame)
+    back = read_mapping(tmp_path, "val")
+    assert back["assigned_attributes"].tolist() == frame["assigned_attributes"].tolist()
+    assert back["assigned_text"].tolist() == frame["assigned_text"].tolist()
+    assert back["shape_label"].tolist() == frame["shape_label"].tolist()
+    assert back["image_id"].tolist() == [3, 7]
+    write_mapping_metrics(tmp_path, {"val": {"f1": 50.0}})
+    assert read_mapping_metrics(tmp_path) == {"val": {"f1": 50.0}}
+
+
+def test_mapping_schema_refuses_bad_input(tmp_path):
+    with pytest.raises(VillaError, match="run stage 1"):
+        read_mapping(tmp_path, "train")
+    with pytest.raises(VillaError, match="unknown split"):
+        read_mapping(tmp_path, "dev")
+    bad = _frame()
+    bad.at[0, "assigned_text"] = ["only one"]
+    with pytest.raises(ValueError, match="one entry per region"):
+        write_mapping(tmp_path, "val", bad)
+    (tmp_path / "mapping_test.feather").write_text("not feather")
+    with pytest.raises(VillaError, match="cannot read"):
+        read_mapping(tmp_path, "test")

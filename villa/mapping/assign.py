@@ -1,0 +1,188 @@
+"""Region-attribute assignment (SPEC section 4) and each region's assigned text, vectorised over a split."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from villa.annotations import attribute_multi_hot
+from villa.errors import VillaError
+from villa.text import split_sentences
+
+EPSILON = 0.2
+SENTENCE_SEPARATOR = " . "
+
+
+@torch.no_grad()
+def score_regions(
+    model: torch.nn.Module,
+    regions: torch.Tensor,
+    attr_embs: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    chunk_size: int = 256,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> torch.Tensor:
+    """Cosine of ``proj_a(region)`` and ``attr_emb(a)`` for every real region and all K attributes.
+
+    Args:
+        regions: ``[N, R, D]``; attr_embs: ``[K, D]``; mask: ``[N, R]`` bool (None: all regions real).
+
+    Returns:
+        ``[N, R, K]`` float32 on CPU, ``-inf`` on padding (which is never projected). Images are
+        processed ``chunk_size`` at a time; a chunk's real regions go through the model as one batch.
+    """
+    device = torch.device(device)
+    if mask is None:
+        mask = torch.ones(regions.shape[:2], dtype=torch.bool)
+    mask = mask.bool()
+    was_training = model.training
+    model.eval()
+    embs = F.normalize(attr_embs.float(), dim=-1).to(device)
+    heads = torch.arange(len(embs), device=device)
+    out = torch.full((regions.shape[0], regions.shape[1], len(embs)), float("-inf"))
+    starts = range(0, len(regions), chunk_size)
+    for start in tqdm(starts, desc="mapping", disable=not progress, leave=False):
+        chunk_mask = mask[start : start + chunk_size]
+        packed = regions[start : start + chunk_size][chunk_mask].to(device, non_blocking=True).float()
+        proj = F.normalize(model(packed.unsqueeze(0), heads)[0].float(), dim=-1)  # [m, K, D]
+        out[start : start + chunk_size][chunk_mask] = torch.einsum("mkd,kd->mk", proj, embs).cpu()
+    model.train(was_training)
+    return out
+
+
+def assign_regions(
+    cosine: torch.Tensor, mask: torch.Tensor, present: torch.Tensor, epsilon: float = EPSILON
+) -> torch.Tensor:
+    """The assignment rule: attribute ``a`` of an image goes to every real region scoring > max - epsilon.
+
+    The image's best region(s) for ``a`` are always assigned: with ``epsilon = 0`` exactly the regions
+    whose score equals the maximum (ties all included); with ``epsilon > 0`` also those within epsilon.
+
+    Args:
+        cosine: ``[N, R, K]``; mask: ``[N, R]`` bool (True = real region); present: ``[N, K]`` bool
+            (attribute mentioned by the image's text).
+
+    Returns:
+        ``[N, R, K]`` bool; False on padding and on attributes the text does not mention.
+    """
+    if not epsilon >= 0:
+        raise VillaError(f"mapping epsilon must be >= 0, got {epsilon}")
+    mask3 = mask.bool().unsqueeze(-1)
+    best = cosine.masked_fill(~mask3, float("-inf")).amax(dim=1, keepdim=True)  # [N, 1, K]
+    within = (cosine > best - epsilon) | (cosine >= best)
+    return within & mask3 & present.bool().unsqueeze(1)
+
+
+def choose_sentences(
+    texts: Sequence[str],
+    attribute_lists: Sequence[Sequence[str]],
+    vocabulary: Sequence[str],
+    seed: int | Sequence[int],
+) -> np.ndarray:
+    """For each image and each attribute of its text, one sentence of the text that contains ``" " + attr``.
+
+    The choice among several candidate sentences is uniform, from ``numpy.random.default_rng(seed)``
+    (same seed, same choice). Sentences come from :func:`villa.text.split_sentences`.
+
+    Returns:
+        object array ``[N, K]`` of sentences; ``""`` where the attribute is absent or no sentence matches.
+    """
+    sentences = [split_sentences(t) for t in texts]
+    counts = np.fromiter((len(s) for s in sentences), dtype=np.int64, count=len(sentences))
+    flat = pd.Series([s for group in sentences for s in group], dtype=object)
+    n, k = len(sentences), len(vocabulary)
+    chosen = np.full((n, k), "", dtype=object)
+    if len(flat) == 0:
+        return chosen
+    lowered = flat.str.lower()
+    match = np.stack([lowered.str.contains(" " + a.lower(), regex=False).to_numpy() for a in vocabulary], 1)
+    # a random key per (sentence, attribute); the best-keyed matching sentence of each image wins
+    keys = np.random.default_rng(seed).random((len(flat), k))
+    keys[~match] = -1.0
+    image = np.repeat(np.arange(n), counts)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    position = np.arange(len(flat)) - offsets[image]
+    padded = np.full((n, int(counts.max()), k), -1.0)
+    padded[image, position] = keys
+    best = padded.argmax(axis=1)  # [N, K]
+    found = padded.max(axis=1) >= 0
+    found &= attribute_multi_hot(attribute_lists, vocabulary)
+    rows, cols = np.nonzero(found)
+    chosen[rows, cols] = flat.to_numpy()[offsets[rows] + best[rows, cols]]
+    return chosen
+
+
+def assigned_columns(
+    assigned: torch.Tensor | np.ndarray,
+    mask: torch.Tensor | np.ndarray,
+    sentences: np.ndarray,
+    vocabulary: Sequence[str],
+) -> tuple[list[list[list[str]]], list[list[str]]]:
+    """Turn the assignment into the output columns.
+
+    Args:
+        assigned: ``[N, R, K]`` bool; mask: ``[N, R]`` bool; sentences: ``[N, K]`` from :func:`choose_sentences`.
+
+    Returns:
+        ``assigned_attributes`` (per image, per region, attribute names in vocabulary order) and
+        ``assigned_text`` (per image, per region, the attributes' sentences joined with " . ").
+    """
+    assigned, mask = np.asarray(assigned, dtype=bool), np.asarray(mask, dtype=bool)
+    flat = assigned[mask]  # [M, K], regions in image order then region order
+    counts_per_image = mask.sum(1)
+    image_of_region = np.repeat(np.arange(len(mask)), counts_per_image)
+    region, attr = np.nonzero(flat)  # sorted by region, then vocabulary order
+    names = np.asarray(list(vocabulary), dtype=object)[attr]
+    texts = sentences[image_of_region[region], attr]
+    cuts = np.cumsum(flat.sum(1))[:-1]
+    region_attrs = [list(a) for a in np.split(names, cuts)]
+    region_texts = [SENTENCE_SEPARATOR.join(t for t in group if t) for group in np.split(texts, cuts)]
+    image_cuts = np.cumsum(counts_per_image)[:-1]
+    bounds = zip(np.concatenate([[0], image_cuts]), np.concatenate([image_cuts, [len(flat)]]))
+    per_image = [(region_attrs[s:e], region_texts[s:e]) for s, e in bounds]
+    return [p[0] for p in per_image], [p[1] for p in per_image]
+
+
+def map_split(
+    model: torch.nn.Module,
+    frame: pd.DataFrame,
+    regions: torch.Tensor,
+    mask: torch.Tensor,
+    attr_embs: torch.Tensor,
+    vocabulary: Sequence[str],
+    *,
+    epsilon: float = EPSILON,
+    seed: int | Sequence[int] = 0,
+    device: torch.device | str = "cpu",
+    chunk_size: int = 256,
+    progress: bool = False,
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Assign the attributes of every image of one split to its regions.
+
+    Args:
+        frame: the split's annotation rows (N); regions ``[N, R, D]`` / mask ``[N, R]`` in the same order.
+
+    Returns:
+        (frame + ``assigned_attributes`` + ``assigned_text``, flat assignment ``[M, K]`` bool over the
+        split's M real regions, for the metrics).
+    """
+    if not epsilon >= 0:
+        raise VillaError(f"mapping epsilon must be >= 0, got {epsilon}")
+    cosine = score_regions(
+        model, regions, attr_embs, mask, chunk_size=chunk_size, device=device, progress=progress
+    )
+    present = torch.from_numpy(attribute_multi_hot(frame["attributes"], vocabulary))
+    assigned = assign_regions(cosine, mask, present, epsilon).numpy()
+    sentences = choose_sentences(frame["text"].tolist(), frame["attributes"], vocabulary, seed)
+    attrs, texts = assigned_columns(assigned, mask.numpy(), sentences, vocabulary)
+    out = frame.copy()
+    out["assigned_attributes"] = attrs
+    out["assigned_text"] = texts
+    return out, assigned[mask.numpy().astype(bool)]

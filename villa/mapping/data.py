@@ -1,0 +1,53 @@
+"""In-memory stage-1 dataset: padded region embeddings, their mask and the text's attribute multi-hot."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from villa.annotations import attribute_multi_hot
+
+
+class Stage1Dataset(torch.utils.data.Dataset):
+    """All of one split in three tensors; a batch is one fancy-index, no per-item Python work.
+
+    Attributes:
+        regions: ``[N, R_max, D]`` float32 region embeddings, zero-padded.
+        mask: ``[N, R_max]`` bool, True = real region.
+        multi_hot: ``[N, K]`` bool, attributes mentioned by the image's TEXT (never the region ground truth).
+    """
+
+    def __init__(self, regions: torch.Tensor, mask: torch.Tensor, multi_hot: torch.Tensor):
+        if not (len(regions) == len(mask) == len(multi_hot)):
+            raise ValueError("regions, mask and multi_hot must have the same number of images")
+        self.regions, self.mask, self.multi_hot = regions.float(), mask.bool(), multi_hot.bool()
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame, embeddings, vocabulary: Sequence[str]) -> Stage1Dataset:
+        """Build from an annotation split and an open :class:`villa.embeddings.RegionEmbeddings`."""
+        regions, mask = embeddings.gather(frame["image_id"].to_numpy())
+        multi_hot = torch.from_numpy(attribute_multi_hot(frame["attributes"], vocabulary))
+        return cls(regions, mask, multi_hot)
+
+    def __len__(self) -> int:
+        return len(self.regions)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"regions": self.regions[index], "mask": self.mask[index], "multi_hot": self.multi_hot[index]}
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """A whole batch at once: ``regions [B, R, D]`` trimmed to the batch's largest region count."""
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        mask = self.mask[idx]
+        r = max(int(mask.sum(1).max()), 1) if len(idx) else 1
+        return {"regions": self.regions[idx, :r], "mask": mask[:, :r], "multi_hot": self.multi_hot[idx]}
+
+
+def collate_stage1(batch) -> dict[str, torch.Tensor]:
+    """Collate for fit: passes a :meth:`Stage1Dataset.__getitems__` batch through, stacks a list of items."""
+    if isinstance(batch, dict):
+        return batch
+    return {key: torch.stack([item[key] for item in batch]) for key in batch[0]}

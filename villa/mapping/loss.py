@@ -1,0 +1,166 @@
+"""Stage-1 loss (SPEC section 4): InfoNCE on the best region's score, against images without the attribute."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+TEMPERATURE = 0.07
+
+
+def region_scores(
+    projections: torch.Tensor, attr_embs: torch.Tensor, mask: torch.Tensor, tau: float = TEMPERATURE
+) -> torch.Tensor:
+    """Image scores ``S(i, a)``: max over REAL regions of ``<norm(proj_a(r)), norm(attr_emb(a))> / tau``.
+
+    Args:
+        projections: ``[B, R, Kp, D]``; attr_embs: ``[Kp, D]``; mask: ``[B, R]`` bool, True = real region.
+
+    Returns:
+        ``[B, Kp]``; an image with no real region scores ``-inf``.
+    """
+    proj = F.normalize(projections.float(), dim=-1)
+    emb = F.normalize(attr_embs.float(), dim=-1)
+    sim = torch.einsum("brkd,kd->brk", proj, emb) / tau
+    return sim.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1)
+
+
+def contrastive_terms(
+    scores: torch.Tensor, present: torch.Tensor, reference_quirk: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(image, attribute) InfoNCE terms.
+
+    ``term(i, a) = -log(exp S(i,a) / (exp S(i,a) + sum_{i' without a} exp S(i',a) [+ n_with_a]))``;
+    the bracket is the reference code's quirk: every image that HAS ``a`` (``i`` included) adds exp(0) = 1.
+
+    Args:
+        scores: ``[B, Kp]`` image scores S; present: ``[B, Kp]`` bool, attribute in the image's text.
+
+    Returns:
+        ``terms [B, Kp]`` (zero where not present) and the number of terms (a 0-d long tensor).
+    """
+    neg_inf = torch.tensor(float("-inf"), device=scores.device, dtype=scores.dtype)
+    # log of the sum over negatives, per attribute: [Kp]; -inf when no image lacks a (term is then 0)
+    neg_lse = torch.logsumexp(torch.where(present, neg_inf, scores), dim=0)
+    if reference_quirk:
+        n_pos = present.sum(0).to(scores.dtype)
+        neg_lse = torch.logaddexp(neg_lse, torch.log(n_pos))
+    log_denominator = torch.logaddexp(scores, neg_lse.unsqueeze(0))
+    # positive S can be -inf only for an image without regions; keep those out of the loss
+    valid = present & torch.isfinite(scores)
+    terms = torch.where(valid, log_denominator - scores, torch.zeros_like(scores))
+    return terms, valid.sum()
+
+
+def mapping_loss(
+    projections: torch.Tensor,
+    attr_embs: torch.Tensor,
+    mask: torch.Tensor,
+    present: torch.Tensor,
+    tau: float = TEMPERATURE,
+    reference_quirk: bool = False,
+) -> tuple[torch.Tensor, int]:
+    """Mean of the InfoNCE terms over all (image, attribute present) pairs of the batch.
+
+    Args:
+        projections: ``[B, R, Kp, D]``; attr_embs: ``[Kp, D]``; mask: ``[B, R]`` bool;
+        present: ``[B, Kp]`` bool.
+
+    Returns:
+        (scalar loss, number of terms). With no terms the loss is a zero that still has a graph.
+    """
+    scores = region_scores(projections, attr_embs, mask, tau)
+    terms, n = contrastive_terms(scores, present, reference_quirk)
+    n_terms = int(n)
+    return terms.sum() / max(n_terms, 1), n_terms
+
+
+def packed_similarity(
+    projections: torch.Tensor, attr_embs: torch.Tensor, mask: torch.Tensor, tau: float = TEMPERATURE
+) -> torch.Tensor:
+    """``s(r, a)`` from projections of the REAL regions only.
+
+    Args:
+        projections: ``[M, Kp, D]`` with ``M = mask.sum()``, regions in ``mask`` order;
+        attr_embs: ``[Kp, D]``; mask: ``[B, R]`` bool.
+
+    Returns:
+        ``[B, R, Kp]``, ``-inf`` on padding.
+    """
+    proj = F.normalize(projections.float(), dim=-1)
+    emb = F.normalize(attr_embs.float(), dim=-1)
+    sim = torch.einsum("mkd,kd->mk", proj, emb) / tau
+    full = sim.new_full((*mask.shape, sim.shape[1]), float("-inf"))
+    full[mask] = sim
+    return full
+
+
+class MappingLoss:
+    """``loss_fn(model, batch)`` for :func:`villa.training.fit`.
+
+    ``batch``: ``regions [B, R, D]``, ``mask [B, R]``, ``multi_hot [B, K]`` (see :mod:`villa.mapping.data`).
+    Only the heads of attributes present in the batch run, and only on real regions (padding is packed
+    away). Returns ``(loss, number of terms)`` so epoch losses are averaged over terms.
+
+    Training shortcut (exact): ``S(i, a)`` is a max over regions, so its gradient flows through the
+    arg-max region alone. With a plain :class:`MappingModel` (no active dropout) all regions are scored
+    without autograd, then only the arg-max region of each (image, attribute) is projected again with
+    autograd: the backward pass touches ``B * Kp`` rows instead of ``B * R * Kp``. Loss and gradients
+    equal the direct computation (up to float rounding and exact ties).
+    """
+
+    def __init__(
+        self,
+        attr_embs: torch.Tensor,
+        tau: float = TEMPERATURE,
+        reference_quirk: bool = False,
+        argmax_backward: bool = True,
+    ):
+        if not tau > 0 or not math.isfinite(tau):
+            raise ValueError(f"temperature must be positive, got {tau}")
+        self.attr_embs = F.normalize(attr_embs.detach().float(), dim=-1)
+        self.tau, self.reference_quirk = float(tau), bool(reference_quirk)
+        self.argmax_backward = bool(argmax_backward)
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+
+    def embeddings_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._on_device:
+            self._on_device[device] = self.attr_embs.to(device)
+        return self._on_device[device]
+
+    def _can_shortcut(self, model) -> bool:
+        from villa.mapping.model import MappingModel
+
+        # DDP / compile wrappers must see the real forward; dropout would draw different masks per pass
+        return (
+            self.argmax_backward
+            and torch.is_grad_enabled()
+            and type(model) is MappingModel
+            and not (model.training and isinstance(model.dropout, torch.nn.Dropout))
+        )
+
+    def scores(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image scores ``S [B, Kp]`` and the present mask ``[B, Kp]`` over the batch's attributes."""
+        regions, mask, multi_hot = batch["regions"], batch["mask"].bool(), batch["multi_hot"].bool()
+        head_index = multi_hot.any(0).nonzero().squeeze(1)  # [Kp]
+        embs = self.embeddings_on(regions.device).index_select(0, head_index)
+        packed = regions[mask].unsqueeze(0)  # [1, M, D]
+        present = multi_hot[:, head_index]
+        if not self._can_shortcut(model):
+            sim = packed_similarity(model(packed, head_index)[0], embs, mask, self.tau)
+            return sim.amax(dim=1), present
+        with torch.no_grad():
+            best = packed_similarity(model(packed, head_index)[0], embs, mask, self.tau).argmax(dim=1)
+        chosen = regions[torch.arange(len(regions), device=regions.device).unsqueeze(1), best]  # [B, Kp, D]
+        proj = F.normalize(model.project_each(chosen, head_index).float(), dim=-1)
+        scores = torch.einsum("bkd,kd->bk", proj, embs) / self.tau
+        # an image without real regions has no score (region_scores gives -inf there too)
+        return scores.masked_fill(~mask.any(1, keepdim=True), float("-inf")), present
+
+    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, int]:
+        scores, present = self.scores(model, batch)
+        terms, n = contrastive_terms(scores, present, self.reference_quirk)
+        n_terms = int(n)
+        return terms.sum() / max(n_terms, 1), n_terms

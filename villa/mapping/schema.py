@@ -1,0 +1,89 @@
+"""THE reader and writer of stage-1 outputs in a stage-1 run folder.
+
+``mapping_{split}.feather``: the split's annotation rows (all columns of :mod:`villa.annotations`) plus
+
+=================== ========================================================================
+assigned_attributes list per region of the attributes assigned to it (vocabulary order)
+assigned_text       list per region of its assigned text: the attributes' sentences joined with " . "
+=================== ========================================================================
+
+``mapping_metrics.json``: ``{split: {precision, recall, f1, per_kind: {kind: {precision, recall, f1}}}}``
+in percent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from villa.annotations import COLUMNS, LIST_COLUMNS, SPLITS
+from villa.errors import VillaError
+from villa.io import write_feather, write_json
+
+MAPPING_COLUMNS = (*COLUMNS, "assigned_attributes", "assigned_text")
+MAPPING_LIST_COLUMNS = (*LIST_COLUMNS, "assigned_attributes", "assigned_text")
+METRICS_FILE = "mapping_metrics.json"
+
+
+def mapping_path(run_dir: str | os.PathLike, split: str) -> Path:
+    if split not in SPLITS:
+        raise VillaError(f"unknown split '{split}': use one of {', '.join(SPLITS)}")
+    return Path(run_dir) / f"mapping_{split}.feather"
+
+
+def write_mapping(run_dir: str | os.PathLike, split: str, frame: pd.DataFrame) -> Path:
+    """Validate and write one split's mapping atomically; returns its path."""
+    path = mapping_path(run_dir, split)
+    missing = [c for c in MAPPING_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"mapping table lacks columns {missing}")
+    regions = frame["num_regions"].to_numpy()
+    for column in ("assigned_attributes", "assigned_text"):
+        lengths = frame[column].map(len).to_numpy()
+        if (lengths != regions).any():
+            raise ValueError(f"{column} must hold one entry per region")
+    write_feather(path, frame[list(MAPPING_COLUMNS)])
+    return path
+
+
+def read_mapping(stage1_run_dir: str | os.PathLike, split: str) -> pd.DataFrame:
+    """Read one split's mapping (list columns as Python lists).
+
+    Raises :class:`VillaError` when the file is missing, unreadable or lacks columns.
+    """
+    import pyarrow.feather as feather
+
+    path = mapping_path(stage1_run_dir, split)
+    if not path.is_file():
+        raise VillaError(
+            f"no {path.name} in {stage1_run_dir}: run stage 1 first (python -m villa.stage1 experiment=...)"
+        )
+    try:
+        table = feather.read_table(path)
+    except Exception as err:
+        raise VillaError(f"cannot read {path}: {err}") from None
+    missing = [c for c in MAPPING_COLUMNS if c not in table.column_names]
+    if missing:
+        raise VillaError(f"{path} lacks columns {missing}: re-run stage 1")
+    return pd.DataFrame(
+        {
+            c: (table.column(c).to_pylist() if c in MAPPING_LIST_COLUMNS else table.column(c).to_numpy())
+            for c in MAPPING_COLUMNS
+        }
+    )
+
+
+def write_mapping_metrics(run_dir: str | os.PathLike, metrics: dict) -> Path:
+    path = Path(run_dir) / METRICS_FILE
+    write_json(path, metrics)
+    return path
+
+
+def read_mapping_metrics(run_dir: str | os.PathLike) -> dict:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise VillaError(f"no {METRICS_FILE} in {run_dir}: run stage 1 first")
+    return json.loads(path.read_text())
