@@ -20,7 +20,10 @@ def synthetic_digit_pools(seed: int = 0, per_label: int = 3) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_docmnist(tmp_path_factory):
-    """A real (generator + default-encoder preprocessing) DocMNIST dataset of a few dozen images."""
+    """A real (generator + default-encoder preprocessing) DocMNIST dataset: 32 train, 12 val, 12 test images.
+
+    Even split sizes let a 2-process torchrun see exactly the batches of a single process.
+    """
     from villa.docmnist.generate import generate_docmnist
     from villa.preprocess import preprocess_dataset
 
@@ -29,8 +32,8 @@ def tiny_docmnist(tmp_path_factory):
         attribute_budget=240,
         target_sample_complexity=8,
         seed=3,
-        val_attribute_budget=80,
-        test_attribute_budget=80,
+        val_attribute_budget=90,
+        test_attribute_budget=90,
         data_root=root,
         digit_pools=synthetic_digit_pools(),
         progress=False,

@@ -119,7 +119,18 @@ def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` from every rank along dim 0, for tensors that need no gradient (masks, labels)."""
     if _single_process():
         return tensor
-    padded, sizes = _pad_for_gather(tensor.detach())
+    as_bool = tensor.dtype == torch.bool  # gloo has no bool collectives
+    padded, sizes = _pad_for_gather(tensor.detach().to(torch.uint8) if as_bool else tensor.detach())
     gathered = [torch.zeros_like(padded) for _ in sizes]
     dist.all_gather(gathered, padded)
-    return torch.cat([g[:n] for g, n in zip(gathered, sizes)])
+    out = torch.cat([g[:n] for g, n in zip(gathered, sizes)])
+    return out.bool() if as_bool else out
+
+
+def any_across_ranks(mask: torch.Tensor) -> torch.Tensor:
+    """Element-wise logical OR of a bool tensor over all ranks (the tensor itself in a single process)."""
+    if _single_process():
+        return mask
+    counts = mask.to(torch.int32)
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    return counts > 0

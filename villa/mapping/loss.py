@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from villa.distributed import all_gather_no_grad, all_gather_with_grad, any_across_ranks
+
 TEMPERATURE = 0.07
 
 
@@ -144,7 +146,8 @@ class MappingLoss:
     def scores(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Image scores ``S [B, Kp]`` and the present mask ``[B, Kp]`` over the batch's attributes."""
         regions, mask, multi_hot = batch["regions"], batch["mask"].bool(), batch["multi_hot"].bool()
-        head_index = multi_hot.any(0).nonzero().squeeze(1)  # [Kp]
+        # under torchrun every rank scores the attributes present anywhere in the global batch
+        head_index = any_across_ranks(multi_hot.any(0)).nonzero().squeeze(1)  # [Kp]
         embs = self.embeddings_on(regions.device).index_select(0, head_index)
         packed = regions[mask].unsqueeze(0)  # [1, M, D]
         present = multi_hot[:, head_index]
@@ -161,6 +164,9 @@ class MappingLoss:
 
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, int]:
         scores, present = self.scores(model, batch)
+        # under torchrun the negatives of an attribute are the images of the GLOBAL batch, as in one process
+        scores, _ = all_gather_with_grad(scores)
+        present = all_gather_no_grad(present)
         terms, n = contrastive_terms(scores, present, self.reference_quirk)
         n_terms = int(n)
         return terms.sum() / max(n_terms, 1), n_terms

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from villa import distributed
 from villa.annotations import SPLITS, read_annotations
 from villa.checkpoints import BEST, LAST, load_model_state
 from villa.device import resolve_device
@@ -149,6 +150,10 @@ def run_stage1(
         progress=progress,
     )
 
+    if not distributed.context().is_main:
+        # under torchrun, rank 0 alone maps and writes; the others wait for it
+        distributed.barrier()
+        return Stage1Result(run_dir=run_dir, fit=result)
     mapped_with = "init"
     for name in (BEST, LAST) if map_weights == "best" else (LAST,):
         if (run_dir / name).is_file():
@@ -179,6 +184,7 @@ def run_stage1(
     write_mapping_metrics(run_dir, metrics)
     print(f"mapping with {mapped_with} (epsilon {epsilon}) -> {run_dir}")
     print(format_metrics_table(metrics), flush=True)
+    distributed.barrier()
     return Stage1Result(run_dir=run_dir, metrics=metrics, fit=result, mapped_with=mapped_with)
 
 
