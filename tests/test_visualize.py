@@ -103,3 +103,25 @@ def test_notebook_runs_headless(dataset_dir, monkeypatch):
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 2  # the grid and the statistics
     assert any(str(dataset_dir) in o.get("data", {}).get("text/plain", "") for o in outputs)
+
+
+def test_mapping_figure_colours_correct_wrong_and_missed(dataset_dir, tmp_path):
+    from villa.mapping.schema import write_mapping
+
+    frame = read_annotations(dataset_dir, "train")
+    # region 0 of every image: its first true attribute plus a wrong one; other regions: all correct
+    wrong = [next(a for a in ATTRIBUTES if a not in t[0]) for t in frame["reg_to_attr"]]
+    frame["assigned_attributes"] = [[[t[0][0], w], *t[1:]] for t, w in zip(frame["reg_to_attr"], wrong)]
+    frame["assigned_text"] = [[" . ".join(a) for a in regions] for regions in frame["assigned_attributes"]]
+    write_mapping(tmp_path, "train", frame)
+    drawn = int(np.argmax(frame["num_regions"].to_numpy()))  # the default pick
+    truth0 = frame["reg_to_attr"][drawn][0]
+    right = visualize.draw_mapping(dataset_dir, tmp_path, "train").axes[1]
+    colours = {t.get_text(): t.get_color() for t in right.texts[: 1 + len(truth0)]}
+    assert colours[truth0[0]] == "#3dff6e" and colours[wrong[drawn]] == "#ff4d4d"
+    assert colours[f"({truth0[1]})"] == "#9e9e9e"
+    assert len(right.patches) == frame["num_regions"][drawn]
+    out = visualize.main(
+        ["--data_dir", str(dataset_dir), "--mapping_dir", str(tmp_path), "--out", str(tmp_path / "m.png")]
+    )
+    assert out[0].stat().st_size > 1000

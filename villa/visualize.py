@@ -2,6 +2,8 @@
 
     python -m villa.visualize --data_dir=docmnist_30000_15.2 --out=grid.png [--split=train --n=9 --seed=0]
         [--stats_out=stats.png]
+    python -m villa.visualize --data_dir=docmnist_30000_15.2 --out=mapping.png \
+        --mapping_dir=villa/checkpoints/docmnist_stage1 [--split=train --image_id=ID]
 
 Figures are built with matplotlib's object API on the non-interactive Agg canvas (no pyplot, no display
 needed), so this works headless and inside notebooks alike.
@@ -88,6 +90,57 @@ def draw_grid(dataset_dir: str | os.PathLike, split: str = "train", n: int = 9, 
         )
         ax.set_xlabel(textwrap.fill(row["text"], width=62), fontsize=5.5, loc="left")
     fig.suptitle(f"{dataset_dir.name} / {split}", fontsize=10)
+    return fig
+
+
+def draw_mapping(
+    dataset_dir: str | os.PathLike,
+    mapping_dir: str | os.PathLike,
+    split: str = "train",
+    image_id: int | None = None,
+) -> Figure:
+    """One image with its caption (left) and the region-attribute pairs stage 1 wrote for it (right).
+
+    Assigned attributes are green when the region truly carries them and red when not; true attributes
+    that stage 1 did not assign are listed grey in brackets. ``image_id`` None picks the split's first
+    image with the most regions.
+    """
+    from villa.mapping.schema import read_mapping
+
+    dataset_dir = Path(dataset_dir)
+    frame = read_mapping(mapping_dir, split)
+    if image_id is None:
+        row = frame.iloc[int(np.argmax(frame["num_regions"].to_numpy()))].to_dict()
+    else:
+        match = frame[frame["image_id"] == image_id]
+        if match.empty:
+            raise VillaError(f"image_id {image_id} is not in the {split} mapping of {mapping_dir}")
+        row = match.iloc[0].to_dict()
+    image = _load_image(dataset_dir / row["image_filepath"])
+    fig = _new_figure(9.0, 5.6)
+    left, right = fig.subplots(1, 2)
+    left.imshow(image, interpolation="nearest")
+    left.set_title(f"image #{row['image_id']} and its caption", fontsize=10)
+    left.set_xlabel(textwrap.fill(row["text"], width=70), fontsize=6.5, loc="left")
+    right.imshow(image, interpolation="nearest")
+    right.set_title("region-attribute pairs found by stage 1", fontsize=10)
+    for (x1, y1, x2, y2), truth, assigned in zip(
+        row["region_coord"], row["reg_to_attr"], row["assigned_attributes"], strict=True
+    ):
+        right.add_patch(
+            Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, edgecolor=_BOX_COLOR, linewidth=1)
+        )
+        lines = [(a, "#3dff6e" if a in truth else "#ff4d4d") for a in assigned]
+        lines += [(f"({a})", "#9e9e9e") for a in truth if a not in assigned]
+        for k, (word, color) in enumerate(lines):
+            right.text(
+                x1 + 0.8, y1 + 1.2 + 3.6 * k, word, color=color, fontsize=7, va="top", ha="left",
+                bbox={"facecolor": "black", "alpha": 0.6, "pad": 0.4, "edgecolor": "none"},
+            )  # fmt: skip
+    for ax in (left, right):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    right.set_xlabel("green: correct   red: wrong   (grey): missed", fontsize=7, loc="left")
     return fig
 
 
@@ -204,8 +257,18 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("--n", type=int, default=9)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stats_out", default=None, help="also write the statistics figure here")
+    parser.add_argument(
+        "--mapping_dir", default=None, help="a stage-1 run folder: draw one image's mapped regions instead"
+    )
+    parser.add_argument("--image_id", type=int, default=None, help="with --mapping_dir: the image to draw")
     args = parser.parse_args(argv)
-    written = render_grid_png(args.data_dir, args.out, args.split, args.n, args.seed, args.stats_out)
+    if args.mapping_dir is not None:
+        from villa.paths import resolve_dataset_dir
+
+        figure = draw_mapping(resolve_dataset_dir(args.data_dir), args.mapping_dir, args.split, args.image_id)
+        written = [save_figure(figure, args.out)]
+    else:
+        written = render_grid_png(args.data_dir, args.out, args.split, args.n, args.seed, args.stats_out)
     for path in written:
         print(path)
     return written
