@@ -1,0 +1,63 @@
+import math
+
+import pytest
+import torch
+
+from villa.evaluation.metrics import auroc, precision_at_k, r_precision, retrieval_metrics
+
+
+def test_r_precision_precision_at_k_hand_worked():
+    scores = torch.tensor([[0.9, 0.8, 0.1, 0.5], [0.1, 0.2, 0.3, 0.4], [0.3, 0.2, 0.1, 0.0]])
+    labels = torch.tensor([[1, 0, 1, 0], [0, 0, 1, 1], [0, 0, 0, 0]]).bool()
+    rp = r_precision(scores, labels)
+    # row 0: R = 2, top-2 = items 0, 1 -> one hit; row 1: R = 2, top-2 = items 3, 2 -> two hits
+    assert rp[:2].tolist() == [0.5, 1.0]
+    assert math.isnan(rp[2])
+    p1 = precision_at_k(scores, labels, 1)
+    assert p1[:2].tolist() == [1.0, 1.0]
+    p3 = precision_at_k(scores, labels, 3)
+    assert p3[:2].tolist() == pytest.approx([1 / 3, 2 / 3])
+    # k larger than the number of items is capped at it
+    assert precision_at_k(scores, labels, 10)[:2].tolist() == [0.5, 0.5]
+
+
+def test_auroc_hand_worked_with_ties():
+    scores = torch.tensor([[0.9, 0.8, 0.1, 0.5], [0.5, 0.5, 0.2, 0.7], [1.0, 2.0, 3.0, 4.0]])
+    labels = torch.tensor([[1, 0, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]).bool()
+    auc = auroc(scores, labels)
+    # row 0: positive-negative pairs won: (0.9>0.8), (0.9>0.5), (0.1<0.8), (0.1<0.5) -> 2/4
+    assert auc[0].item() == pytest.approx(0.5)
+    # row 1: 0.5 vs 0.5 tie -> 1/2, 0.5 > 0.2 -> 1, 0.5 < 0.7 -> 0 -> 1.5/3
+    assert auc[1].item() == pytest.approx(0.5)
+    assert math.isnan(auc[2])  # no negatives
+    perfect = auroc(torch.tensor([[0.1, 0.9, 0.8]]), torch.tensor([[0, 1, 1]]).bool())
+    assert perfect.item() == pytest.approx(1.0)
+
+
+def test_retrieval_metrics_hand_worked():
+    regions = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.8, 0.6]])
+    attrs = torch.tensor([[2.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])  # not normalised: the function normalises
+    labels = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 1, 0]]).bool()
+    out = retrieval_metrics(regions, attrs, labels, ["a", "b", "c"])
+    # a: cos = [1, 0, .6, .8], truth [1,0,1,0]: top-2 = r0, r3 -> 50 %; AUROC 3/4
+    # b: cos = [0, 1, .8, .6], truth [0,1,0,1]: top-2 = r1, r2 -> 50 %; AUROC 3/4
+    assert out["text_to_region_r_precision"] == pytest.approx(50.0)
+    assert out["precision_at_1"] == pytest.approx(100.0)
+    assert out["precision_at_5"] == pytest.approx(50.0)  # k capped at 4 regions
+    assert out["zero_shot_auroc"] == pytest.approx(75.0)
+    # region -> text: r0, r1 rank their attribute first; r2, r3 do not
+    assert out["region_to_text_r_precision"] == pytest.approx(50.0)
+    assert out["num_attributes_present"] == 2
+    assert out["per_attribute"]["c"]["r_precision"] is None
+    assert out["per_attribute"]["a"]["auroc"] == pytest.approx(75.0)
+    assert out["per_attribute"]["b"]["num_regions"] == 2
+
+
+def test_retrieval_metrics_perfect_and_shape_check():
+    regions = torch.eye(3)
+    out = retrieval_metrics(regions, torch.eye(3), torch.eye(3).bool(), ["a", "b", "c"])
+    assert out["text_to_region_r_precision"] == pytest.approx(100.0)
+    assert out["region_to_text_r_precision"] == pytest.approx(100.0)
+    assert out["zero_shot_auroc"] == pytest.approx(100.0)
+    with pytest.raises(ValueError):
+        retrieval_metrics(regions, torch.eye(3), torch.eye(2).bool(), ["a", "b"])

@@ -1,0 +1,14 @@
+"""``python -m villa.evaluate experiment=<name> [key=value ...]``: retrieval metrics on the test split."""
+
+from villa.hydra_app import hydra_main
+
+
+@hydra_main("docmnist_stage2")
+def main(cfg):
+    from villa.evaluation.run import evaluate_from_config
+
+    return evaluate_from_config(cfg)
+
+
+if __name__ == "__main__":
+    main()

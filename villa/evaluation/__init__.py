@@ -1,0 +1,1 @@
+"""Retrieval evaluation of image models on DocMNIST regions (SPEC section 6)."""

@@ -1,0 +1,183 @@
+"""Stage 2: train the region-text contrastive image model (SPEC section 5) or the CLIP baseline."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+from villa.annotations import read_annotations
+from villa.device import resolve_device
+from villa.embeddings import TextEmbeddingCache
+from villa.errors import VillaError
+from villa.paths import resolve_dataset_dir
+from villa.vlm.data import PAIR_MODES, RegionTextDataset, build_dataset, collate_region_text
+from villa.vlm.loss import TAU, symmetric_info_nce
+
+DEFAULT_OPTIMIZER = functools.partial(
+    torch.optim.Adam, lr=5e-5, weight_decay=0.2, betas=(0.9, 0.999), eps=1e-8
+)
+DEFAULT_SCHEDULER = functools.partial(
+    torch.optim.lr_scheduler.ReduceLROnPlateau,
+    mode="min",
+    factor=0.5,
+    patience=1,
+    threshold=0.005,
+    threshold_mode="abs",
+)
+
+
+class RegionTextLoss:
+    """``loss_fn(model, batch)`` for :func:`villa.training.fit`: symmetric InfoNCE over the batch's pairs.
+
+    batch: images uint8 ``[B, 3, H, W]`` (scaled to [0, 1] here, on the device, so the host->device copy
+    stays uint8), boxes ``[M, 5]``, text ``[M, D]``. Returns (mean loss over the M pairs, M).
+    """
+
+    def __init__(self, tau: float = TAU):
+        self.tau = tau
+
+    def __call__(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+        images = batch["images"].float().div_(255)
+        region_embs = model(images, batch["boxes"])
+        return symmetric_info_nce(region_embs, batch["text"], self.tau), int(batch["boxes"].shape[0])
+
+
+def stage2_frames(dataset_dir: Path, pairs: str, stage_1_ckpt_dir: str | os.PathLike | None):
+    """(train, val) frames: stage-1 mappings for ViLLA, plain annotations for the CLIP baseline."""
+    if pairs not in PAIR_MODES:
+        raise VillaError(f"unknown pairs '{pairs}': use one of {', '.join(PAIR_MODES)}")
+    if pairs == "clip":
+        return read_annotations(dataset_dir, "train"), read_annotations(dataset_dir, "val")
+    from villa.mapping.schema import read_mapping
+
+    if stage_1_ckpt_dir is None or not Path(stage_1_ckpt_dir).is_dir():
+        raise VillaError(
+            f"no stage-1 run folder at {stage_1_ckpt_dir}: run stage 1 first "
+            "(python -m villa.stage1 experiment=docmnist_stage1) or set stage_1_ckpt_dir=..."
+        )
+    frames = []
+    for split in ("train", "val"):
+        frame = read_mapping(stage_1_ckpt_dir, split)
+        if frame.empty:
+            raise VillaError(f"the stage-1 mapping of split '{split}' in {stage_1_ckpt_dir} has no images")
+        frames.append(frame)
+    return tuple(frames)
+
+
+def build_stage2_datasets(
+    data_dir: str | os.PathLike,
+    encoder_name: str,
+    pairs: str = "villa",
+    stage_1_ckpt_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> tuple[RegionTextDataset, RegionTextDataset]:
+    """Train and val datasets (images decoded once, pair text embeddings precomputed from the cache)."""
+    dataset_dir = resolve_dataset_dir(data_dir)
+    train_frame, val_frame = stage2_frames(dataset_dir, pairs, stage_1_ckpt_dir)
+    cache = TextEmbeddingCache.open(dataset_dir, expected_encoder=encoder_name)
+    return (
+        build_dataset(dataset_dir, train_frame, cache, pairs, progress=progress),
+        build_dataset(dataset_dir, val_frame, cache, pairs, progress=progress),
+    )
+
+
+def run_stage2(
+    *,
+    data_dir: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    stage_1_ckpt_dir: str | os.PathLike | None = None,
+    pairs: str = "villa",
+    encoder: str = "default",
+    clip_weights: str | None = None,
+    device: str = "auto",
+    seed: int = 23,
+    epochs: int = 100,
+    batch_size: int = 256,
+    optimizer_factory=DEFAULT_OPTIMIZER,
+    scheduler_factory=DEFAULT_SCHEDULER,
+    early_stopping_patience: int | None = 5,
+    tau: float = TAU,
+    amp: bool = True,
+    compile: bool = False,
+    resume: bool = False,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    progress: bool = True,
+    config: dict | None = None,
+):
+    """Train the image model on region-text pairs (``pairs="villa"``) or whole pairs (``"clip"``).
+
+    Writes ``run_dir/{metrics.csv,last.pkl,best.pkl}`` through :func:`villa.training.fit`; returns its FitResult.
+    """
+    from villa.encoders import get_encoder
+    from villa.training import fit
+
+    dev = resolve_device(device)
+    enc = get_encoder(encoder, clip_weights=clip_weights, device="cpu")
+    train_set, val_set = build_stage2_datasets(data_dir, enc.name, pairs, stage_1_ckpt_dir, progress)
+    torch.manual_seed(seed)
+    model = enc.build_image_model()
+    print(
+        f"stage 2 ({pairs}): {len(train_set)} train images / {train_set.num_pairs} pairs, "
+        f"{len(val_set)} val images / {val_set.num_pairs} pairs, encoder {enc.name}, device {dev}",
+        flush=True,
+    )
+    return fit(
+        model,
+        train_set,
+        val_set,
+        RegionTextLoss(tau),
+        collate_fn=collate_region_text,
+        batch_size=batch_size,
+        epochs=epochs,
+        optimizer_factory=optimizer_factory,
+        scheduler_factory=scheduler_factory,
+        run_dir=run_dir,
+        device=dev,
+        seed=seed,
+        amp=amp,
+        compile=compile,
+        resume=resume,
+        early_stopping_patience=early_stopping_patience,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        config=config,
+        extra={"encoder": enc.name, "encoder_config": enc.config, "pairs": pairs},
+        desc=f"stage2-{pairs}",
+        progress=progress,
+    )
+
+
+def run_stage2_from_config(cfg):
+    """Hydra adapter: read the experiment's keys and call :func:`run_stage2`."""
+    from hydra.utils import instantiate
+
+    from villa.hydra_app import require_stage, to_container
+
+    require_stage(cfg, "stage2")
+    return run_stage2(
+        data_dir=cfg.data_dir,
+        run_dir=cfg.run_dir,
+        stage_1_ckpt_dir=cfg.get("stage_1_ckpt_dir"),
+        pairs=cfg.get("pairs", "villa"),
+        encoder=cfg.encoder,
+        clip_weights=cfg.get("clip_weights"),
+        device=cfg.device,
+        seed=int(cfg.seed),
+        epochs=int(cfg.epochs),
+        batch_size=int(cfg.batch_size),
+        optimizer_factory=instantiate(cfg.optimizer) if cfg.get("optimizer") else DEFAULT_OPTIMIZER,
+        scheduler_factory=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        early_stopping_patience=cfg.get("early_stopping_patience"),
+        tau=float(cfg.get("tau", TAU)),
+        amp=bool(cfg.amp),
+        compile=bool(cfg.get("compile", False)),
+        resume=bool(cfg.resume),
+        num_workers=int(cfg.num_workers),
+        pin_memory=bool(cfg.pin_memory),
+        progress=bool(cfg.get("progress", True)),
+        config=to_container(cfg),
+    )
