@@ -4,7 +4,10 @@
     python3 preprocess/preprocess_docmnist.py --data_dir=docmnist_30000_15.2 \\
         --encoder=clip_rn50 --clip_weights=/path/to/RN50.pt --device=cuda
 
-The ``default`` encoder works offline; its image tower is untrained (see villa/encoders/__init__.py).
+The ``default`` encoder works offline; its image tower is untrained (see villa/encoders/__init__.py),
+so by default its stage-1 region embeddings are the richer untrained descriptor of
+villa/encoders/rich.py (``--region_features=rich``); ``--region_features=reference`` gives the SPEC
+recipe. The stage-2 image tower is the reference recipe either way.
 """
 
 from __future__ import annotations
@@ -30,6 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch_size", type=int, default=64, help="images per forward pass (default: %(default)s)"
     )
+    parser.add_argument(
+        "--region_features",
+        choices=("rich", "reference"),
+        default=None,
+        help="stage-1 region embeddings: rich (untrained multi-block descriptor, default for the "
+        "default encoder) | reference (SPEC recipe, default for clip_rn50)",
+    )
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -46,6 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
         device=args.device,
         batch_size=args.batch_size,
         progress=not args.no_progress,
+        region_features=args.region_features,
     )
     print(json.dumps(summary, indent=2))
     return summary

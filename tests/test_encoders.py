@@ -234,3 +234,38 @@ def test_clip_rn50_full_checkpoint_and_torchscript(rn50_visual_state, tmp_path):
     torch.jit.save(torch.jit.script(visual), tmp_path / "RN50_visual_jit.pt")
     jit_enc = get_encoder("clip_rn50", clip_weights=str(tmp_path / "RN50_visual_jit.pt"))
     assert torch.equal(jit_enc.build_image_model().visual.conv1.weight, rn50_visual_state["conv1.weight"])
+
+
+# --------------------------------------------------------------------------- rich (stage-1) region features
+def test_rich_features_deterministic_and_shaped(default_encoder):
+    """Same seed -> same bytes; another seed -> other features; the global RNG is untouched; the
+    ``reference`` block is exactly the reference recipe (before its fixed projection)."""
+    from villa.encoders.rich import BLOCK_DIM, BLOCKS, RichRegionFeatures
+
+    gen = torch.Generator().manual_seed(4)
+    images = torch.rand(2, 3, 84, 84, generator=gen)
+    boxes = boxes_with_batch_index([grid_boxes([0, 4]), grid_boxes([8])])
+    torch.manual_seed(7)
+    expected_next = torch.rand(2)
+    torch.manual_seed(7)
+    a = RichRegionFeatures(default_encoder.build_image_model(), 384, seed=0)
+    assert torch.equal(torch.rand(2), expected_next)
+    b = RichRegionFeatures(default_encoder.build_image_model(), 384, seed=0)
+    c = RichRegionFeatures(default_encoder.build_image_model(), 384, seed=1)
+    with torch.inference_mode():
+        ra, rb, rc = a(images, boxes), b(images, boxes), c(images, boxes)
+        reference = a.tower(images, boxes)
+        mean, std = a.fit_stats(ra)
+        out = a.finalize(ra, mean, std)
+    assert ra.shape == (3, len(BLOCKS) * BLOCK_DIM) and out.shape == (3, 384)
+    assert ra.numpy().tobytes() == rb.numpy().tobytes()
+    assert not torch.allclose(ra, rc)
+    torch.testing.assert_close(ra[:, :BLOCK_DIM], reference @ a.proj_reference)
+    torch.testing.assert_close(out, ((ra - mean) / std) @ a.proj_out)
+    assert a(images, boxes[:0]).shape == (0, len(BLOCKS) * BLOCK_DIM)
+
+
+def test_stage2_tower_is_reference_recipe(default_encoder):
+    """Rich features are preprocessing-only: the stage-2 trainable tower is still the plain recipe."""
+    assert default_encoder.default_region_features == "rich"
+    assert type(default_encoder.build_image_model()) is RegionImageEncoder

@@ -82,9 +82,12 @@ def load_cli():
 
 @pytest.fixture(scope="module")
 def processed(tmp_path_factory):
-    """A tiny dataset preprocessed once with the default encoder (batch of 3 images: several batches)."""
+    """A tiny dataset preprocessed once with the default encoder's reference recipe (batch of 3
+    images: several batches)."""
     folder = make_dataset(tmp_path_factory.mktemp("pre"))
-    summary = preprocess_dataset(folder, device="cpu", batch_size=3, progress=False)
+    summary = preprocess_dataset(
+        folder, device="cpu", batch_size=3, progress=False, region_features="reference"
+    )
     return folder, summary
 
 
@@ -122,6 +125,9 @@ def test_region_embs_match_single_image_recipe(processed):
     store.check_covers(frame["image_id"], frame["num_regions"])
     assert store.manifest["dataset"] == "tiny_ds"
     assert store.manifest["encoder_config"]["image_width"] == 16
+    assert store.manifest["region_features"] == "reference"
+    assert store.manifest["encoder_config"]["region_features"] == "reference"
+    assert "region_features_config" not in store.manifest
     assert store.manifest["num_regions"] == frame["num_regions"].sum()
     digest = hashlib.sha256((folder / "annotations.feather").read_bytes()).hexdigest()
     assert store.manifest["annotations_sha256"] == digest
@@ -292,9 +298,96 @@ def test_torchrun_style_sharding_matches_single_process(tmp_path):
     mp.spawn(_rank_worker, args=(2, port, str(multi)), nprocs=2, join=True)
     ids = read_annotations(single)["image_id"]
     one, two = RegionEmbeddings.open(single), RegionEmbeddings.open(multi)
-    assert len(two.manifest["shards"]) == 2
-    np.testing.assert_allclose(two.take(two.rows(ids)[0]), one.take(one.rows(ids)[0]), atol=1e-5)
+    # rich features (the default's default): rank 0 standardises everything at once -> one shard
+    assert two.manifest["region_features"] == "rich" and len(two.manifest["shards"]) == 1
+    # atol: z-scoring magnifies float32 batching noise of the near-constant reference block
+    np.testing.assert_allclose(two.take(two.rows(ids)[0]), one.take(one.rows(ids)[0]), atol=2e-3)
     torch.testing.assert_close(
         torch.load(multi / "attr_embs.pth", weights_only=True)["red"],
         torch.load(single / "attr_embs.pth", weights_only=True)["red"],
     )
+
+
+# --------------------------------------------------------------------------- rich region features
+def _rich_rows(folder: Path, frame: pd.DataFrame) -> np.ndarray:
+    store = RegionEmbeddings.open(folder, expected_encoder="default")
+    return store.take(store.rows(frame["image_id"])[0])
+
+
+def test_rich_is_default_and_recorded(tmp_path):
+    """The default encoder writes rich features, records the option, and they equal the recipe
+    (raw blocks of every image -> train-split statistics -> fixed projection)."""
+    from villa.encoders import get_encoder
+    from villa.encoders.rich import RichRegionFeatures
+    from villa.preprocess import iter_region_batches, to_model_input
+
+    folder = make_dataset(tmp_path, n_images=8)
+    preprocess_dataset(folder, device="cpu", batch_size=3, progress=False)
+    frame = read_annotations(folder)
+    store = RegionEmbeddings.open(folder, expected_encoder="default")
+    assert store.manifest["region_features"] == "rich" and store.dim == 384
+    assert store.manifest["encoder_config"]["region_features"] == "rich"
+    config = store.manifest["region_features_config"]
+    assert config["stats_split"] == "train"
+    assert config["stats_num_regions"] == frame.loc[frame["split"] == "train", "num_regions"].sum()
+
+    enc = get_encoder("default")
+    rich = RichRegionFeatures(enc.build_image_model(), enc.dim)
+    with torch.inference_mode():
+        raw = torch.cat(
+            [
+                rich(to_model_input(b.images, torch.device("cpu")), torch.from_numpy(b.boxes))
+                for b in iter_region_batches(frame, folder, 100)
+            ]
+        )
+        train = torch.from_numpy(np.repeat(frame["split"].to_numpy() == "train", frame["num_regions"]))
+        expected = rich.finalize(raw, *rich.fit_stats(raw[train]))
+    # z-scoring magnifies float32 batching noise of the near-constant reference block a little
+    np.testing.assert_allclose(_rich_rows(folder, frame), expected.numpy(), atol=2e-3, rtol=1e-3)
+    # regions are no longer near-identical (the reference recipe's cosine is ~0.99999)
+    x = torch.nn.functional.normalize(torch.from_numpy(_rich_rows(folder, frame)), dim=1)
+    assert (x @ x.T).min() < 0.9
+
+
+def test_rich_statistics_use_only_train_images(tmp_path):
+    """Overwriting every val/test image leaves the train regions' rich embeddings byte-identical,
+    while overwriting a train image changes them (its statistics moved)."""
+    folder = make_dataset(tmp_path, n_images=8)
+    frame = read_annotations(folder)
+    preprocess_dataset(folder, device="cpu", progress=False)
+    train = np.repeat(frame["split"].to_numpy() == "train", frame["num_regions"])
+    before = _rich_rows(folder, frame)
+
+    noise = np.random.default_rng(5)
+
+    def scribble(rows):
+        for rel in frame.loc[rows, "image_filepath"]:
+            Image.fromarray(noise.integers(0, 256, (84, 84, 3), dtype=np.uint8)).save(folder / rel)
+
+    scribble(frame["split"] != "train")
+    preprocess_dataset(folder, device="cpu", progress=False)
+    after = _rich_rows(folder, frame)
+    assert np.array_equal(after[train], before[train])
+    assert not np.allclose(after[~train], before[~train])
+
+    scribble(frame.index[frame["split"] == "train"][:1])
+    preprocess_dataset(folder, device="cpu", progress=False)
+    assert not np.allclose(_rich_rows(folder, frame)[train], before[train])
+
+
+def test_rich_without_train_split_uses_all_regions(tmp_path):
+    folder = make_dataset(tmp_path, n_images=3)
+    frame = read_annotations(folder)
+    frame["split"] = "test"
+    write_annotations(folder, frame)
+    preprocess_dataset(folder, device="cpu", progress=False)
+    config = RegionEmbeddings.open(folder).manifest["region_features_config"]
+    assert config["stats_split"] == "all" and config["stats_num_regions"] == frame["num_regions"].sum()
+
+
+def test_region_features_option_validated_and_cli_flag(tmp_path, capsys):
+    folder = make_dataset(tmp_path, n_images=2)
+    with pytest.raises(VillaError, match="region_features must be one of"):
+        preprocess_dataset(folder, device="cpu", progress=False, region_features="fancy")
+    load_cli().main([f"--data_dir={folder}", "--no_progress", "--region_features=reference"])
+    assert RegionEmbeddings.open(folder).manifest["region_features"] == "reference"

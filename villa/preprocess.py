@@ -3,9 +3,13 @@
 Writes into the dataset folder, through :mod:`villa.embeddings` (the schema owner):
 
 * ``attr_embs.pth``: per attribute, the mean of its prompts' text embeddings, L2-normalised;
-* ``region_embs/``: one vector per region of every image of every split (reference recipe,
-  :class:`villa.encoders.RegionImageEncoder`), with the encoder's name, dimension and config in
-  the manifest;
+* ``region_embs/``: one vector per region of every image of every split, with the encoder's name,
+  dimension, config and ``region_features`` option in the manifest. ``region_features="reference"``
+  is the reference recipe (:class:`villa.encoders.RegionImageEncoder`); ``"rich"`` (the default of
+  the untrained ``default`` encoder) is :class:`villa.encoders.rich.RichRegionFeatures`: untrained
+  multi-block features standardised with TRAIN-split region statistics (no labels) and projected to
+  the text dimension. Only these precomputed stage-1 embeddings change; the stage-2 image tower
+  (``Encoder.build_image_model()``) is always the reference recipe;
 * ``text_embs/``: every distinct caption sentence and attribute prompt, each encoded once.
 
 Images are read as uint8 RGB and scaled to [0, 1]; like the reference we apply no CLIP mean/std
@@ -33,6 +37,7 @@ from villa.annotations import annotations_path, read_annotations, region_boxes, 
 from villa.device import autocast, resolve_device
 from villa.docmnist.vocabulary import ATTRIBUTES, attribute_prompts
 from villa.embeddings import RegionEmbeddingWriter, TextEmbeddingCache, file_sha256, save_attr_embs
+from villa.encoders.rich import REGION_FEATURES, RichRegionFeatures
 from villa.errors import VillaError
 from villa.text import split_sentences
 
@@ -228,6 +233,7 @@ def preprocess_dataset(
     amp: bool = True,
     rank: int | None = None,
     world_size: int | None = None,
+    region_features: str | None = None,
 ) -> dict:
     """Write ``attr_embs.pth``, ``region_embs/`` and ``text_embs/`` for every split of a dataset.
 
@@ -239,6 +245,8 @@ def preprocess_dataset(
         batch_size: images per forward pass.
         rank, world_size: this process's share of the images; default: from ``torch.distributed``
             when initialised, else a single process.
+        region_features: ``rich`` | ``reference`` | None (the encoder's ``default_region_features``:
+            ``rich`` for the untrained ``default``/``hf:`` towers, ``reference`` for ``clip_rn50``).
     Returns:
         summary dict (num_images, num_regions, seconds, regions_per_s, and a timing breakdown);
         on ranks other than 0 it describes only that rank's share and nothing is written.
@@ -248,6 +256,10 @@ def preprocess_dataset(
     started = time.perf_counter()
     if batch_size < 1:
         raise VillaError(f"batch_size must be >= 1, got {batch_size}")
+    if region_features is not None and region_features not in REGION_FEATURES:
+        raise VillaError(
+            f"region_features must be one of {', '.join(REGION_FEATURES)}, got '{region_features}'"
+        )
     dataset_dir = resolve_dataset_dir(data_dir)
     frame = read_annotations(dataset_dir)
     if frame.empty:
@@ -268,6 +280,7 @@ def preprocess_dataset(
             rank,
             world_size,
             started,
+            region_features,
         )
     finally:
         if created_group:
@@ -277,7 +290,18 @@ def preprocess_dataset(
 
 
 def _preprocess(
-    dataset_dir, frame, encoder, clip_weights, device, batch_size, progress, amp, rank, world_size, started
+    dataset_dir,
+    frame,
+    encoder,
+    clip_weights,
+    device,
+    batch_size,
+    progress,
+    amp,
+    rank,
+    world_size,
+    started,
+    region_features=None,
 ):
     from villa.encoders import get_encoder
 
@@ -301,7 +325,12 @@ def _preprocess(
         sentence_embs = enc.encode_text(sentences)
     text_seconds = time.perf_counter() - t0
 
-    model = enc.build_image_model().to(device).eval()
+    region_features = region_features or enc.default_region_features
+    model = enc.build_image_model()
+    rich = None
+    if region_features == "rich":
+        model = rich = RichRegionFeatures(model, enc.dim)
+    model = model.to(device).eval()
     timings: dict = {}
     t0 = time.perf_counter()
     batches = embed_regions(
@@ -314,8 +343,19 @@ def _preprocess(
         # lets a later stage notice embeddings older than a regenerated annotation table
         "annotations_sha256": file_sha256(annotations_path(dataset_dir)),
         "splits": sorted(frame["split"].unique().tolist()),
+        "region_features": region_features,
     }
-    if world_size == 1:
+    extra["encoder_config"]["region_features"] = region_features
+    if rich is not None:
+        extra["region_features_config"] = rich.config
+        finish = _rich_finisher(rich, frame, extra)
+        mine = _concat_parts(list(batches), rich.raw_dim)
+        if world_size == 1:
+            with RegionEmbeddingWriter(dataset_dir, encoder=enc.name, dim=enc.dim, extra=extra) as writer:
+                writer.add(*finish([mine]))
+        else:
+            _gather_and_write(dataset_dir, enc, extra, mine, rank, world_size, finish)
+    elif world_size == 1:
         with RegionEmbeddingWriter(dataset_dir, encoder=enc.name, dim=enc.dim, extra=extra) as writer:
             _stream_into(writer, batches, enc.dim)
     else:
@@ -358,14 +398,53 @@ def _stream_into(writer: RegionEmbeddingWriter, batches, dim: int) -> None:
         writer.add(*_concat_parts(buffer, dim))
 
 
-def _gather_and_write(dataset_dir: Path, enc, extra: dict, mine, rank: int, world_size: int) -> None:
-    """Rank 0 gathers every rank's ``(ids, counts, embs)`` and writes one shard per rank."""
+def _gather_and_write(
+    dataset_dir: Path, enc, extra: dict, mine, rank: int, world_size: int, finish=None
+) -> None:
+    """Rank 0 gathers every rank's ``(ids, counts, embs)`` and writes one shard per rank.
+
+    With ``finish`` (parts -> one ``(ids, counts, embs)``), rank 0 writes ``finish(parts)`` instead:
+    rich features need every rank's train regions for their statistics.
+    """
     import torch.distributed as dist
 
     parts = [None] * world_size if rank == 0 else None
     dist.gather_object(mine, parts, dst=0)
     if rank == 0:
         with RegionEmbeddingWriter(dataset_dir, encoder=enc.name, dim=enc.dim, extra=extra) as writer:
-            for ids, counts, embs in parts:
+            for ids, counts, embs in [finish(parts)] if finish is not None else parts:
                 writer.add(ids, counts, embs)
     dist.barrier()
+
+
+def rich_stats_rows(frame: pd.DataFrame, image_ids: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, str]:
+    """Bool ``[sum counts]``: region rows whose image is in the train split, and the split name used.
+
+    Falls back to every region (``"all"``) when the dataset has no train split (e.g. a test-only set).
+    """
+    split = pd.Series(frame["split"].to_numpy(), index=frame["image_id"].to_numpy())
+    train_images = split.reindex(image_ids).to_numpy() == "train"
+    rows = np.repeat(train_images, counts)
+    if rows.any():
+        return rows, "train"
+    return np.ones(len(rows), bool), "all"
+
+
+def _rich_finisher(rich: RichRegionFeatures, frame: pd.DataFrame, extra: dict):
+    """parts of raw rich blocks -> ``(ids, counts, embs [M, D])``: train-split statistics, then projection.
+
+    Records the statistics' provenance in ``extra`` (it is written into the manifest afterwards).
+    """
+
+    def finish(parts):
+        ids, counts, raw = _concat_parts([p for p in parts if len(p[0])], rich.raw_dim)
+        rows, used = rich_stats_rows(frame, ids, counts)
+        raw = torch.from_numpy(raw)
+        mean, std = rich.fit_stats(raw[torch.from_numpy(rows)])
+        extra["region_features_config"]["stats_split"] = used
+        extra["region_features_config"]["stats_num_regions"] = int(rows.sum())
+        with torch.inference_mode():
+            embs = rich.cpu().finalize(raw, mean, std)
+        return ids, counts, embs.numpy()
+
+    return finish

@@ -8,6 +8,10 @@ Registered encoders:
     seeded random weights. **Its image tower is untrained**: region embeddings are deterministic
     random convolutional features, good enough to run and test the whole pipeline offline, not
     a stand-in for CLIP's pretrained features.
+    Because the reference recipe on an untrained tower gives nearly constant region vectors, its
+    precomputed stage-1 region embeddings default to ``region_features="rich"``
+    (:mod:`villa.encoders.rich`: untrained multi-block features standardised with train-split
+    statistics); ``build_image_model()``, the tower stage 2 trains, keeps the reference recipe.
 ``clip_rn50``
     OpenAI CLIP RN50 (1024-d) from a local file: ``get_encoder("clip_rn50", clip_weights=PATH)``.
 ``hf:<folder>``

@@ -33,6 +33,9 @@ class Encoder(abc.ABC):
     name: str
     dim: int
     device: torch.device
+    #: stage-1 region embeddings written by preprocessing: ``"reference"`` (the SPEC recipe through
+    #: ``build_image_model()``) or ``"rich"`` (:mod:`villa.encoders.rich`, for untrained towers)
+    default_region_features: str = "reference"
 
     @property
     @abc.abstractmethod

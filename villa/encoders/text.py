@@ -117,7 +117,12 @@ class HFEncoder(Encoder):
 
     The image tower's weights are random (deterministic given ``image_seed``): region embeddings are
     random convolutional features, useful offline and for tests, not a substitute for CLIP weights.
+    Its precomputed stage-1 region embeddings therefore default to the richer untrained descriptor
+    (``default_region_features = "rich"``, :mod:`villa.encoders.rich`); ``build_image_model()``,
+    the tower stage 2 trains, is unchanged (reference recipe).
     """
+
+    default_region_features = "rich"
 
     def __init__(
         self,
