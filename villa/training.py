@@ -233,6 +233,11 @@ def fit(
             (run_dir / stale).unlink(missing_ok=True)
 
     train_model = model
+    if ctx.enabled and device.type == "cuda":
+        # batch statistics over the global batch, as one process would compute them (SyncBatchNorm is CUDA-only;
+        # it reuses the BatchNorm parameters, so the optimiser built above still owns them)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        train_model = model
     if ctx.enabled:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model,

@@ -84,6 +84,10 @@ class RegionImageEncoder(nn.Module):
         super().__init__()
         self.visual = visual
         self.output_dim = int(visual.output_dim)
+        # The key bias shifts every attention logit of a query by the same constant, so it cancels in the
+        # softmax: its gradient is exactly zero, and the fast pool never reads it. Freezing it keeps
+        # DistributedDataParallel from waiting for a gradient that never comes.
+        visual.attnpool.k_proj.bias.requires_grad_(False)
 
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
         """Stem + layer1-3: ``[B, 3, H, W]`` -> ``[B, 16 * width, ~H/16, ~W/16]``."""

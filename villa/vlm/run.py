@@ -10,6 +10,7 @@ import torch
 
 from villa.annotations import read_annotations
 from villa.device import resolve_device
+from villa.distributed import all_gather_no_grad, all_gather_with_grad
 from villa.embeddings import TextEmbeddingCache
 from villa.errors import VillaError
 from villa.paths import resolve_dataset_dir
@@ -42,7 +43,10 @@ class RegionTextLoss:
     def __call__(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
         images = batch["images"].float().div_(255)
         region_embs = model(images, batch["boxes"])
-        return symmetric_info_nce(region_embs, batch["text"], self.tau), int(batch["boxes"].shape[0])
+        # under torchrun the negatives are the pairs of the GLOBAL batch, as in one process
+        region_embs, _ = all_gather_with_grad(region_embs)
+        text = all_gather_no_grad(batch["text"])
+        return symmetric_info_nce(region_embs, text, self.tau), int(region_embs.shape[0])
 
 
 def stage2_frames(dataset_dir: Path, pairs: str, stage_1_ckpt_dir: str | os.PathLike | None):
