@@ -145,16 +145,16 @@ def run_sweep(
                 f"{record_path} names {dataset_dir}, which is gone: delete {record_path} and rerun"
             )
 
-        manifest = dataset_dir / "region_embs" / "manifest.json"
-        embedded = manifest.is_file() and json.loads(manifest.read_text()).get("encoder") == encoder
-        steps.run(
-            complexity,
-            "preprocess",
-            embedded,
-            lambda d=dataset_dir: preprocess_dataset(
-                d, encoder=encoder, clip_weights=clip_weights, device=device, progress=progress
-            ),
-        )
+        preprocessed = run_root / "preprocessed.json"
+
+        def preprocess(dataset_dir=dataset_dir, marker=preprocessed):
+            preprocess_dataset(
+                dataset_dir, encoder=encoder, clip_weights=clip_weights, device=device, progress=progress
+            )
+            write_json(marker, {"encoder": encoder, "clip_weights": clip_weights})
+
+        embedded = preprocessed.is_file() and json.loads(preprocessed.read_text()).get("encoder") == encoder
+        steps.run(complexity, "preprocess", embedded, preprocess)
 
         stage1_dir = run_root / "docmnist_stage1"
         cfg1 = compose(_stage_overrides("docmnist_stage1", dataset_dir, run_root, common, stage1))
