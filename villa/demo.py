@@ -16,13 +16,12 @@ from villa.paths import project_dir
 
 DEMO = {
     "complexities": [4, 20],
-    "attribute_budget": 4000,
-    "val_attribute_budget": 1500,
-    "test_attribute_budget": 1500,
-    "stage1": {"epochs": 15},
-    "stage2": {"epochs": 6, "batch_size": 64},
+    "attribute_budget": 2000,
+    "val_attribute_budget": 800,
+    "test_attribute_budget": 800,
+    "stage1": {"epochs": 10},
+    "stage2": {"epochs": 4, "batch_size": 32},
 }
-
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
