@@ -40,13 +40,15 @@ def test_stage1_two_processes_match_one(tiny_docmnist, tmp_path):
         "villa.stage1",
         "experiment=docmnist_stage1",
         f"data_dir={tiny_docmnist}",
-        "epochs=2",
         "device=cpu",
         "progress=false",
     ]
-    run_entry([*common, f"checkpoint_dir={tmp_path / 'one'}", "batch_size=8"], None, tmp_path)
-    # 2 ranks x 4 images = the single process's global batch of 8
-    two = run_entry([*common, f"checkpoint_dir={tmp_path / 'two'}", "batch_size=4"], 2, tmp_path)
+    run_entry([*common, "epochs=2", f"checkpoint_dir={tmp_path / 'one'}", "batch_size=8"], None, tmp_path)
+    # 2 ranks x 4 images = the single process's global batch of 8; one epoch, then resumed for the second
+    two = [*common, f"checkpoint_dir={tmp_path / 'two'}", "batch_size=4"]
+    run_entry([*two, "epochs=1"], 2, tmp_path)
+    resumed = run_entry([*two, "epochs=2", "resume=true"], 2, tmp_path)
+    assert resumed.stdout.count("resuming stage1") == 1
 
     one_dir, two_dir = tmp_path / "one" / "docmnist_stage1", tmp_path / "two" / "docmnist_stage1"
     pd.testing.assert_frame_equal(losses(one_dir), losses(two_dir), rtol=1e-4)
@@ -57,7 +59,7 @@ def test_stage1_two_processes_match_one(tiny_docmnist, tmp_path):
     written = sorted(p.name for p in two_dir.iterdir() if not p.name.startswith("."))
     assert written == sorted(p.name for p in one_dir.iterdir() if not p.name.startswith("."))
     assert not list(two_dir.glob(".*.tmp")), "no temporary files left behind"
-    assert two.stdout.count("mapping with") == 1, "only rank 0 maps and prints"
+    assert resumed.stdout.count("mapping with") == 1, "only rank 0 maps and prints"
 
 
 def test_stage2_two_processes_match_one(tiny_docmnist, tmp_path):
