@@ -15,13 +15,14 @@ from villa.errors import exit_on_error
 from villa.paths import project_dir
 
 DEMO = {
-    "complexities": [4, 20],
-    "attribute_budget": 2000,
-    "val_attribute_budget": 800,
-    "test_attribute_budget": 800,
-    "stage1": {"epochs": 10},
-    "stage2": {"epochs": 4, "batch_size": 32},
+    "complexities": [4, 16],
+    "attribute_budget": 3000,
+    "val_attribute_budget": 1000,
+    "test_attribute_budget": 1000,
+    "stage1": {"epochs": 30},
+    "stage2": {"epochs": 6, "batch_size": 32},
 }
+
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
