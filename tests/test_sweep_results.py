@@ -5,9 +5,17 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 from PIL import Image
 
-from villa.complexity_sweep import RESULT_COLUMNS, collect_results, format_results, write_results
+from villa.complexity_sweep import (
+    RESULT_COLUMNS,
+    _check_settings,
+    collect_results,
+    format_results,
+    write_results,
+)
+from villa.errors import VillaError
 
 
 def fake_run(out_dir, complexity, avg, r_precision):
@@ -44,3 +52,11 @@ def test_collect_and_write_results(tmp_path):
     with Image.open(png_path) as image:
         assert image.size[0] > 600 and image.size[1] > 300
     assert "villa" in format_results(results)
+
+
+def test_sweep_refuses_an_out_dir_with_other_settings(tmp_path):
+    settings = {"attribute_budget": 100, "seed": 1, "stage1": {"epochs": 2}}
+    _check_settings(tmp_path, settings)
+    _check_settings(tmp_path, dict(settings))  # same settings: a resume
+    with pytest.raises(VillaError, match=r"other settings \(attribute_budget, stage1 differ\)"):
+        _check_settings(tmp_path, {**settings, "attribute_budget": 200, "stage1": {"epochs": 3}})

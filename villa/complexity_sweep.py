@@ -32,6 +32,7 @@ RESULT_COLUMNS = (
 METHOD_EXPERIMENTS = {"villa": "docmnist_stage2", "clip": "docmnist_clip", "untrained": "docmnist_untrained"}
 STEP_TIMES_FILE = "step_times.csv"
 TRAINED_MARKER = "sweep_trained.json"
+SETTINGS_FILE = "sweep_settings.json"
 
 
 class _Steps:
@@ -105,6 +106,19 @@ def run_sweep(
     out_dir.mkdir(parents=True, exist_ok=True)
     data_root = Path(data_root) if data_root is not None else out_dir / "data"
     stage1, stage2 = dict(stage1 or {}), dict(stage2 or {})
+    _check_settings(
+        out_dir,
+        {
+            "attribute_budget": attribute_budget,
+            "val_attribute_budget": val_attribute_budget,
+            "test_attribute_budget": test_attribute_budget,
+            "seed": seed,
+            "encoder": encoder,
+            "clip_weights": clip_weights,
+            "stage1": stage1,
+            "stage2": stage2,
+        },
+    )
     common = {
         "seed": seed,
         "device": device,
@@ -188,6 +202,28 @@ def run_sweep(
     results = collect_results(out_dir)
     write_results(out_dir, results)
     return results
+
+
+def _check_settings(out_dir: Path, settings: dict) -> None:
+    """Refuse to mix runs of different settings in one ``out_dir`` (finished steps would be reused silently).
+
+    Complexities are not part of the settings: adding complexities to an ``out_dir`` (or Hydra multirun jobs
+    over complexities sharing it) is how a sweep grows.
+    """
+    path = out_dir / SETTINGS_FILE
+    settings = json.loads(json.dumps(settings))  # plain JSON types, as they read back
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if previous != settings:
+            changed = sorted(
+                k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k)
+            )
+            raise VillaError(
+                f"{out_dir} holds a sweep with other settings ({', '.join(changed)} differ): "
+                f"choose another out_dir or delete that folder"
+            )
+        return
+    write_json(path, settings)
 
 
 def collect_results(out_dir: str | Path) -> pd.DataFrame:
