@@ -205,7 +205,7 @@ def fit(
         model.to(device)
     optimizer = optimizer_factory([p for p in model.parameters() if p.requires_grad])
     scheduler = scheduler_factory(optimizer) if scheduler_factory is not None else None
-    scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(device, amp) else None
+    scaler = torch.amp.GradScaler(device.type) if needs_grad_scaler(device, amp) else None
 
     result = FitResult(run_dir=run_dir)
     epochs_without_improvement = 0
