@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from villa import distributed
 from villa.annotations import annotations_path, read_annotations, region_boxes, region_offsets
 from villa.device import autocast, resolve_device
 from villa.docmnist.vocabulary import ATTRIBUTES, attribute_prompts
@@ -183,18 +184,6 @@ def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
-def init_distributed_from_env(device: torch.device) -> bool:
-    """Join the process group torchrun describes (``WORLD_SIZE`` > 1); True if this call created it."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
-        return False
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return True
-
-
 def _concat_parts(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], dim: int):
     if not parts:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
@@ -265,22 +254,25 @@ def preprocess_dataset(
     if frame.empty:
         raise VillaError(f"{dataset_dir} has an empty annotation table")
     device = resolve_device(device)
-    created_group = rank is None and init_distributed_from_env(device)
+    # under torchrun, join the process group here unless the caller already did (and then leave it again)
+    created_group = rank is None and distributed.launched_by_torchrun() and not distributed.context().enabled
+    if created_group:
+        distributed.init_distributed(device)
     try:
         rank, world_size = _rank_world(rank, world_size)
         return _preprocess(
             dataset_dir,
             frame,
-            encoder,
-            clip_weights,
-            device,
-            batch_size,
-            progress,
-            amp,
-            rank,
-            world_size,
-            started,
-            region_features,
+            encoder=encoder,
+            clip_weights=clip_weights,
+            device=device,
+            batch_size=batch_size,
+            progress=progress,
+            amp=amp,
+            rank=rank,
+            world_size=world_size,
+            started=started,
+            region_features=region_features,
         )
     finally:
         if created_group:
@@ -292,6 +284,7 @@ def preprocess_dataset(
 def _preprocess(
     dataset_dir,
     frame,
+    *,
     encoder,
     clip_weights,
     device,
