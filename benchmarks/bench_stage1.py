@@ -6,6 +6,7 @@ and the assignment image by image (batch size 1) with per-image sentence choice.
 
     .venv/bin/python benchmarks/bench_stage1.py                       # synthetic DocMNIST-sized data
     .venv/bin/python benchmarks/bench_stage1.py --data-dir data/docmnist_30000_15.2
+    python benchmarks/bench_stage1.py --data-dir DIR --device cuda    # both sides on the GPU
 
 Goals (issue 4): >= 3x per epoch, >= 20x on mapping.
 """
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from villa.device import resolve_device
 from villa.docmnist.vocabulary import ATTRIBUTES
 from villa.mapping.assign import assign_regions, map_split
 from villa.mapping.data import Stage1Dataset, collate_stage1
@@ -92,9 +94,16 @@ def padded_loss(attr_embs):
     return loss_fn
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def train_epoch(model, dataset, loss_fn, batch_size, per_item: bool, seed: int = 0) -> float:
     # the baseline uses the reference's plain AdamW; villa's config sets fused=True
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=not per_item)
+    device = dataset.regions.device
+    _sync(device)
     start = time.perf_counter()
     for idx in _batches(len(dataset), batch_size, seed):
         batch = (
@@ -106,6 +115,7 @@ def train_epoch(model, dataset, loss_fn, batch_size, per_item: bool, seed: int =
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    _sync(device)
     return time.perf_counter() - start
 
 
@@ -115,19 +125,24 @@ def map_per_image(model, frame, dataset, attr_embs, epsilon=0.2, seed=0) -> floa
     rng = np.random.default_rng(seed)
     heads = torch.arange(len(attr_embs))
     embs = F.normalize(attr_embs, dim=-1)
+    device = embs.device
+    heads = heads.to(device)
     model.eval()
+    _sync(device)
     start = time.perf_counter()
     out_attrs, out_texts = [], []
     for i, (n, text, attrs) in enumerate(zip(frame["num_regions"], frame["text"], frame["attributes"])):
         proj = F.normalize(model(dataset.regions[i : i + 1, :n], heads), dim=-1)
         cos = torch.einsum("brkd,kd->brk", proj, embs)
         present = dataset.multi_hot[i : i + 1]
-        assigned = assign_regions(cos, torch.ones(1, n, dtype=torch.bool), present, epsilon)[0]
+        assigned = assign_regions(cos, torch.ones(1, n, dtype=torch.bool, device=device), present, epsilon)
+        assigned = assigned[0].cpu()
         sentences = split_sentences(text)
         chosen = {a: rng.choice([s for s in sentences if " " + a in s]) for a in attrs}
         names = [[ATTRIBUTES[k] for k in row.nonzero().flatten().tolist()] for row in assigned]
         out_attrs.append(names)
         out_texts.append([" . ".join(chosen[a] for a in region) for region in names])
+    _sync(device)
     return time.perf_counter() - start
 
 
@@ -142,16 +157,23 @@ def main() -> None:
         "--map-images", type=int, default=400, help="images for the per-image mapping baseline"
     )
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (both sides run there)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
 
-    frame, dataset, attr_embs = real(args.data_dir) if args.data_dir else synthetic(args.images, args.dim)
+    frame, cpu_dataset, attr_embs = real(args.data_dir) if args.data_dir else synthetic(args.images, args.dim)
+    dataset = Stage1Dataset(
+        *(t.to(device) for t in (cpu_dataset.regions, cpu_dataset.mask, cpu_dataset.multi_hot))
+    )
+    attr_embs = attr_embs.to(device)
     dim, k = dataset.regions.shape[-1], len(ATTRIBUTES)
     print(
-        f"data: {len(dataset)} images, {int(dataset.mask.sum())} regions, dim {dim}, threads {args.threads}"
+        f"data: {len(dataset)} images, {int(dataset.mask.sum())} regions, dim {dim}, "
+        f"threads {args.threads}, device {device}"
     )
 
-    fast_model, slow_model = MappingModel(dim, k, seed=0), LoopHeads(dim, k)
+    fast_model, slow_model = MappingModel(dim, k, seed=0).to(device), LoopHeads(dim, k).to(device)
     fast = min(
         train_epoch(fast_model, dataset, MappingLoss(attr_embs), args.batch_size, False, r)
         for r in range(args.repeats)
@@ -170,8 +192,19 @@ def main() -> None:
     sub = frame.iloc[:n_map].reset_index(drop=True)
     sub_set = Stage1Dataset(dataset.regions[:n_map], dataset.mask[:n_map], dataset.multi_hot[:n_map])
     slow_s = map_per_image(slow_model, sub, sub_set, attr_embs)
+    _sync(device)
     start = time.perf_counter()
-    map_split(fast_model, frame, dataset.regions, dataset.mask, attr_embs, ATTRIBUTES, seed=0)
+    map_split(
+        fast_model,
+        frame,
+        cpu_dataset.regions,
+        cpu_dataset.mask,
+        attr_embs.cpu(),
+        ATTRIBUTES,
+        seed=0,
+        device=device,
+    )
+    _sync(device)
     fast_s = time.perf_counter() - start
     slow_rate, fast_rate = n_map / slow_s, len(frame) / fast_s
     print(f"mapping       baseline (batch size 1, {n_map} images)        {slow_rate:8.0f} images/s")
