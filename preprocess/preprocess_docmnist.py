@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="stage-1 region embeddings: rich (untrained multi-block descriptor, default for the "
         "default encoder) | reference (SPEC recipe, default for clip_rn50)",
     )
+    parser.add_argument(
+        "--amp",
+        action="store_true",
+        help="CUDA mixed precision for the image tower (faster, less exact; the rich stage-1 "
+        "features always run in float32)",
+    )
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -56,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
         device=args.device,
         batch_size=args.batch_size,
         progress=not args.no_progress,
+        amp=args.amp,
         region_features=args.region_features,
     )
     print(json.dumps(summary, indent=2))

@@ -265,6 +265,22 @@ def test_rich_features_deterministic_and_shaped(default_encoder):
     assert a(images, boxes[:0]).shape == (0, len(BLOCKS) * BLOCK_DIM)
 
 
+def test_rich_features_ignore_autocast(default_encoder):
+    """The rich descriptor is z-scored downstream, so it must stay exact float32 under mixed precision:
+    a bf16 autocast region around it changes nothing (on an H100, bf16 gave a relative error of 0.52)."""
+    from villa.encoders.rich import RichRegionFeatures
+
+    images = torch.rand(2, 3, 84, 84, generator=torch.Generator().manual_seed(5))
+    boxes = boxes_with_batch_index([grid_boxes([0, 4]), grid_boxes([8])])
+    rich = RichRegionFeatures(default_encoder.build_image_model(), 384, seed=0)
+    with torch.inference_mode():
+        exact = rich(images, boxes)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under_autocast = rich(images, boxes)
+    assert under_autocast.dtype == torch.float32
+    assert torch.equal(under_autocast, exact)
+
+
 def test_stage2_tower_is_reference_recipe(default_encoder):
     """Rich features are preprocessing-only: the stage-2 trainable tower is still the plain recipe."""
     assert default_encoder.default_region_features == "rich"

@@ -25,6 +25,8 @@ Scope: this only changes the PRECOMPUTED stage-1 region embeddings. The stage-2 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,6 +59,16 @@ def _roi(
         spatial_scale=features.shape[-1] / image_width,
         sampling_ratio=sampling_ratio,
         aligned=True,
+    )
+
+
+def _exact_convolutions():
+    """cuDNN without TF32 inside the block (PyTorch lets cuDNN convolutions use TF32 by default)."""
+    if not torch.backends.cudnn.is_available():
+        return contextlib.nullcontext()
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(
+        enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False
     )
 
 
@@ -116,7 +128,15 @@ class RichRegionFeatures(nn.Module):
         """Args: images float ``[B, 3, H, W]`` in [0, 1]; boxes ``[M, 5]`` (batch_index, x1, y1, x2, y2).
 
         Returns: ``[M, len(BLOCKS) * BLOCK_DIM]`` float32, blocks in :data:`BLOCKS` order.
+
+        Always exact float32 (no autocast, no TF32 convolutions): the z-score in :meth:`finalize`
+        divides by a per-dimension spread that is small next to the features' common offset, so
+        low-precision rounding of the offset would come back as large errors.
         """
+        with torch.autocast(images.device.type, enabled=False), _exact_convolutions():
+            return self._forward(images.float(), boxes)
+
+    def _forward(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         if len(boxes) == 0:
             return images.new_zeros((0, self.raw_dim), dtype=torch.float32)
         tower, v, width = self.tower, self.tower.visual, images.shape[-1]
