@@ -1,4 +1,5 @@
-"""A miniature complexity sweep end to end through its command line, then a rerun that skips every step."""
+"""A miniature complexity sweep end to end through its command line: two complexities as two concurrent
+processes sharing one out_dir, then the plain command, which skips every step and gathers the table."""
 
 from __future__ import annotations
 
@@ -16,11 +17,7 @@ pytestmark = pytest.mark.slow
 
 def test_miniature_sweep_writes_table_and_plot_and_resumes(tmp_path):
     out = tmp_path / "sweep"
-    cmd = [
-        sys.executable,
-        "-m",
-        "villa.sweep",
-        "complexities=[4,8]",
+    common = [
         "attribute_budget=60",
         "val_attribute_budget=24",
         "test_attribute_budget=24",
@@ -31,8 +28,25 @@ def test_miniature_sweep_writes_table_and_plot_and_resumes(tmp_path):
         "progress=false",
         f"out_dir={out}",
     ]
+    sweep = [sys.executable, "-m", "villa.sweep"]
+    concurrent = [
+        subprocess.Popen(
+            [*sweep, f"complexities=[{t}]", *common],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=tmp_path,
+        )
+        for t in (4, 8)
+    ]
+    for process in concurrent:
+        output, _ = process.communicate(timeout=900)
+        assert process.returncode == 0, output[-4000:]
+
+    cmd = [*sweep, "complexities=[4,8]", *common]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert first.stdout.count("already done, skipped") == 16
 
     results = pd.read_csv(out / "results.csv")
     assert list(results.columns) == list(RESULT_COLUMNS)
@@ -48,6 +62,7 @@ def test_miniature_sweep_writes_table_and_plot_and_resumes(tmp_path):
         assert image.size[0] > 600
     steps = pd.read_csv(out / "step_times.csv")
     assert len(steps) == 16 and (steps["seconds"] >= 0).all()
+    assert steps.groupby("complexity").size().to_dict() == {4: 8, 8: 8}
 
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -5,7 +5,8 @@ For every target complexity the sweep runs generate -> preprocess -> stage 1 -> 
 CLIP baseline -> evaluation of the three, under ``out_dir/c<T>/``. Each finished step leaves a marker
 (its output file), so a rerun skips it and a killed sweep resumes; interrupted training resumes from
 ``last.pkl``. ``results.csv`` and ``results.png`` gather every complexity finished under ``out_dir``,
-so Hydra multirun jobs that share ``out_dir`` add up to one table.
+so Hydra multirun jobs that share ``out_dir`` add up to one table. Different complexities may also run
+as concurrent processes sharing ``out_dir`` (e.g. on one GPU); a final plain run then collects them all.
 """
 
 from __future__ import annotations
@@ -36,12 +37,14 @@ SETTINGS_FILE = "sweep_settings.json"
 
 
 class _Steps:
-    """Prints progress per step and records each step's wall time in ``out_dir/step_times.csv``."""
+    """Prints progress per step and records each step's wall time in ``out_dir/c<T>/step_times.csv``.
+
+    Per complexity, so that processes sweeping different complexities into one ``out_dir`` at the same
+    time never rewrite each other's rows; :func:`write_step_times` gathers them into ``out_dir``.
+    """
 
     def __init__(self, out_dir: Path, total: int):
         self.out_dir, self.total, self.done = out_dir, total, 0
-        path = out_dir / STEP_TIMES_FILE
-        self.rows = pd.read_csv(path).to_dict("records") if path.is_file() else []
 
     def run(self, complexity: int, name: str, finished: bool, action):
         self.done += 1
@@ -54,11 +57,35 @@ class _Steps:
         out = action()
         seconds = round(time.perf_counter() - started, 1)
         print(f"{prefix}: done in {seconds:.1f}s", flush=True)
-        self.rows = [r for r in self.rows if not (r["complexity"] == complexity and r["step"] == name)]
-        self.rows.append({"complexity": complexity, "step": name, "seconds": seconds})
-        with atomic_path(self.out_dir / STEP_TIMES_FILE) as tmp:
-            pd.DataFrame(self.rows).to_csv(tmp, index=False)
+        path = self.out_dir / f"c{complexity}" / STEP_TIMES_FILE
+        rows = pd.read_csv(path).to_dict("records") if path.is_file() else []
+        rows = [r for r in rows if r["step"] != name]
+        rows.append({"complexity": complexity, "step": name, "seconds": seconds})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            pd.DataFrame(rows).to_csv(tmp, index=False)
         return out
+
+
+def write_step_times(out_dir: str | Path) -> Path:
+    """Gather every ``c<T>/step_times.csv`` under ``out_dir`` into ``out_dir/step_times.csv``
+    (columns ``complexity, step, seconds``, by complexity then step order)."""
+    out_dir = Path(out_dir)
+    parts = [pd.read_csv(p) for p in _complexity_dirs(out_dir, STEP_TIMES_FILE)]
+    table = (
+        pd.concat(parts, ignore_index=True)
+        if parts
+        else pd.DataFrame(columns=["complexity", "step", "seconds"])
+    )
+    with atomic_path(out_dir / STEP_TIMES_FILE) as tmp:
+        table.to_csv(tmp, index=False)
+    return out_dir / STEP_TIMES_FILE
+
+
+def _complexity_dirs(out_dir: Path, must_hold: str) -> list[Path]:
+    """``out_dir/c<T>/<must_hold>`` paths that exist, in increasing T."""
+    found = [p for p in out_dir.glob(f"c*/{must_hold}") if p.parent.name[1:].isdigit()]
+    return sorted(found, key=lambda p: int(p.parent.name[1:]))
 
 
 def _stage_overrides(
@@ -201,6 +228,7 @@ def run_sweep(
 
     results = collect_results(out_dir)
     write_results(out_dir, results)
+    write_step_times(out_dir)
     return results
 
 
@@ -230,10 +258,9 @@ def collect_results(out_dir: str | Path) -> pd.DataFrame:
     """One row per (complexity, method) for every complexity under ``out_dir`` with all metrics present."""
     out_dir = Path(out_dir)
     rows = []
-    for run_root in sorted(out_dir.glob("c*"), key=lambda p: int(p.name[1:]) if p.name[1:].isdigit() else -1):
-        if not run_root.name[1:].isdigit() or not (run_root / "dataset.json").is_file():
-            continue
-        record = json.loads((run_root / "dataset.json").read_text())
+    for record_path in _complexity_dirs(out_dir, "dataset.json"):
+        run_root = record_path.parent
+        record = json.loads(record_path.read_text())
         mapping_path = run_root / "docmnist_stage1" / "mapping_metrics.json"
         mapping_f1 = json.loads(mapping_path.read_text())["test"]["f1"] if mapping_path.is_file() else None
         for method, experiment in METHOD_EXPERIMENTS.items():
