@@ -7,8 +7,9 @@ import torch
 
 from villa.docmnist.vocabulary import ATTRIBUTE_KIND, ATTRIBUTES
 from villa.errors import VillaError
-from villa.mapping.assign import assign_regions, assigned_columns, choose_sentences
+from villa.mapping.assign import assign_regions, assigned_columns, choose_sentences, score_regions
 from villa.mapping.metrics import format_metrics_table, mapping_metrics, truth_matrix
+from villa.mapping.model import MappingModel
 from villa.mapping.schema import read_mapping, read_mapping_metrics, write_mapping, write_mapping_metrics
 
 
@@ -42,6 +43,28 @@ def test_padding_and_absent_attributes_are_never_assigned():
     assert _regions(assign_regions(cos, mask, present, 0.0)) == [0]  # the padding's 0.9 is no max
     cos, mask, present = _one([0.25, 0.125], present=False)
     assert _regions(assign_regions(cos, mask, present, 1.0)) == []
+
+
+@pytest.mark.parametrize("one_proj,adapter", [(False, False), (True, False), (False, True)])
+def test_scoring_present_heads_only_equals_all_heads_where_present(one_proj, adapter):
+    gen = torch.Generator().manual_seed(0)
+    model = MappingModel(8, num_attributes=5, one_proj=one_proj, adapter=adapter, seed=1)
+    model.set_input_stats(torch.randn(30, 8, generator=gen))
+    regions = torch.randn(7, 4, 8, generator=gen)
+    mask = torch.rand(7, 4, generator=gen) < 0.7
+    mask[0] = False  # an image without regions
+    present = torch.rand(7, 5, generator=gen) < 0.5
+    present[:, 3] = False  # an attribute no text mentions: its head never runs
+    attr = torch.randn(5, 8, generator=gen)
+    full = score_regions(model, regions, attr, mask, chunk_size=3)
+    only = score_regions(model, regions, attr, mask, present, chunk_size=3)
+    wanted = mask.unsqueeze(2) & present.unsqueeze(1)
+    assert torch.isfinite(full[mask]).all() and torch.isinf(full[~mask]).all()
+    # the same arithmetic on the same rows (bit for bit with MKL; a tolerance for other BLAS)
+    torch.testing.assert_close(only[wanted], full[wanted])
+    assert torch.isinf(only[~wanted]).all()
+    for eps in (0.0, 0.2):
+        assert torch.equal(assign_regions(only, mask, present, eps), assign_regions(full, mask, present, eps))
 
 
 def test_negative_epsilon_is_refused():

@@ -24,35 +24,51 @@ def score_regions(
     regions: torch.Tensor,
     attr_embs: torch.Tensor,
     mask: torch.Tensor | None = None,
+    present: torch.Tensor | None = None,
     *,
     chunk_size: int = 256,
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> torch.Tensor:
-    """Cosine of ``proj_a(region)`` and ``attr_emb(a)`` for every real region and all K attributes.
+    """Cosine of ``proj_a(region)`` and ``attr_emb(a)`` for every real region and the attributes asked for.
 
     Args:
-        regions: ``[N, R, D]``; attr_embs: ``[K, D]``; mask: ``[N, R]`` bool (None: all regions real).
+        regions: ``[N, R, D]``; attr_embs: ``[K, D]``; mask: ``[N, R]`` bool (None: all regions real);
+        present: ``[N, K]`` bool, the attributes to score per image (None: all K). The assignment
+            only looks at the attributes of an image's text, so mapping projects each region with
+            those heads alone (about half the work on DocMNIST).
 
     Returns:
-        ``[N, R, K]`` float32 on CPU, ``-inf`` on padding (which is never projected). Images are
-        processed ``chunk_size`` at a time; a chunk's real regions go through the model as one batch.
+        ``[N, R, K]`` float32 on CPU, ``-inf`` on padding and on attributes not asked for (neither is
+        projected). Images are processed ``chunk_size`` at a time; a chunk's (region, attribute) pairs
+        are sorted by attribute so that each head is one GEMM over all of its regions
+        (:meth:`MappingModel.project_grouped`).
     """
     device = torch.device(device)
-    if mask is None:
-        mask = torch.ones(regions.shape[:2], dtype=torch.bool)
-    mask = mask.bool()
+    n, r = regions.shape[:2]
+    mask = torch.ones(n, r, dtype=torch.bool) if mask is None else mask.bool()
+    k = len(attr_embs)
+    present = torch.ones(n, k, dtype=torch.bool) if present is None else present.bool()
     was_training = model.training
     model.eval()
     embs = F.normalize(attr_embs.float(), dim=-1).to(device)
-    heads = torch.arange(len(embs), device=device)
-    out = torch.full((regions.shape[0], regions.shape[1], len(embs)), float("-inf"))
-    starts = range(0, len(regions), chunk_size)
-    for start in tqdm(starts, desc="mapping", disable=not progress, leave=False):
-        chunk_mask = mask[start : start + chunk_size]
-        packed = regions[start : start + chunk_size][chunk_mask].to(device, non_blocking=True).float()
-        proj = F.normalize(model(packed.unsqueeze(0), heads)[0].float(), dim=-1)  # [m, K, D]
-        out[start : start + chunk_size][chunk_mask] = torch.einsum("mkd,kd->mk", proj, embs).cpu()
+    heads = torch.arange(k, device=device)
+    out = torch.full((n, r, k), float("-inf"))
+    for start in tqdm(range(0, n, chunk_size), desc="mapping", disable=not progress, leave=False):
+        chunk = slice(start, start + chunk_size)
+        packed = regions[chunk][mask[chunk]].float()  # [m, D] real regions, image by image
+        image = mask[chunk].nonzero()[:, 0]  # [m] the chunk image of each packed region
+        pairs = present[chunk][image]  # [m, K]: (region, attribute) pairs to score
+        # sorted by attribute, then region: head k's regions are one block of counts[k] rows
+        attr, row = pairs.t().nonzero(as_tuple=True)
+        proj = model.project_grouped(
+            packed[row].to(device, non_blocking=True), heads, pairs.sum(0).to(device)
+        )
+        # (this einsum sums as forward's "mkd,kd->mk" does: the cosines equal the all-heads ones bit for bit)
+        cos = torch.einsum("pd,pd->p", F.normalize(proj.float(), dim=-1), embs[attr.to(device)])  # [P]
+        scores = torch.full((len(packed), k), float("-inf"))
+        scores[row, attr] = cos.cpu()
+        out[chunk][mask[chunk]] = scores
     model.train(was_training)
     return out
 
@@ -175,10 +191,10 @@ def map_split(
     """
     if not epsilon >= 0:
         raise VillaError(f"mapping epsilon must be >= 0, got {epsilon}")
-    cosine = score_regions(
-        model, regions, attr_embs, mask, chunk_size=chunk_size, device=device, progress=progress
-    )
     present = torch.from_numpy(attribute_multi_hot(frame["attributes"], vocabulary))
+    cosine = score_regions(
+        model, regions, attr_embs, mask, present, chunk_size=chunk_size, device=device, progress=progress
+    )
     assigned = assign_regions(cosine, mask, present, epsilon).numpy()
     sentences = choose_sentences(frame["text"].tolist(), frame["attributes"], vocabulary, seed)
     attrs, texts = assigned_columns(assigned, mask.numpy(), sentences, vocabulary)
