@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -112,13 +113,12 @@ def choose_sentences(
     """
     sentences = [split_sentences(t) for t in texts]
     counts = np.fromiter((len(s) for s in sentences), dtype=np.int64, count=len(sentences))
-    flat = pd.Series([s for group in sentences for s in group], dtype=object)
+    flat = [s for group in sentences for s in group]
     n, k = len(sentences), len(vocabulary)
     chosen = np.full((n, k), "", dtype=object)
     if len(flat) == 0:
         return chosen
-    lowered = flat.str.lower()
-    match = np.stack([lowered.str.contains(" " + a.lower(), regex=False).to_numpy() for a in vocabulary], 1)
+    match = _sentences_containing(flat, [" " + a.lower() for a in vocabulary])
     # a random key per (sentence, attribute); the best-keyed matching sentence of each image wins
     keys = np.random.default_rng(seed).random((len(flat), k))
     keys[~match] = -1.0
@@ -131,8 +131,30 @@ def choose_sentences(
     found = padded.max(axis=1) >= 0
     found &= attribute_multi_hot(attribute_lists, vocabulary)
     rows, cols = np.nonzero(found)
-    chosen[rows, cols] = flat.to_numpy()[offsets[rows] + best[rows, cols]]
+    chosen[rows, cols] = np.asarray(flat, dtype=object)[offsets[rows] + best[rows, cols]]
     return chosen
+
+
+def _sentences_containing(sentences: list[str], patterns: Sequence[str]) -> np.ndarray:
+    """``[S, P]`` bool: lower-cased sentence ``s`` contains ``patterns[p]`` (plain substring).
+
+    All sentences are joined into one string and each pattern is found by one regex scan over it,
+    instead of one Python-level ``in`` test per (sentence, pattern). A match cannot straddle two
+    sentences, because the separator occurs in no pattern; every sentence holding a pattern has a
+    match of its own, since a match ends before the separator.
+    """
+    lowered = [s.lower() for s in sentences]
+    separator = "\n"
+    if any(separator in p for p in patterns):
+        raise ValueError("patterns must not contain a newline")
+    lengths = np.fromiter((len(s) + len(separator) for s in lowered), dtype=np.int64, count=len(lowered))
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])  # [S] where each sentence begins
+    joined = separator.join(lowered)
+    match = np.zeros((len(sentences), len(patterns)), dtype=bool)
+    for p, pattern in enumerate(patterns):
+        found = np.fromiter((m.start() for m in re.finditer(re.escape(pattern), joined)), dtype=np.int64)
+        match[np.searchsorted(starts, found, side="right") - 1, p] = True
+    return match
 
 
 def assigned_columns(
@@ -155,15 +177,16 @@ def assigned_columns(
     counts_per_image = mask.sum(1)
     image_of_region = np.repeat(np.arange(len(mask)), counts_per_image)
     region, attr = np.nonzero(flat)  # sorted by region, then vocabulary order
-    names = np.asarray(list(vocabulary), dtype=object)[attr]
-    texts = sentences[image_of_region[region], attr]
-    cuts = np.cumsum(flat.sum(1))[:-1]
-    region_attrs = [list(a) for a in np.split(names, cuts)]
-    region_texts = [SENTENCE_SEPARATOR.join(t for t in group if t) for group in np.split(texts, cuts)]
-    image_cuts = np.cumsum(counts_per_image)[:-1]
-    bounds = zip(np.concatenate([[0], image_cuts]), np.concatenate([image_cuts, [len(flat)]]))
-    per_image = [(region_attrs[s:e], region_texts[s:e]) for s, e in bounds]
-    return [p[0] for p in per_image], [p[1] for p in per_image]
+    names = np.asarray(list(vocabulary), dtype=object)[attr].tolist()
+    texts = sentences[image_of_region[region], attr].tolist()
+    # (list slices: one np.split array per region cost more than the rest of this function)
+    ends = np.cumsum(flat.sum(1)).tolist()
+    bounds = list(zip([0] + ends[:-1], ends))
+    region_attrs = [names[s:e] for s, e in bounds]
+    region_texts = [SENTENCE_SEPARATOR.join(filter(None, texts[s:e])) for s, e in bounds]
+    image_ends = np.cumsum(counts_per_image).tolist()
+    image_bounds = list(zip([0] + image_ends[:-1], image_ends))
+    return [region_attrs[s:e] for s, e in image_bounds], [region_texts[s:e] for s, e in image_bounds]
 
 
 def map_split(
