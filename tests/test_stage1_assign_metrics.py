@@ -92,6 +92,17 @@ def test_sentence_choice_is_seeded_and_matches_the_attribute():
     assert picks == {"the color is red", "the digit appears to be red"}  # both candidates get drawn
 
 
+def test_sentence_matching_is_a_plain_substring_test_per_sentence():
+    from villa.mapping.assign import _sentences_containing
+
+    sentences = ["The color is RED", "a re", "d b", "reddish", "two red red things", "a.b red", "x"]
+    patterns = [" red", " b", " re", " x"]
+    got = _sentences_containing(sentences, patterns)
+    expected = [[p in s.lower() for p in patterns] for s in sentences]
+    assert got.tolist() == expected  # "a re" + "d b" never make " red": no match across sentences
+    assert not _sentences_containing([], patterns).any()
+
+
 def test_assigned_columns_per_region_in_vocabulary_order():
     k_red, k_one, k_circle = ATTRIBUTES.index("red"), ATTRIBUTES.index("one"), ATTRIBUTES.index("circle")
     assigned = np.zeros((2, 2, 20), dtype=bool)

@@ -174,11 +174,12 @@ def test_replay_has_the_gradients_of_the_heads(one_proj, adapter, heads):
 def test_project_grouped_applies_each_block_its_head(one_proj, adapter):
     model = MappingModel(6, num_attributes=4, one_proj=one_proj, adapter=adapter, seed=0)
     x = torch.randn(7, 6, generator=torch.Generator().manual_seed(0))
-    heads, counts = torch.tensor([3, 0, 1]), torch.tensor([2, 0, 5])  # an empty block is skipped
-    out = model.project_grouped(x, heads, counts)
+    heads, counts = torch.tensor([3, 0, 1]), torch.tensor([2, 0, 4])  # an empty block is skipped
+    rows = torch.tensor([5, 1, 0, 1, 6, 2])
+    out = model.project_grouped(x, rows, heads, counts)
     full = model(x[None], torch.arange(4))[0]  # [7, 4, 6]
-    torch.testing.assert_close(out[:2], full[:2, 3])
-    torch.testing.assert_close(out[2:], full[2:, 1])
+    torch.testing.assert_close(out[:2], full[rows[:2], 3])
+    torch.testing.assert_close(out[2:], full[rows[2:], 1])
 
 
 def test_input_standardisation_removes_shift_and_scale():

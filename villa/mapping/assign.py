@@ -62,9 +62,8 @@ def score_regions(
         pairs = present[chunk][image]  # [m, K]: (region, attribute) pairs to score
         # sorted by attribute, then region: head k's regions are one block of counts[k] rows
         attr, row = pairs.t().nonzero(as_tuple=True)
-        proj = model.project_grouped(
-            packed[row].to(device, non_blocking=True), heads, pairs.sum(0).to(device)
-        )
+        packed = packed.to(device, non_blocking=True)
+        proj = model.project_grouped(packed, row.to(device), heads, pairs.sum(0).to(device))  # [P, D]
         # (this einsum sums as forward's "mkd,kd->mk" does: the cosines equal the all-heads ones bit for bit)
         cos = torch.einsum("pd,pd->p", F.normalize(proj.float(), dim=-1), embs[attr.to(device)])  # [P]
         scores = torch.full((len(packed), k), float("-inf"))

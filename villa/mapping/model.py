@@ -85,21 +85,24 @@ class MappingModel(nn.Module):
 
     @torch.no_grad()
     def project_grouped(
-        self, x: torch.Tensor, head_index: torch.Tensor, counts: torch.Tensor
+        self, x: torch.Tensor, rows: torch.Tensor, head_index: torch.Tensor, counts: torch.Tensor
     ) -> torch.Tensor:
-        """Apply head ``head_index[g]`` to the ``g``-th block of ``counts[g]`` consecutive rows of ``x``.
+        """Project row ``rows[j]`` of ``x`` with the head of its block: the ``g``-th block of ``counts[g]``
+        consecutive entries of ``rows`` goes through head ``head_index[g]``.
 
-        For mapping, where each region needs only the heads of its image's attributes: rows sorted by
-        head make every head one plain GEMM over exactly its rows (no padding, no unused heads).
+        For mapping, where each region needs only the heads of its image's attributes: (region, head)
+        pairs sorted by head make every head one plain GEMM over exactly its regions (no padding, no
+        unused heads).
 
         Args:
-            x: ``[N, D]`` rows grouped by head; head_index: ``[G]`` long; counts: ``[G]`` long, sum ``N``.
+            x: ``[N, D]`` regions; rows: ``[P]`` long, indices into ``x`` grouped by head;
+            head_index: ``[G]`` long; counts: ``[G]`` long, summing to ``P``.
 
         Returns:
-            ``[N, D]`` projections (not normalised), in the order of ``x``.
+            ``[P, D]`` projections (not normalised), in the order of ``rows``.
         """
-        xs = self._standardize(x)
-        out = torch.empty_like(xs)
+        xs = self._standardize(x)  # once per region, not once per (region, head) pair
+        out = xs.new_empty((len(rows), xs.shape[1]))
         ends = torch.cumsum(counts, 0).tolist()
         # a loop over the (at most K) heads, each one GEMM over all of its rows: the work per step is
         # large, while a padded batch over heads would waste a third of it on unequal attribute frequencies
@@ -109,9 +112,9 @@ class MappingModel(nn.Module):
             h = 0 if self.one_proj else head
             # (matmul then add, as forward's first layer: addmm rounds differently, and mapping should
             # give bit for bit the cosines of forward)
-            hidden = torch.relu(torch.matmul(xs[start:end], self.W1[h]) + self.b1[h])
+            hidden = torch.relu(torch.matmul(xs[rows[start:end]], self.W1[h]) + self.b1[h])
             torch.addmm(self.b2[h], hidden, self.W2[h], out=out[start:end])
-        return self.adapt(out, x)
+        return self.adapt(out, x[rows]) if self.adapter else out
 
     @torch.no_grad()
     def project_cached(self, x: torch.Tensor, head_index: torch.Tensor) -> tuple[torch.Tensor, ...]:
