@@ -170,6 +170,29 @@ def test_replay_has_the_gradients_of_the_heads(one_proj, adapter, heads):
         assert g1[0][[0, 2]].abs().sum() == 0  # heads outside head_index stay idle
 
 
+@pytest.mark.parametrize("adapter", [False, True])
+def test_argmax_shortcut_under_autocast(adapter):
+    # mixed precision (CUDA's AMP; bf16 autocast on CPU here): the cached rows come in the compute dtype
+    gen = torch.Generator().manual_seed(1)
+    batch = {
+        "regions": torch.randn(6, 4, 8, generator=gen),
+        "mask": torch.rand(6, 4, generator=gen) < 0.8,
+        "multi_hot": torch.rand(6, 5, generator=gen) < 0.5,
+    }
+    attr = torch.randn(5, 8, generator=gen)
+    results = []
+    for shortcut in (True, False):
+        model = MappingModel(8, num_attributes=5, adapter=adapter, seed=2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = MappingLoss(attr, reference_quirk=True, argmax_backward=shortcut)(model, batch)
+        loss.backward()
+        assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+        results.append((loss.detach().float(), model.W1.grad.clone()))
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l1, l2, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(g1, g2, rtol=0.1, atol=0.05)
+
+
 @pytest.mark.parametrize("one_proj,adapter", [(False, False), (True, True)])
 def test_project_grouped_applies_each_block_its_head(one_proj, adapter):
     model = MappingModel(6, num_attributes=4, one_proj=one_proj, adapter=adapter, seed=0)

@@ -153,10 +153,8 @@ class MappingLoss:
         embs = self.embeddings_on(regions.device).index_select(0, head_index)
         packed = regions[mask].unsqueeze(0)  # [1, M, D]
         present = multi_hot[:, head_index]
-        if not self._can_shortcut(model):
-            sim = packed_similarity(model(packed, head_index)[0], embs, mask, self.tau)
-            return sim.amax(dim=1), present
-        if len(packed[0]) == 0:  # no real region in the batch: nothing to cache, every score is -inf
+        # (a batch without real regions has nothing to cache; all its scores are -inf)
+        if not self._can_shortcut(model) or len(packed[0]) == 0:
             sim = packed_similarity(model(packed, head_index)[0], embs, mask, self.tau)
             return sim.amax(dim=1), present
         # one pass without autograd over every real region and present head finds each image's arg-max
@@ -164,18 +162,22 @@ class MappingLoss:
         xs, hidden, out = model.project_cached(packed[0], head_index)  # [M, D], [Kp, M, D] x 2
         with torch.no_grad():
             # cos up to the positive 1/tau: <out, e> / |out| ranks regions as <normalize(out), e> does
-            proj = model.adapt(out, packed)  # [Kp, M, D]
+            proj = model.adapt(out, packed).float()  # [Kp, M, D]
             dots = torch.linalg.vecdot(proj, embs.unsqueeze(1))  # [Kp, M] (a bmm here would be a slow GEMV)
             cos = dots / torch.linalg.vector_norm(proj, dim=-1).clamp_min(1e-12)
             full = cos.new_full((len(head_index), *mask.shape), float("-inf"))  # [Kp, B, R]
             full[:, mask] = cos
             # padded region index -> packed row; an image without regions gets row 0 (its score is masked)
             packed_row = (mask.flatten().cumsum(0) - 1).clamp_min(0).view(mask.shape)  # [B, R]
-            # (contiguous [Kp, B] indices give contiguous gathers, which the backward's bmm needs to be fast)
-            best = packed_row.gather(1, full.argmax(dim=2).t()).t().contiguous()  # [Kp, B]
-            flat = best + torch.arange(len(head_index), device=best.device).unsqueeze(1) * len(xs)
-            chosen = [xs[best], hidden.flatten(0, 1)[flat], out.flatten(0, 1)[flat]]  # [Kp, B, D] each
-        raw = packed[0][best] if model.adapter else None
+            best = packed_row.gather(1, full.argmax(dim=2).t()).t().reshape(-1)  # [Kp * B], head-major
+            head_start = torch.arange(len(head_index), device=best.device) * len(xs)  # [Kp] into [Kp * M]
+            flat = best + head_start.repeat_interleave(len(mask))
+            # (index_select on flattened rows: ~5x faster than advanced indexing, and contiguous, which
+            # the backward's bmm needs to be fast)
+            shape = (len(head_index), len(mask), xs.shape[1])
+            chosen = [xs.index_select(0, best).view(shape)]
+            chosen += [t.flatten(0, 1).index_select(0, flat).view(shape) for t in (hidden, out)]  # [Kp, B, D]
+        raw = packed[0].index_select(0, best).view(shape) if model.adapter else None
         proj = model.replay(*chosen, head_index, raw)
         proj = F.normalize(proj.float(), dim=-1)  # [Kp, B, D]
         scores = torch.einsum("kbd,kd->bk", proj, embs) / self.tau

@@ -207,8 +207,11 @@ class _ReplayHeads(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         xs, hidden, idx, w2 = ctx.saved_tensors
-        grad = grad.contiguous()
-        w2_sel = w2 if _is_all_heads(idx, len(w2)) else w2.index_select(0, idx)
+        # under autocast the cached rows are in the compute dtype (fp16/bf16): the backward runs in it
+        # too, as autograd's would; the engine casts the weight gradients back to the weights' dtype
+        dtype = hidden.dtype
+        grad, xs = grad.to(dtype).contiguous(), xs.to(dtype)
+        w2_sel = (w2 if _is_all_heads(idx, len(w2)) else w2.index_select(0, idx)).to(dtype)
         g_w2 = torch.bmm(hidden.transpose(1, 2), grad)  # [Kp, D, D]
         # ReLU's backward as autograd runs it (masked_fill with a bool mask is ~30x slower on CPU)
         g_hidden = torch.ops.aten.threshold_backward(torch.bmm(grad, w2_sel.transpose(1, 2)), hidden, 0.0)
