@@ -155,7 +155,7 @@ def test_replay_has_the_gradients_of_the_heads(one_proj, adapter, heads):
         model.set_input_stats(torch.randn(20, 6, generator=torch.Generator().manual_seed(1)))
         if replayed:
             xs, hidden, out = model.project_cached(x, heads)
-            k = torch.arange(len(heads)).unsqueeze(1)
+            k = torch.arange(len(heads)).unsqueeze(1) if len(hidden) > 1 else 0  # one_proj: one block
             proj = model.replay(xs[rows], hidden[k, rows], out[k, rows], heads, x[rows])
         else:
             full = model(x[None], heads)[0]  # [5, Kp, 6]: every head on every row

@@ -159,7 +159,7 @@ class MappingLoss:
             return sim.amax(dim=1), present
         # one pass without autograd over every real region and present head finds each image's arg-max
         # region; its cached hidden layer and output are then reused for the backward (no second forward)
-        xs, hidden, out = model.project_cached(packed[0], head_index)  # [M, D], [Kp, M, D] x 2
+        xs, hidden, out = model.project_cached(packed[0], head_index)  # [M, D], [Kp or 1, M, D] x 2
         with torch.no_grad():
             # cos up to the positive 1/tau: <out, e> / |out| ranks regions as <normalize(out), e> does
             proj = model.adapt(out, packed).float()  # [Kp, M, D]
@@ -170,7 +170,8 @@ class MappingLoss:
             # padded region index -> packed row; an image without regions gets row 0 (its score is masked)
             packed_row = (mask.flatten().cumsum(0) - 1).clamp_min(0).view(mask.shape)  # [B, R]
             best = packed_row.gather(1, full.argmax(dim=2).t()).t().reshape(-1)  # [Kp * B], head-major
-            head_start = torch.arange(len(head_index), device=best.device) * len(xs)  # [Kp] into [Kp * M]
+            # where head k's rows start in hidden / out flattened to [Kp * M] (one shared block: one_proj)
+            head_start = torch.arange(len(head_index), device=best.device) * len(xs) * (len(hidden) > 1)
             flat = best + head_start.repeat_interleave(len(mask))
             # (index_select on flattened rows: ~5x faster than advanced indexing, and contiguous, which
             # the backward's bmm needs to be fast)

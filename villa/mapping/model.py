@@ -126,12 +126,12 @@ class MappingModel(nn.Module):
         Returns:
             ``(xs [M, D], hidden [Kp, M, D], out [Kp, M, D])``: standardised input, hidden layer after
             the ReLU, and the heads' output before the adapter (:meth:`adapt` gives the projections).
+            With ``one_proj`` the shared head runs once: ``hidden`` and ``out`` are ``[1, M, D]``.
         """
-        idx = torch.zeros_like(head_index) if self.one_proj else head_index
+        idx = torch.zeros_like(head_index[:1]) if self.one_proj else head_index
         w1, b1, w2, b2 = self._weights(idx)
         xs = self._standardize(x)
         m, d = xs.shape
-        # (one_proj: the Kp copies of the shared head repeat the work; it is not the configuration timed)
         hidden = torch.baddbmm(b1.unsqueeze(1), xs.expand(len(idx), m, d), w1).relu_()  # [Kp, M, D]
         return xs, hidden, torch.baddbmm(b2.unsqueeze(1), hidden, w2)
 
