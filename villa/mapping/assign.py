@@ -66,9 +66,9 @@ def score_regions(
         proj = model.project_grouped(packed, row.to(device), heads, pairs.sum(0).to(device))  # [P, D]
         # (this einsum sums as forward's "mkd,kd->mk" does: the cosines equal the all-heads ones bit for bit)
         cos = torch.einsum("pd,pd->p", F.normalize(proj.float(), dim=-1), embs[attr.to(device)])  # [P]
-        scores = torch.full((len(packed), k), float("-inf"))
-        scores[row, attr] = cos.cpu()
-        out[chunk][mask[chunk]] = scores
+        scores = torch.full((len(packed) * k,), float("-inf"))
+        scores.index_copy_(0, row * k + attr, cos.cpu())  # (flat index: cheaper than a 2-d index_put)
+        out[chunk][mask[chunk]] = scores.view(-1, k)
     model.train(was_training)
     return out
 

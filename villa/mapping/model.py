@@ -112,7 +112,7 @@ class MappingModel(nn.Module):
             h = 0 if self.one_proj else head
             # (matmul then add, as forward's first layer: addmm rounds differently, and mapping should
             # give bit for bit the cosines of forward)
-            hidden = torch.relu(torch.matmul(xs[rows[start:end]], self.W1[h]) + self.b1[h])
+            hidden = torch.matmul(xs.index_select(0, rows[start:end]), self.W1[h]).add_(self.b1[h]).relu_()
             torch.addmm(self.b2[h], hidden, self.W2[h], out=out[start:end])
         return self.adapt(out, x[rows]) if self.adapter else out
 
