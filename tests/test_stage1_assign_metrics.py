@@ -7,8 +7,9 @@ import torch
 
 from villa.docmnist.vocabulary import ATTRIBUTE_KIND, ATTRIBUTES
 from villa.errors import VillaError
-from villa.mapping.assign import assign_regions, assigned_columns, choose_sentences
+from villa.mapping.assign import assign_regions, assigned_columns, choose_sentences, score_regions
 from villa.mapping.metrics import format_metrics_table, mapping_metrics, truth_matrix
+from villa.mapping.model import MappingModel
 from villa.mapping.schema import read_mapping, read_mapping_metrics, write_mapping, write_mapping_metrics
 
 
@@ -44,6 +45,28 @@ def test_padding_and_absent_attributes_are_never_assigned():
     assert _regions(assign_regions(cos, mask, present, 1.0)) == []
 
 
+@pytest.mark.parametrize("one_proj,adapter", [(False, False), (True, False), (False, True)])
+def test_scoring_present_heads_only_equals_all_heads_where_present(one_proj, adapter):
+    gen = torch.Generator().manual_seed(0)
+    model = MappingModel(8, num_attributes=5, one_proj=one_proj, adapter=adapter, seed=1)
+    model.set_input_stats(torch.randn(30, 8, generator=gen))
+    regions = torch.randn(7, 4, 8, generator=gen)
+    mask = torch.rand(7, 4, generator=gen) < 0.7
+    mask[0] = False  # an image without regions
+    present = torch.rand(7, 5, generator=gen) < 0.5
+    present[:, 3] = False  # an attribute no text mentions: its head never runs
+    attr = torch.randn(5, 8, generator=gen)
+    full = score_regions(model, regions, attr, mask, chunk_size=3)
+    only = score_regions(model, regions, attr, mask, present, chunk_size=3)
+    wanted = mask.unsqueeze(2) & present.unsqueeze(1)
+    assert torch.isfinite(full[mask]).all() and torch.isinf(full[~mask]).all()
+    # the same arithmetic on the same rows (bit for bit with MKL; a tolerance for other BLAS)
+    torch.testing.assert_close(only[wanted], full[wanted])
+    assert torch.isinf(only[~wanted]).all()
+    for eps in (0.0, 0.2):
+        assert torch.equal(assign_regions(only, mask, present, eps), assign_regions(full, mask, present, eps))
+
+
 def test_negative_epsilon_is_refused():
     cos, mask, present = _one([0.5])
     with pytest.raises(VillaError, match="epsilon"):
@@ -67,6 +90,17 @@ def test_sentence_choice_is_seeded_and_matches_the_attribute():
         choose_sentences(texts, attrs, ATTRIBUTES, seed=s)[0, ATTRIBUTES.index("red")] for s in range(20)
     }
     assert picks == {"the color is red", "the digit appears to be red"}  # both candidates get drawn
+
+
+def test_sentence_matching_is_a_plain_substring_test_per_sentence():
+    from villa.mapping.assign import _sentences_containing
+
+    sentences = ["The color is RED", "a re", "d b", "reddish", "two red red things", "a.b red", "x"]
+    patterns = [" red", " b", " re", " x"]
+    got = _sentences_containing(sentences, patterns)
+    expected = [[p in s.lower() for p in patterns] for s in sentences]
+    assert got.tolist() == expected  # "a re" + "d b" never make " red": no match across sentences
+    assert not _sentences_containing([], patterns).any()
 
 
 def test_assigned_columns_per_region_in_vocabulary_order():

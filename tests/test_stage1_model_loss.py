@@ -139,14 +139,70 @@ def test_argmax_shortcut_equals_direct_loss_and_gradients(one_proj, adapter):
     torch.testing.assert_close(l1, ref.detach())
 
 
-def test_project_each_applies_one_head_per_column():
-    model = MappingModel(6, num_attributes=4, adapter=True, seed=0)
-    x = torch.randn(3, 2, 6)
-    heads = torch.tensor([3, 1])
-    out = model.project_each(x, heads)
-    full = model(x, heads)  # every head on every column: [3, 2 inputs, 2 heads, 6]
-    torch.testing.assert_close(out[:, 0], full[:, 0, 0])
-    torch.testing.assert_close(out[:, 1], full[:, 1, 1])
+@pytest.mark.parametrize(
+    "one_proj,adapter,heads", [(False, False, [3, 1]), (False, True, [0, 1, 2, 3]), (True, False, [2, 0])]
+)
+def test_replay_has_the_gradients_of_the_heads(one_proj, adapter, heads):
+    # replay reuses project_cached's forward; its output and gradients equal the heads run under autograd
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 6, generator=gen)
+    heads = torch.tensor(heads)
+    rows = torch.randint(0, 5, (len(heads), 3), generator=gen)  # [Kp, B]: which row each column uses
+    weight = torch.randn(len(heads), 3, 6, generator=gen)
+    results = []
+    for replayed in (True, False):
+        model = MappingModel(6, num_attributes=4, one_proj=one_proj, adapter=adapter, seed=0)
+        model.set_input_stats(torch.randn(20, 6, generator=torch.Generator().manual_seed(1)))
+        if replayed:
+            xs, hidden, out = model.project_cached(x, heads)
+            k = torch.arange(len(heads)).unsqueeze(1) if len(hidden) > 1 else 0  # one_proj: one block
+            proj = model.replay(xs[rows], hidden[k, rows], out[k, rows], heads, x[rows])
+        else:
+            full = model(x[None], heads)[0]  # [5, Kp, 6]: every head on every row
+            proj = full[rows, torch.arange(len(heads)).unsqueeze(1)]
+        (proj * weight).sum().backward()
+        results.append((proj.detach(), [p.grad for p in model.parameters()]))
+    (p1, g1), (p2, g2) = results
+    torch.testing.assert_close(p1, p2)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+    if not one_proj and len(heads) < 4:
+        assert g1[0][[0, 2]].abs().sum() == 0  # heads outside head_index stay idle
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+def test_argmax_shortcut_under_autocast(adapter):
+    # mixed precision (CUDA's AMP; bf16 autocast on CPU here): the cached rows come in the compute dtype
+    gen = torch.Generator().manual_seed(1)
+    batch = {
+        "regions": torch.randn(6, 4, 8, generator=gen),
+        "mask": torch.rand(6, 4, generator=gen) < 0.8,
+        "multi_hot": torch.rand(6, 5, generator=gen) < 0.5,
+    }
+    attr = torch.randn(5, 8, generator=gen)
+    results = []
+    for shortcut in (True, False):
+        model = MappingModel(8, num_attributes=5, adapter=adapter, seed=2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = MappingLoss(attr, reference_quirk=True, argmax_backward=shortcut)(model, batch)
+        loss.backward()
+        assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+        results.append((loss.detach().float(), model.W1.grad.clone()))
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l1, l2, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(g1, g2, rtol=0.1, atol=0.05)
+
+
+@pytest.mark.parametrize("one_proj,adapter", [(False, False), (True, True)])
+def test_project_grouped_applies_each_block_its_head(one_proj, adapter):
+    model = MappingModel(6, num_attributes=4, one_proj=one_proj, adapter=adapter, seed=0)
+    x = torch.randn(7, 6, generator=torch.Generator().manual_seed(0))
+    heads, counts = torch.tensor([3, 0, 1]), torch.tensor([2, 0, 4])  # an empty block is skipped
+    rows = torch.tensor([5, 1, 0, 1, 6, 2])
+    out = model.project_grouped(x, rows, heads, counts)
+    full = model(x[None], torch.arange(4))[0]  # [7, 4, 6]
+    torch.testing.assert_close(out[:2], full[rows[:2], 3])
+    torch.testing.assert_close(out[2:], full[rows[2:], 1])
 
 
 def test_input_standardisation_removes_shift_and_scale():

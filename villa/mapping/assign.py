@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,35 +25,50 @@ def score_regions(
     regions: torch.Tensor,
     attr_embs: torch.Tensor,
     mask: torch.Tensor | None = None,
+    present: torch.Tensor | None = None,
     *,
     chunk_size: int = 256,
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> torch.Tensor:
-    """Cosine of ``proj_a(region)`` and ``attr_emb(a)`` for every real region and all K attributes.
+    """Cosine of ``proj_a(region)`` and ``attr_emb(a)`` for every real region and the attributes asked for.
 
     Args:
-        regions: ``[N, R, D]``; attr_embs: ``[K, D]``; mask: ``[N, R]`` bool (None: all regions real).
+        regions: ``[N, R, D]``; attr_embs: ``[K, D]``; mask: ``[N, R]`` bool (None: all regions real);
+        present: ``[N, K]`` bool, the attributes to score per image (None: all K). The assignment
+            only looks at the attributes of an image's text, so mapping projects each region with
+            those heads alone (about half the work on DocMNIST).
 
     Returns:
-        ``[N, R, K]`` float32 on CPU, ``-inf`` on padding (which is never projected). Images are
-        processed ``chunk_size`` at a time; a chunk's real regions go through the model as one batch.
+        ``[N, R, K]`` float32 on CPU, ``-inf`` on padding and on attributes not asked for (neither is
+        projected). Images are processed ``chunk_size`` at a time; a chunk's (region, attribute) pairs
+        are sorted by attribute so that each head is one GEMM over all of its regions
+        (:meth:`MappingModel.project_grouped`).
     """
     device = torch.device(device)
-    if mask is None:
-        mask = torch.ones(regions.shape[:2], dtype=torch.bool)
-    mask = mask.bool()
+    n, r = regions.shape[:2]
+    mask = torch.ones(n, r, dtype=torch.bool) if mask is None else mask.bool()
+    k = len(attr_embs)
+    present = torch.ones(n, k, dtype=torch.bool) if present is None else present.bool()
     was_training = model.training
     model.eval()
     embs = F.normalize(attr_embs.float(), dim=-1).to(device)
-    heads = torch.arange(len(embs), device=device)
-    out = torch.full((regions.shape[0], regions.shape[1], len(embs)), float("-inf"))
-    starts = range(0, len(regions), chunk_size)
-    for start in tqdm(starts, desc="mapping", disable=not progress, leave=False):
-        chunk_mask = mask[start : start + chunk_size]
-        packed = regions[start : start + chunk_size][chunk_mask].to(device, non_blocking=True).float()
-        proj = F.normalize(model(packed.unsqueeze(0), heads)[0].float(), dim=-1)  # [m, K, D]
-        out[start : start + chunk_size][chunk_mask] = torch.einsum("mkd,kd->mk", proj, embs).cpu()
+    heads = torch.arange(k, device=device)
+    out = torch.full((n, r, k), float("-inf"))
+    for start in tqdm(range(0, n, chunk_size), desc="mapping", disable=not progress, leave=False):
+        chunk = slice(start, start + chunk_size)
+        packed = regions[chunk][mask[chunk]].float()  # [m, D] real regions, image by image
+        image = mask[chunk].nonzero()[:, 0]  # [m] the chunk image of each packed region
+        pairs = present[chunk][image]  # [m, K]: (region, attribute) pairs to score
+        # sorted by attribute, then region: head k's regions are one block of counts[k] rows
+        attr, row = pairs.t().nonzero(as_tuple=True)
+        packed = packed.to(device, non_blocking=True)
+        proj = model.project_grouped(packed, row.to(device), heads, pairs.sum(0).to(device))  # [P, D]
+        # (this einsum sums as forward's "mkd,kd->mk" does: the cosines equal the all-heads ones bit for bit)
+        cos = torch.einsum("pd,pd->p", F.normalize(proj.float(), dim=-1), embs[attr.to(device)])  # [P]
+        scores = torch.full((len(packed) * k,), float("-inf"))
+        scores.index_copy_(0, row * k + attr, cos.cpu())  # (flat index: cheaper than a 2-d index_put)
+        out[chunk][mask[chunk]] = scores.view(-1, k)
     model.train(was_training)
     return out
 
@@ -96,13 +112,12 @@ def choose_sentences(
     """
     sentences = [split_sentences(t) for t in texts]
     counts = np.fromiter((len(s) for s in sentences), dtype=np.int64, count=len(sentences))
-    flat = pd.Series([s for group in sentences for s in group], dtype=object)
+    flat = [s for group in sentences for s in group]
     n, k = len(sentences), len(vocabulary)
     chosen = np.full((n, k), "", dtype=object)
     if len(flat) == 0:
         return chosen
-    lowered = flat.str.lower()
-    match = np.stack([lowered.str.contains(" " + a.lower(), regex=False).to_numpy() for a in vocabulary], 1)
+    match = _sentences_containing(flat, [" " + a.lower() for a in vocabulary])
     # a random key per (sentence, attribute); the best-keyed matching sentence of each image wins
     keys = np.random.default_rng(seed).random((len(flat), k))
     keys[~match] = -1.0
@@ -115,8 +130,30 @@ def choose_sentences(
     found = padded.max(axis=1) >= 0
     found &= attribute_multi_hot(attribute_lists, vocabulary)
     rows, cols = np.nonzero(found)
-    chosen[rows, cols] = flat.to_numpy()[offsets[rows] + best[rows, cols]]
+    chosen[rows, cols] = np.asarray(flat, dtype=object)[offsets[rows] + best[rows, cols]]
     return chosen
+
+
+def _sentences_containing(sentences: list[str], patterns: Sequence[str]) -> np.ndarray:
+    """``[S, P]`` bool: lower-cased sentence ``s`` contains ``patterns[p]`` (plain substring).
+
+    All sentences are joined into one string and each pattern is found by one regex scan over it,
+    instead of one Python-level ``in`` test per (sentence, pattern). A match cannot straddle two
+    sentences, because the separator occurs in no pattern; every sentence holding a pattern has a
+    match of its own, since a match ends before the separator.
+    """
+    lowered = [s.lower() for s in sentences]
+    separator = "\n"
+    if any(separator in p for p in patterns):
+        raise ValueError("patterns must not contain a newline")
+    lengths = np.fromiter((len(s) + len(separator) for s in lowered), dtype=np.int64, count=len(lowered))
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])  # [S] where each sentence begins
+    joined = separator.join(lowered)
+    match = np.zeros((len(sentences), len(patterns)), dtype=bool)
+    for p, pattern in enumerate(patterns):
+        found = np.fromiter((m.start() for m in re.finditer(re.escape(pattern), joined)), dtype=np.int64)
+        match[np.searchsorted(starts, found, side="right") - 1, p] = True
+    return match
 
 
 def assigned_columns(
@@ -139,15 +176,16 @@ def assigned_columns(
     counts_per_image = mask.sum(1)
     image_of_region = np.repeat(np.arange(len(mask)), counts_per_image)
     region, attr = np.nonzero(flat)  # sorted by region, then vocabulary order
-    names = np.asarray(list(vocabulary), dtype=object)[attr]
-    texts = sentences[image_of_region[region], attr]
-    cuts = np.cumsum(flat.sum(1))[:-1]
-    region_attrs = [list(a) for a in np.split(names, cuts)]
-    region_texts = [SENTENCE_SEPARATOR.join(t for t in group if t) for group in np.split(texts, cuts)]
-    image_cuts = np.cumsum(counts_per_image)[:-1]
-    bounds = zip(np.concatenate([[0], image_cuts]), np.concatenate([image_cuts, [len(flat)]]))
-    per_image = [(region_attrs[s:e], region_texts[s:e]) for s, e in bounds]
-    return [p[0] for p in per_image], [p[1] for p in per_image]
+    names = np.asarray(list(vocabulary), dtype=object)[attr].tolist()
+    texts = sentences[image_of_region[region], attr].tolist()
+    # (list slices: one np.split array per region cost more than the rest of this function)
+    ends = np.cumsum(flat.sum(1)).tolist()
+    bounds = list(zip([0] + ends[:-1], ends))
+    region_attrs = [names[s:e] for s, e in bounds]
+    region_texts = [SENTENCE_SEPARATOR.join(filter(None, texts[s:e])) for s, e in bounds]
+    image_ends = np.cumsum(counts_per_image).tolist()
+    image_bounds = list(zip([0] + image_ends[:-1], image_ends))
+    return [region_attrs[s:e] for s, e in image_bounds], [region_texts[s:e] for s, e in image_bounds]
 
 
 def map_split(
@@ -175,10 +213,10 @@ def map_split(
     """
     if not epsilon >= 0:
         raise VillaError(f"mapping epsilon must be >= 0, got {epsilon}")
-    cosine = score_regions(
-        model, regions, attr_embs, mask, chunk_size=chunk_size, device=device, progress=progress
-    )
     present = torch.from_numpy(attribute_multi_hot(frame["attributes"], vocabulary))
+    cosine = score_regions(
+        model, regions, attr_embs, mask, present, chunk_size=chunk_size, device=device, progress=progress
+    )
     assigned = assign_regions(cosine, mask, present, epsilon).numpy()
     sentences = choose_sentences(frame["text"].tolist(), frame["attributes"], vocabulary, seed)
     attrs, texts = assigned_columns(assigned, mask.numpy(), sentences, vocabulary)
