@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from villa.annotations import read_annotations
+from villa.datasets import Dataset, read_annotations
 from villa.encoders import get_encoder
 from villa.encoders.clip_resnet import RegionImageEncoder, build_modified_resnet
 from villa.encoders.rich import RichRegionFeatures
@@ -40,7 +40,8 @@ def scratch_copy(dataset_dir: Path, into: Path) -> Path:
     """A dataset folder sharing ``dataset_dir``'s images (symlink) with its own outputs."""
     target = into / dataset_dir.name
     target.mkdir()
-    shutil.copy2(dataset_dir / "annotations.feather", target / "annotations.feather")
+    for name in ("annotations.feather", "attributes.yaml", "dataset.json"):
+        shutil.copy2(dataset_dir / name, target / name)
     (target / "images").symlink_to(dataset_dir / "images", target_is_directory=True)
     return target
 
@@ -49,7 +50,7 @@ def preload(frame, dataset_dir, batch_size):
     """All batches as (float images [B, 3, H, W], boxes [M, 5]) tensors in memory."""
     return [
         (to_model_input(b.images, torch.device("cpu")), torch.from_numpy(b.boxes))
-        for b in iter_region_batches(frame, dataset_dir, batch_size)
+        for b in iter_region_batches(frame, Dataset.open(dataset_dir), batch_size)
     ]
 
 

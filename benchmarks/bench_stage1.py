@@ -58,6 +58,7 @@ def synthetic(n_images: int, dim: int, seed: int = 0):
 
 def real(data_dir: str):
     from villa.annotations import read_annotations
+
     from villa.embeddings import RegionEmbeddings, load_attr_embs
 
     frame = read_annotations(data_dir, "train")

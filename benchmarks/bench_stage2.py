@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from villa.annotations import read_annotations
+from villa.datasets import Dataset, read_annotations
 from villa.embeddings import TextEmbeddingCache
 from villa.errors import exit_on_error
 from villa.paths import checkpoint_root, resolve_dataset_dir
@@ -131,7 +131,7 @@ def main() -> None:
         source = "ground truth (timing only)" if args.pairs == "villa" else "whole pairs"
 
     t0 = time.perf_counter()
-    fast = build_dataset(dataset_dir, frame, cache, args.pairs)
+    fast = build_dataset(Dataset.open(dataset_dir), frame, cache, args.pairs)
     setup_s = time.perf_counter() - t0
     _, _, texts = build_pairs(frame, args.pairs)
     text_of = dict(zip(texts, text_embeddings(texts, cache)))

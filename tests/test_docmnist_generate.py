@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from villa.annotations import read_annotations
+from villa.datasets import read_annotations
 from villa.docmnist import generate as gen
 from villa.docmnist.vocabulary import ATTRIBUTE_KIND, ATTRIBUTES, COLORS, DIGIT_WORDS, TEMPLATES
 from villa.errors import VillaError
@@ -138,7 +138,7 @@ def test_pixels_follow_colour_rule_and_shapes_stay_in_cell(dataset):
         image = np.asarray(Image.open(result.dataset_dir / row["image_filepath"]))
         assert image.shape == (84, 84, 3) and image.dtype == np.uint8
         used = np.zeros((84, 84), dtype=bool)
-        for i, (x1, y1, x2, y2) in enumerate(row["region_coord"]):
+        for i, (x1, y1, x2, y2) in enumerate(np.asarray(row["region_coord"], dtype=int).tolist()):
             used[y1:y2, x1:x2] = True
             tile = image[y1:y2, x1:x2].astype(int)
             grey = _pattern(DIGIT_WORDS.index(row["digit_label"][i])).astype(int)
@@ -291,14 +291,18 @@ def test_script_runs_as_plain_file(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_column_writer_reads_back_like_the_pandas_writer(dataset, tmp_path):
+def test_writer_takes_columns_or_a_frame_and_derives_attributes_from_the_text(dataset, tmp_path):
     import pandas as pd
 
-    from villa.annotations import write_annotation_columns, write_annotations
+    from villa.datasets import write_dataset
+    from villa.docmnist.vocabulary import docmnist_vocabulary
 
     _, frame = dataset
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    write_annotations(tmp_path / "a", frame)
-    write_annotation_columns(tmp_path / "b", {c: frame[c].tolist() for c in frame.columns})
+    write_dataset(tmp_path / "a", frame, docmnist_vocabulary(), source="test")
+    write_dataset(
+        tmp_path / "b", {c: frame[c].tolist() for c in frame.columns}, docmnist_vocabulary(), source="test"
+    )
     pd.testing.assert_frame_equal(read_annotations(tmp_path / "a"), read_annotations(tmp_path / "b"))
+    # on DocMNIST every region attribute has a sentence: the text-derived set is the region labels' union
+    union = [sorted({a for region in regs for a in region}) for regs in frame["reg_to_attr"]]
+    assert [sorted(a) for a in frame["attributes"]] == union

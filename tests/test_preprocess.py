@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from villa.annotations import read_annotations, write_annotations
-from villa.docmnist.vocabulary import ATTRIBUTES, attribute_prompts
+from villa.datasets import Dataset, read_annotations, write_dataset
+from villa.docmnist.vocabulary import ATTRIBUTES, attribute_prompts, docmnist_vocabulary
 from villa.embeddings import RegionEmbeddings, TextEmbeddingCache, load_attr_embs
 from villa.errors import VillaError
 from villa.preprocess import distinct_sentences, preprocess_dataset, shard_frame
@@ -67,7 +67,7 @@ def make_dataset(root: Path, n_images: int = 7, seed: int = 0, name: str = "tiny
                 "attributes": attrs,
             }
         )
-    write_annotations(folder, pd.DataFrame(rows))
+    write_dataset(folder, vocabulary=docmnist_vocabulary(), source="test", columns=pd.DataFrame(rows))
     return folder
 
 
@@ -169,7 +169,7 @@ def test_each_sentence_encoded_once(tmp_path, monkeypatch):
     preprocess_dataset(folder, device="cpu", progress=False)
     encoded = [t for call in calls for t in call]
     assert len(encoded) == len(set(encoded))
-    assert set(encoded) == set(distinct_sentences(read_annotations(folder)["text"]))
+    assert set(encoded) == set(distinct_sentences(read_annotations(folder)["text"], docmnist_vocabulary()))
 
 
 def test_encoder_mismatch_refused(processed):
@@ -202,7 +202,7 @@ def test_failure_mid_run_keeps_previous_artifacts(tmp_path):
     preprocess_dataset(folder, device="cpu", batch_size=2, progress=False)
     before = (folder / "region_embs" / "manifest.json").read_text()
     (folder / "images" / "000005.png").write_bytes(b"not a png")  # fails in the last batch
-    with pytest.raises(VillaError, match="cannot read image"):
+    with pytest.raises(VillaError, match="cannot decode image"):
         preprocess_dataset(folder, device="cpu", batch_size=2, progress=False)
     assert (folder / "region_embs" / "manifest.json").read_text() == before
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
@@ -254,7 +254,7 @@ def test_cli_bad_input(case, expected, tmp_path, capsys):
     assert err.startswith("error: ") and expected in err and "\n" not in err
     if Path(data).is_dir():
         assert sorted(p.name for p in Path(data).iterdir()) in (
-            ["annotations.feather", "images"],
+            ["annotations.feather", "attributes.yaml", "dataset.json", "images"],
             [],
         )
 
@@ -337,7 +337,7 @@ def test_rich_is_default_and_recorded(tmp_path):
         raw = torch.cat(
             [
                 rich(to_model_input(b.images, torch.device("cpu")), torch.from_numpy(b.boxes))
-                for b in iter_region_batches(frame, folder, 100)
+                for b in iter_region_batches(frame, Dataset.open(folder), 100)
             ]
         )
         train = torch.from_numpy(np.repeat(frame["split"].to_numpy() == "train", frame["num_regions"]))
@@ -379,7 +379,7 @@ def test_rich_without_train_split_uses_all_regions(tmp_path):
     folder = make_dataset(tmp_path, n_images=3)
     frame = read_annotations(folder)
     frame["split"] = "test"
-    write_annotations(folder, frame)
+    write_dataset(folder, vocabulary=docmnist_vocabulary(), source="test", columns=frame)
     preprocess_dataset(folder, device="cpu", progress=False)
     config = RegionEmbeddings.open(folder).manifest["region_features_config"]
     assert config["stats_split"] == "all" and config["stats_num_regions"] == frame["num_regions"].sum()

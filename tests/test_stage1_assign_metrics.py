@@ -5,10 +5,11 @@ import pandas as pd
 import pytest
 import torch
 
-from villa.docmnist.vocabulary import ATTRIBUTE_KIND, ATTRIBUTES
+from villa.datasets import attribute_multi_hot, region_truth
+from villa.docmnist.vocabulary import ATTRIBUTE_KIND, ATTRIBUTES, docmnist_vocabulary
 from villa.errors import VillaError
 from villa.mapping.assign import assign_regions, assigned_columns, choose_sentences, score_regions
-from villa.mapping.metrics import format_metrics_table, mapping_metrics, truth_matrix
+from villa.mapping.metrics import format_metrics_table, mapping_metrics
 from villa.mapping.model import MappingModel
 from villa.mapping.schema import read_mapping, read_mapping_metrics, write_mapping, write_mapping_metrics
 
@@ -79,28 +80,47 @@ def test_sentence_choice_is_seeded_and_matches_the_attribute():
         "the number is a seven . the image is blue",
     ]
     attrs = [["one", "red", "circle"], ["seven", "blue"]]
-    a = choose_sentences(texts, attrs, ATTRIBUTES, seed=5)
+    a = choose_sentences(texts, attrs, docmnist_vocabulary(), seed=5)
     assert a.shape == (2, 20)
     assert a[0, ATTRIBUTES.index("one")] == "the image shows a one"
     assert a[0, ATTRIBUTES.index("red")] in {"the color is red", "the digit appears to be red"}
     assert a[1, ATTRIBUTES.index("blue")] == "the image is blue"
     assert a[1, ATTRIBUTES.index("red")] == "" and a[0, ATTRIBUTES.index("seven")] == ""
-    assert (choose_sentences(texts, attrs, ATTRIBUTES, seed=5) == a).all()
+    assert (choose_sentences(texts, attrs, docmnist_vocabulary(), seed=5) == a).all()
     picks = {
-        choose_sentences(texts, attrs, ATTRIBUTES, seed=s)[0, ATTRIBUTES.index("red")] for s in range(20)
+        choose_sentences(texts, attrs, docmnist_vocabulary(), seed=s)[0, ATTRIBUTES.index("red")]
+        for s in range(20)
     }
     assert picks == {"the color is red", "the digit appears to be red"}  # both candidates get drawn
 
 
-def test_sentence_matching_is_a_plain_substring_test_per_sentence():
-    from villa.mapping.assign import _sentences_containing
+def test_sentence_matching_is_whole_word_per_sentence():
+    from villa.datasets import Vocabulary
 
-    sentences = ["The color is RED", "a re", "d b", "reddish", "two red red things", "a.b red", "x"]
-    patterns = [" red", " b", " re", " x"]
-    got = _sentences_containing(sentences, patterns)
-    expected = [[p in s.lower() for p in patterns] for s in sentences]
-    assert got.tolist() == expected  # "a re" + "d b" never make " red": no match across sentences
-    assert not _sentences_containing([], patterns).any()
+    vocab = Vocabulary.from_names(["red", "b", "re", "x", "half moon"])
+    sentences = [
+        "The color is RED",
+        "a re",
+        "d b",
+        "reddish",
+        "two red red things",
+        "a.b red",
+        "x",
+        "half  moons",
+    ]
+    got = vocab.match_matrix(sentences)
+    expected = [
+        [True, False, False, False, False],
+        [False, False, True, False, False],
+        [False, True, False, False, False],
+        [False, False, False, False, False],  # "reddish" is not the word "red"
+        [True, False, False, False, False],
+        [True, True, False, False, False],  # "a.b": '.' bounds the word b
+        [False, False, False, True, False],
+        [False, False, False, False, True],  # a plural, any run of spaces inside the phrase
+    ]
+    assert got.tolist() == expected  # "a re" + "d b" never make "red": no match across sentences
+    assert not vocab.match_matrix([]).any()
 
 
 def test_assigned_columns_per_region_in_vocabulary_order():
@@ -123,8 +143,6 @@ def test_assigned_columns_per_region_in_vocabulary_order():
 def test_metrics_hand_worked():
     truth_lists = [["one", "red"], ["two", "blue", "circle", "small"]]
     assigned_lists = [["one", "red", "circle"], ["blue", "circle"]]
-    from villa.annotations import attribute_multi_hot
-
     truth = attribute_multi_hot(truth_lists, ATTRIBUTES)
     assigned = attribute_multi_hot(assigned_lists, ATTRIBUTES)
     m = mapping_metrics(assigned, truth, ATTRIBUTES, ATTRIBUTE_KIND)
@@ -154,7 +172,7 @@ def _frame():
             "shape_label": [[None, "circle"], [None]],
             "size_label": [[None, "small"], [None]],
             "reg_to_attr": [[["one", "red"], ["one", "red", "circle", "small"]], [["two", "blue"]]],
-            "attributes": [["one", "red", "circle", "small"], ["two", "blue"]],
+            "attributes": [["one", "red"], ["two", "blue"]],
             "assigned_attributes": [[["one"], ["red"]], [["two", "blue"]]],
             "assigned_text": [
                 ["the number is a one", "the color is red"],
@@ -164,20 +182,25 @@ def _frame():
     )
 
 
-def test_truth_matrix_flattens_regions_in_order():
-    t = truth_matrix(_frame(), ATTRIBUTES)
+def test_region_truth_flattens_regions_in_order_and_keeps_what_the_text_mentions():
+    t = region_truth(_frame(), ATTRIBUTES, reachable=False)
     assert t.shape == (3, 20) and t.sum() == 8 and t[1, ATTRIBUTES.index("small")]
+    # the text of image 3 mentions neither circle nor small: a mapping cannot find those pairs
+    reachable = region_truth(_frame(), ATTRIBUTES)
+    assert reachable.sum() == 6 and not reachable[1, ATTRIBUTES.index("small")]
 
 
 def test_mapping_schema_round_trip(tmp_path):
     frame = _frame()
     write_mapping(tmp_path, "val", frame)
+    with pytest.raises(VillaError, match="did not finish"):  # the metrics, written last, mark a complete run
+        read_mapping(tmp_path, "val")
+    write_mapping_metrics(tmp_path, {"val": {"f1": 50.0}})
     back = read_mapping(tmp_path, "val")
     assert back["assigned_attributes"].tolist() == frame["assigned_attributes"].tolist()
     assert back["assigned_text"].tolist() == frame["assigned_text"].tolist()
-    assert back["shape_label"].tolist() == frame["shape_label"].tolist()
+    assert back["reg_to_attr"].tolist() == frame["reg_to_attr"].tolist()
     assert back["image_id"].tolist() == [3, 7]
-    write_mapping_metrics(tmp_path, {"val": {"f1": 50.0}})
     assert read_mapping_metrics(tmp_path) == {"val": {"f1": 50.0}}
 
 
@@ -186,6 +209,7 @@ def test_mapping_schema_refuses_bad_input(tmp_path):
         read_mapping(tmp_path, "train")
     with pytest.raises(VillaError, match="unknown split"):
         read_mapping(tmp_path, "dev")
+    write_mapping_metrics(tmp_path, {})
     bad = _frame()
     bad.at[0, "assigned_text"] = ["only one"]
     with pytest.raises(ValueError, match="one entry per region"):

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from villa.annotations import write_annotations
-from villa.docmnist.vocabulary import ATTRIBUTES, COLORS, DIGIT_WORDS, SHAPES, SIZES
+from villa.datasets import write_dataset
+from villa.docmnist.vocabulary import ATTRIBUTES, COLORS, DIGIT_WORDS, SHAPES, SIZES, docmnist_vocabulary
 from villa.embeddings import save_attr_embs, write_region_embeddings
 from villa.errors import VillaError
 from villa.mapping.run import default_optimizer, run_stage1, run_stage1_from_config
@@ -59,7 +59,7 @@ def make_dataset(root, counts=(12, 6, 6), dim=DIM, seed=0, encoder="default", dr
             image_id += 1
     frame = pd.DataFrame(rows)
     root.mkdir(parents=True, exist_ok=True)
-    write_annotations(root, frame)
+    write_dataset(root, vocabulary=docmnist_vocabulary(), source="test", columns=frame)
     emb = np.asarray(embs, dtype=np.float32)
     ids, nreg = frame["image_id"].to_numpy(), frame["num_regions"].to_numpy()
     if drop_image:  # the last image has no embeddings

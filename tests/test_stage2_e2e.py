@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from villa.annotations import write_annotations
-from villa.docmnist.vocabulary import ATTRIBUTES, COLORS, DIGIT_WORDS
+from villa.datasets import write_dataset
+from villa.docmnist.vocabulary import ATTRIBUTES, COLORS, DIGIT_WORDS, docmnist_vocabulary
 from villa.embeddings import TextEmbeddingCache, save_attr_embs
 from villa.errors import VillaError
-from villa.mapping.schema import write_mapping
+from villa.mapping.schema import write_mapping, write_mapping_metrics
 
 SPLIT_SIZES = {"train": 4, "val": 2, "test": 3}
 COLOR_NAMES = tuple(COLORS)
@@ -73,9 +73,10 @@ def build_fixture(root, encoder_name: str, dim: int, seed: int = 0):
             )
             image_id += 1
     frame = pd.DataFrame(rows)
-    write_annotations(data_dir, frame)
+    write_dataset(data_dir, vocabulary=docmnist_vocabulary(), source="test", columns=frame)
     for split in ("train", "val"):
         write_mapping(stage1_dir, split, frame[frame["split"] == split].reset_index(drop=True))
+    write_mapping_metrics(stage1_dir, {})  # marks the stage-1 run complete
     sentences = sorted({s.strip() for t in frame["text"] for s in t.split(".")})
     TextEmbeddingCache.write(data_dir, encoder_name, sentences, rng.standard_normal((len(sentences), dim)))
     attr = torch.from_numpy(rng.standard_normal((len(ATTRIBUTES), dim)).astype(np.float32))
@@ -98,7 +99,8 @@ def test_stage2_dataset_from_mapping(fixture):
     train_frame = frame[frame["split"] == "train"]
     # whole image + every region but the first (whose assigned text is empty)
     assert len(train) == 4 and train.num_pairs == int(train_frame["num_regions"].sum())
-    assert train.images.dtype == torch.uint8 and tuple(train.images.shape[1:]) == (3, 84, 84)
+    first = train.images.batch([0])
+    assert first.dtype == torch.uint8 and tuple(first.shape) == (1, 3, 84, 84) and train.images.cached
     assert torch.allclose(train.text.norm(dim=1), torch.ones(train.num_pairs), atol=1e-5)
     clip_train, _ = build_stage2_datasets(data_dir, enc.name, "clip", None)
     assert clip_train.num_pairs == 4
@@ -199,11 +201,13 @@ def test_stage2_bad_input_errors(fixture, tmp_path):
 
 
 def _evaluate_without_test_split(data_dir, tmp_path):
-    from villa.annotations import read_annotations
+    from villa.datasets import read_annotations
     from villa.evaluation.run import evaluate_model
 
     frame = read_annotations(data_dir)
     target = tmp_path / "no_test"
     target.mkdir()
-    write_annotations(target, frame[frame["split"] != "test"])
+    write_dataset(
+        target, vocabulary=docmnist_vocabulary(), source="test", columns=frame[frame["split"] != "test"]
+    )
     evaluate_model(data_dir=target, device="cpu", progress=False)

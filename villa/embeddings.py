@@ -56,7 +56,9 @@ def load_attr_embs(
     """Read ``attr_embs.pth`` as (attribute names, tensor ``[K, D]``), ordered like ``vocabulary`` if given."""
     path = Path(dataset_dir) / ATTR_EMBS_FILE
     if not path.is_file():
-        raise VillaError(f"no {ATTR_EMBS_FILE} in {dataset_dir}: run preprocess/preprocess_docmnist.py first")
+        raise VillaError(
+            f"no {ATTR_EMBS_FILE} in {dataset_dir}: run python3 preprocess/preprocess_dataset.py --data_dir=... first"
+        )
     try:
         embs = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -72,7 +74,9 @@ def load_attr_embs(
 def read_manifest(folder: str | os.PathLike) -> dict:
     path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
-        raise VillaError(f"no embeddings in {folder}: run preprocess/preprocess_docmnist.py first")
+        raise VillaError(
+            f"no embeddings in {folder}: run python3 preprocess/preprocess_dataset.py --data_dir=... first"
+        )
     return json.loads(path.read_text())
 
 
@@ -97,7 +101,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def check_fresh(manifest: dict, dataset_dir: str | os.PathLike, where: str | os.PathLike) -> None:
     """Refuse embeddings computed from another version of the dataset's annotation table."""
-    from villa.annotations import annotations_path
+    from villa.datasets.contract import annotations_path
 
     recorded = manifest.get("annotations_sha256")
     current = annotations_path(dataset_dir)
@@ -293,8 +297,15 @@ class TextEmbeddingCache:
         return cls(folder, manifest["encoder"], int(manifest["dim"]), texts, embs)
 
     @staticmethod
-    def write(dataset_dir: str | os.PathLike, encoder: str, texts: Sequence[str], embs) -> Path:
-        """Write the cache for ``texts`` (distinct) with embeddings ``[len(texts), D]`` (normalised here)."""
+    def write(
+        dataset_dir: str | os.PathLike,
+        encoder: str,
+        texts: Sequence[str],
+        embs,
+        encoder_config: dict | None = None,
+    ) -> Path:
+        """Write the cache for ``texts`` (distinct) with embeddings ``[len(texts), D]`` (normalised here);
+        ``encoder_config`` (e.g. the CLIP weights file) is recorded for later stages."""
         array = embs.detach().cpu().float().numpy() if torch.is_tensor(embs) else np.asarray(embs, np.float32)
         array = array / np.clip(np.linalg.norm(array, axis=1, keepdims=True), 1e-12, None)
         folder = Path(dataset_dir) / TEXT_EMBS_DIR
@@ -302,6 +313,8 @@ class TextEmbeddingCache:
             pd.DataFrame({"text": list(texts)}).to_feather(tmp / "texts.feather")
             np.save(tmp / "embs.npy", array.astype(np.float32))
             manifest = {"format": FORMAT_VERSION, "encoder": encoder, "dim": int(array.shape[1])}
+            if encoder_config is not None:
+                manifest["encoder_config"] = encoder_config
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         return folder
 
@@ -316,3 +329,22 @@ class TextEmbeddingCache:
                 f"{len(missing)} sentences are not in {self.folder} (e.g. '{missing[0]}'): re-run preprocessing"
             )
         return np.asarray(self.embs[[self.index[t] for t in texts]])
+
+
+# --------------------------------------------------------------------------- which encoder later stages use
+def preprocessed_encoder(
+    dataset_dir: str | os.PathLike, encoder: str | None = None, clip_weights: str | None = None
+) -> tuple[str, str | None]:
+    """The encoder name and CLIP weights file a later stage uses on ``dataset_dir``.
+
+    ``None`` takes what preprocessing recorded in ``text_embs/manifest.json`` (so the stages need no
+    repeated ``encoder=``/``clip_weights=``); an explicit encoder other than the recorded one is refused.
+    """
+    folder = Path(dataset_dir) / TEXT_EMBS_DIR  # what stage 2 and evaluation read
+    manifest = read_manifest(folder)
+    check_encoder(manifest, encoder, folder)
+    if encoder is None:
+        encoder = manifest.get("encoder")
+    if clip_weights is None:
+        clip_weights = (manifest.get("encoder_config") or {}).get("clip_weights")
+    return encoder, clip_weights

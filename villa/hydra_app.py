@@ -16,8 +16,10 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def register_resolvers() -> None:
-    """``${villa_project_dir:}`` resolves to PROJECT_DIR (env, then .env, then the repo root)."""
+    """``${villa_project_dir:}`` resolves to PROJECT_DIR (env, then .env, then the repo root);
+    ``${villa_name:PATH}`` to the last component of PATH (a dataset folder's name)."""
     OmegaConf.register_new_resolver("villa_project_dir", lambda: str(project_dir()), replace=True)
+    OmegaConf.register_new_resolver("villa_name", lambda path: Path(str(path)).name, replace=True)
 
 
 def hydra_main(

@@ -34,40 +34,24 @@ import torch
 from tqdm.auto import tqdm
 
 from villa import distributed
-from villa.annotations import annotations_path, read_annotations, region_boxes, region_offsets
+from villa.datasets import Dataset, Vocabulary, region_boxes, region_offsets
+from villa.datasets.contract import annotations_path
 from villa.device import autocast, resolve_device
-from villa.docmnist.vocabulary import ATTRIBUTES, attribute_prompts
 from villa.embeddings import RegionEmbeddingWriter, TextEmbeddingCache, file_sha256, save_attr_embs
 from villa.encoders.rich import REGION_FEATURES, RichRegionFeatures
 from villa.errors import VillaError
+from villa.images import NO_RESIZE, ResizePolicy, decode_many, pad_batch, scale_boxes, size_sorted_batches
 from villa.text import split_sentences
 
-IMAGE_PREPROCESSING = "RGB uint8 / 255, no mean/std normalisation (reference recipe)"
+IMAGE_PREPROCESSING = (
+    "RGB uint8 / 255, no mean/std normalisation (reference recipe; a tower may normalise inside), "
+    "resized by the encoder's policy (villa/images.py)"
+)
 #: rows per region shard: large enough that shards stay few, small enough to stream big datasets
 SHARD_ROWS = 1 << 16
 
 
 # --------------------------------------------------------------------------- images
-def load_images(dataset_dir: str | os.PathLike, filepaths: Sequence[str]) -> np.ndarray:
-    """Read PNGs (paths relative to ``dataset_dir``) as uint8 ``[B, H, W, 3]``; all must share a size."""
-    from PIL import Image
-
-    arrays = []
-    for rel in filepaths:
-        path = Path(dataset_dir) / rel
-        try:
-            with Image.open(path) as image:
-                arrays.append(np.asarray(image.convert("RGB")))
-        except (OSError, ValueError) as err:
-            raise VillaError(f"cannot read image {path}: {err}") from None
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise VillaError(
-            f"images of one batch differ in size {sorted(shapes)}: check image_size in the annotations"
-        )
-    return np.stack(arrays) if arrays else np.zeros((0, 0, 0, 3), np.uint8)
-
-
 def to_model_input(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 ``[B, H, W, 3]`` -> float ``[B, 3, H, W]`` in [0, 1] on ``device`` (converted there)."""
     tensor = torch.as_tensor(images)
@@ -78,49 +62,60 @@ def to_model_input(images: np.ndarray | torch.Tensor, device: torch.device) -> t
 
 
 class RegionBatch(collections.namedtuple("RegionBatch", "image_ids counts images boxes")):
-    """``image_ids`` [B], ``counts`` [B] regions per image, ``images`` uint8 [B, H, W, 3],
-    ``boxes`` float32 [M, 5] rows (batch_index, x1, y1, x2, y2) with M = counts.sum()."""
-
-
-def _batch_plan(frame: pd.DataFrame, batch_size: int) -> list[np.ndarray]:
-    """Row positions of each batch; images of different sizes never share a batch."""
-    sizes = pd.Series([tuple(s) for s in frame["image_size"]])
-    plan = []
-    for _, positions in sizes.groupby(sizes, sort=True).indices.items():
-        plan.extend(np.array_split(positions, max(1, -(-len(positions) // batch_size))))
-    return [p for p in plan if len(p)]
+    """``image_ids`` [B], ``counts`` [B] regions per image, ``images`` uint8 [B, H, W, 3] (resized by the
+    encoder's policy, zero-padded to the batch's largest), ``boxes`` float32 [M, 5] rows
+    (batch_index, x0, y0, x1, y1) in resized pixels, with M = counts.sum()."""
 
 
 def iter_region_batches(
-    frame: pd.DataFrame, dataset_dir: str | os.PathLike, batch_size: int, prefetch: int = 2
+    frame: pd.DataFrame,
+    dataset: Dataset,
+    batch_size: int,
+    policy: ResizePolicy = NO_RESIZE,
+    prefetch: int = 2,
 ) -> Iterator[RegionBatch]:
-    """Yield :class:`RegionBatch` es over ``frame``'s images, decoding the next ones in a thread."""
+    """Yield :class:`RegionBatch` es over ``frame``'s images (similar sizes batched together), decoding the
+    next ones in a thread while the current batch runs."""
     boxes_all = region_boxes(frame)
     offsets = region_offsets(frame)
     ids = frame["image_id"].to_numpy(dtype=np.int64)
     counts_all = frame["num_regions"].to_numpy(dtype=np.int64)
-    paths = frame["image_filepath"].to_numpy()
+    paths = dataset.image_paths(frame["image_filepath"].tolist())
+    sizes = np.asarray(frame["image_size"].tolist(), dtype=np.int64).reshape(-1, 2)
+    scales = policy.box_scales(sizes)
+    hint = rebuild_hint(dataset)
 
     def make(positions: np.ndarray) -> RegionBatch:
         counts = counts_all[positions]
         # global region rows of these images: each image's start repeated, plus 0..count-1
         first = np.repeat(offsets[positions] - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
         rows = first + np.arange(counts.sum())
+        scaled = scale_boxes(boxes_all[rows], np.repeat(scales[positions], counts, axis=0))
         boxes = np.concatenate(
-            [np.repeat(np.arange(len(positions)), counts)[:, None].astype(np.float32), boxes_all[rows]],
-            axis=1,
+            [np.repeat(np.arange(len(positions)), counts)[:, None].astype(np.float32), scaled], axis=1
         )
-        return RegionBatch(ids[positions], counts, load_images(dataset_dir, paths[positions]), boxes)
+        decoded = decode_many(
+            [paths[i] for i in positions.tolist()], policy, sizes[positions], hint, threads=1
+        )
+        return RegionBatch(ids[positions], counts, pad_batch(decoded), boxes)
 
-    # PNG decoding releases the GIL, so one thread hides it behind the forward passes
+    # decoding releases the GIL, so one thread hides it behind the forward passes
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         pending: collections.deque = collections.deque()
-        for positions in _batch_plan(frame, batch_size):
+        for positions in size_sorted_batches(policy.output_sizes(sizes), batch_size):
             pending.append(pool.submit(make, positions))
             if len(pending) > prefetch:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def rebuild_hint(dataset: Dataset) -> str:
+    """How to rebuild a damaged dataset (its ``created_by`` command when recorded)."""
+    command = dataset.info.get("created_by")
+    return (
+        f"rebuild the dataset ({command})" if command else "rebuild the dataset with the command that made it"
+    )
 
 
 # --------------------------------------------------------------------------- region embeddings
@@ -132,23 +127,25 @@ def _sync(device: torch.device) -> None:
 def embed_regions(
     model: torch.nn.Module,
     frame: pd.DataFrame,
-    dataset_dir: str | os.PathLike,
+    dataset: Dataset,
     device: torch.device,
     batch_size: int = 64,
     progress: bool = True,
     amp: bool = False,
     timings: dict | None = None,
+    policy: ResizePolicy = NO_RESIZE,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Embed all regions of ``frame``'s images; yields ``(image_ids [B], counts [B], embs [M, D])``.
 
-    ``model`` is a :class:`villa.encoders.RegionImageEncoder` already on ``device`` in eval mode.
-    If ``timings`` is given, ``timings["forward_seconds"]`` accumulates the model time alone.
+    ``model`` is a region tower (``model(images [B, 3, H, W] in [0, 1], boxes [M, 5]) -> [M, D]``) already
+    on ``device`` in eval mode; images are resized by ``policy``. Batches come in image-size order, not
+    ``frame`` order. If ``timings`` is given, ``timings["forward_seconds"]`` accumulates the model time alone.
     """
     total = int(frame["num_regions"].sum())
     bar = tqdm(total=total, unit="region", desc="region embeddings", disable=not progress)
     forward = 0.0
     with bar, torch.inference_mode():
-        for batch in iter_region_batches(frame, dataset_dir, batch_size):
+        for batch in iter_region_batches(frame, dataset, batch_size, policy):
             _sync(device)
             start = time.perf_counter()
             images = to_model_input(batch.images, device)
@@ -192,22 +189,22 @@ def _concat_parts(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], dim: i
 
 
 # --------------------------------------------------------------------------- text embeddings
-def distinct_sentences(texts: Sequence[str], vocabulary: Sequence[str] = ATTRIBUTES) -> list[str]:
+def distinct_sentences(texts: Sequence[str], vocabulary: Vocabulary) -> list[str]:
     """Every attribute prompt (vocabulary order) then every caption sentence, each once, first-seen order."""
-    prompts = [p for attr in vocabulary for p in attribute_prompts(attr)]
+    prompts = [p for attr in vocabulary.attributes for p in attr.prompts]
     captions = [s for text in pd.unique(pd.Series(list(texts), dtype=object)) for s in split_sentences(text)]
     return list(dict.fromkeys(prompts + captions))
 
 
 def attribute_embeddings(
-    sentences: Sequence[str], embs: torch.Tensor, vocabulary: Sequence[str] = ATTRIBUTES
+    sentences: Sequence[str], embs: torch.Tensor, vocabulary: Vocabulary
 ) -> dict[str, torch.Tensor]:
     """attribute -> L2-normalised mean of its prompts' embeddings ``[D]`` (rows of ``embs`` [n, D])."""
     index = {s: i for i, s in enumerate(sentences)}
     out = {}
-    for attr in vocabulary:
-        mean = embs[[index[p] for p in attribute_prompts(attr)]].float().mean(0)
-        out[attr] = mean / mean.norm().clamp(min=1e-12)
+    for attr in vocabulary.attributes:
+        mean = embs[[index[p] for p in attr.prompts]].float().mean(0)
+        out[attr.name] = mean / mean.norm().clamp(min=1e-12)
     return out
 
 
@@ -243,8 +240,6 @@ def preprocess_dataset(
         summary dict (num_images, num_regions, seconds, regions_per_s, and a timing breakdown);
         on ranks other than 0 it describes only that rank's share and nothing is written.
     """
-    from villa.paths import resolve_dataset_dir
-
     started = time.perf_counter()
     if batch_size < 1:
         raise VillaError(f"batch_size must be >= 1, got {batch_size}")
@@ -252,10 +247,8 @@ def preprocess_dataset(
         raise VillaError(
             f"region_features must be one of {', '.join(REGION_FEATURES)}, got '{region_features}'"
         )
-    dataset_dir = resolve_dataset_dir(data_dir)
-    frame = read_annotations(dataset_dir)
-    if frame.empty:
-        raise VillaError(f"{dataset_dir} has an empty annotation table")
+    dataset = Dataset.open(data_dir)
+    frame = dataset.annotations()
     device = resolve_device(device)
     # under torchrun, join the process group here unless the caller already did (and then leave it again)
     created_group = rank is None and distributed.launched_by_torchrun() and not distributed.context().enabled
@@ -264,7 +257,7 @@ def preprocess_dataset(
     try:
         rank, world_size = _rank_world(rank, world_size)
         return _preprocess(
-            dataset_dir,
+            dataset,
             frame,
             encoder=encoder,
             clip_weights=clip_weights,
@@ -285,7 +278,7 @@ def preprocess_dataset(
 
 
 def _preprocess(
-    dataset_dir,
+    dataset,
     frame,
     *,
     encoder,
@@ -301,13 +294,16 @@ def _preprocess(
 ):
     from villa.encoders import get_encoder
 
+    dataset_dir = dataset.root
     part = shard_frame(frame, rank, world_size)
-    missing = [p for p in part["image_filepath"] if not (dataset_dir / p).is_file()]
+    missing = [p for p in dataset.image_paths(part["image_filepath"].tolist()) if not p.is_file()]
     if missing:
         raise VillaError(
-            f"{len(missing)} images listed in the annotations are missing, e.g. {dataset_dir / missing[0]}"
+            f"{len(missing)} images listed in the annotations are missing, e.g. {missing[0]}: "
+            f"{rebuild_hint(dataset)}"
         )
     enc = get_encoder(encoder, clip_weights=clip_weights, device=device)
+    policy = ResizePolicy.of(enc)
     if not enc.has_text_tower:
         raise VillaError(
             f"encoder '{encoder}' has no text tower with these weights: cannot write text embeddings"
@@ -317,7 +313,7 @@ def _preprocess(
     t0 = time.perf_counter()
     sentences, sentence_embs = [], None
     if rank == 0:
-        sentences = distinct_sentences(frame["text"])
+        sentences = distinct_sentences(frame["text"], dataset.vocabulary)
         sentence_embs = enc.encode_text(sentences)
     text_seconds = time.perf_counter() - t0
 
@@ -330,7 +326,7 @@ def _preprocess(
     timings: dict = {}
     t0 = time.perf_counter()
     batches = embed_regions(
-        model, part, dataset_dir, device, batch_size, progress and rank == 0, amp, timings
+        model, part, dataset, device, batch_size, progress and rank == 0, amp, timings, policy
     )
     extra = {
         "encoder_config": enc.config,
@@ -340,6 +336,7 @@ def _preprocess(
         "annotations_sha256": file_sha256(annotations_path(dataset_dir)),
         "splits": sorted(frame["split"].unique().tolist()),
         "region_features": region_features,
+        "image_policy": {"min_side": policy.min_side, "max_side": policy.max_side},
     }
     extra["encoder_config"]["region_features"] = region_features
     if rich is not None:
@@ -359,8 +356,8 @@ def _preprocess(
     region_seconds = time.perf_counter() - t0
 
     if rank == 0:
-        save_attr_embs(dataset_dir, attribute_embeddings(sentences, sentence_embs))
-        TextEmbeddingCache.write(dataset_dir, enc.name, sentences, sentence_embs)
+        save_attr_embs(dataset_dir, attribute_embeddings(sentences, sentence_embs, dataset.vocabulary))
+        TextEmbeddingCache.write(dataset_dir, enc.name, sentences, sentence_embs, encoder_config=enc.config)
     seconds = time.perf_counter() - started
     num_regions = int(part["num_regions"].sum())
     return {
@@ -444,3 +441,70 @@ def _rich_finisher(rich: RichRegionFeatures, frame: pd.DataFrame, extra: dict):
         return ids, counts, embs.numpy()
 
     return finish
+
+
+# --------------------------------------------------------------------------- command line
+def build_parser():
+    """The arguments of ``preprocess/preprocess_dataset.py`` (and its alias ``preprocess_docmnist.py``)."""
+    import argparse
+
+    class OneLineParser(argparse.ArgumentParser):
+        def error(self, message: str):
+            raise VillaError(f"{self.prog}: {message}")
+
+    parser = OneLineParser(
+        prog="preprocess_dataset.py",
+        description="Write attr_embs.pth, region_embs/ and text_embs/ into a dataset folder.",
+    )
+    parser.add_argument("--data_dir", required=True, help="dataset folder, or its name under the data root")
+    parser.add_argument(
+        "--encoder", default="default",
+        help="default | clip_rn50 | mobilenet_v2 | hf:<folder> (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--clip_weights", default=None, help="CLIP RN50 weights file (OpenAI RN50.pt or a state dict)"
+    )
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: %(default)s)")
+    parser.add_argument(
+        "--batch_size", type=int, default=64, help="images per forward pass (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--region_features",
+        choices=REGION_FEATURES,
+        default=None,
+        help="stage-1 region embeddings: rich (untrained multi-block descriptor, default for the "
+        "untrained default encoder) | reference (SPEC recipe, default for pretrained towers)",
+    )
+    parser.add_argument(
+        "--amp",
+        action="store_true",
+        help="CUDA mixed precision for the image tower (faster, less exact; the rich stage-1 "
+        "features always run in float32)",
+    )
+    parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def cli_main(argv: Sequence[str] | None = None) -> dict:
+    """Parse ``argv``, preprocess, print the summary as JSON. Errors are one line and exit code 2."""
+    import json
+
+    from villa.errors import exit_on_error
+
+    @exit_on_error
+    def run() -> dict:
+        args = build_parser().parse_args(argv)
+        summary = preprocess_dataset(
+            args.data_dir,
+            encoder=args.encoder,
+            clip_weights=args.clip_weights,
+            device=args.device,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+            amp=args.amp,
+            region_features=args.region_features,
+        )
+        print(json.dumps(summary, indent=2))
+        return summary
+
+    return run()

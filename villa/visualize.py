@@ -1,4 +1,4 @@
-"""Look at a DocMNIST dataset: a grid of images with region boxes, attributes and captions, and statistics.
+"""Look at a dataset: a grid of images with region boxes, attributes and captions, and statistics.
 
     python -m villa.visualize --data_dir=docmnist_30000_15.2 --out=grid.png [--split=train --n=9 --seed=0]
         [--stats_out=stats.png]
@@ -24,8 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from villa.annotations import SPLITS, read_annotations
-from villa.docmnist.vocabulary import ATTRIBUTES
+from villa.datasets import SPLITS, Dataset
 from villa.errors import VillaError, exit_on_error
 
 _BOX_COLOR = "#00e5ff"
@@ -37,14 +36,16 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _load_image(path: Path) -> np.ndarray:
-    from PIL import Image
+def _load_image(dataset: Dataset, filepath: str) -> np.ndarray:
+    from villa.images import decode_image
 
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except OSError as err:
-        raise VillaError(f"cannot read image {path}: {err}") from None
+    return decode_image(dataset.image_paths([filepath])[0])
+
+
+def _region_labels(row: dict) -> list[list[str]]:
+    """A row's per-region labels, or empty lists when the dataset has none."""
+    labels = row.get("reg_to_attr")
+    return [list(a) for a in labels] if labels is not None else [[] for _ in row["region_coord"]]
 
 
 def draw_grid(dataset_dir: str | os.PathLike, split: str = "train", n: int = 9, seed: int = 0) -> Figure:
@@ -52,8 +53,8 @@ def draw_grid(dataset_dir: str | os.PathLike, split: str = "train", n: int = 9, 
     with their ground-truth attributes and its caption underneath."""
     if n < 1:
         raise VillaError(f"n must be a positive integer, got {n}")
-    dataset_dir = Path(dataset_dir)
-    frame = read_annotations(dataset_dir, split)
+    dataset = Dataset.open(dataset_dir)
+    frame = dataset.annotations(split)
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(frame), size=min(n, len(frame)), replace=False))
     picked = frame.iloc[rows]
@@ -64,9 +65,10 @@ def draw_grid(dataset_dir: str | os.PathLike, split: str = "train", n: int = 9, 
     for ax in axes[len(picked) :]:
         ax.set_axis_off()
     for ax, row in zip(axes, picked.to_dict("records"), strict=False):
-        image = _load_image(dataset_dir / row["image_filepath"])
+        image = _load_image(dataset, row["image_filepath"])
         ax.imshow(image, interpolation="nearest")
-        for (x1, y1, x2, y2), attrs in zip(row["region_coord"], row["reg_to_attr"], strict=True):
+        labels = _region_labels(row)
+        for (x1, y1, x2, y2), attrs in zip(row["region_coord"], labels, strict=True):
             ax.add_patch(
                 Rectangle(
                     (x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, edgecolor=_BOX_COLOR, linewidth=1
@@ -84,12 +86,12 @@ def draw_grid(dataset_dir: str | os.PathLike, split: str = "train", n: int = 9, 
             )
         ax.set_xticks([])
         ax.set_yticks([])
-        complexity = sum(len(a) for a in row["reg_to_attr"])
+        complexity = sum(len(a) for a in labels)
         ax.set_title(
             f"#{row['image_id']}  ({row['num_regions']} regions, complexity {complexity})", fontsize=8
         )
         ax.set_xlabel(textwrap.fill(row["text"], width=62), fontsize=5.5, loc="left")
-    fig.suptitle(f"{dataset_dir.name} / {split}", fontsize=10)
+    fig.suptitle(f"{dataset.name} / {split}", fontsize=10)
     return fig
 
 
@@ -107,7 +109,7 @@ def draw_mapping(
     """
     from villa.mapping.schema import read_mapping
 
-    dataset_dir = Path(dataset_dir)
+    dataset = Dataset.open(dataset_dir)
     frame = read_mapping(mapping_dir, split)
     if image_id is None:
         row = frame.iloc[int(np.argmax(frame["num_regions"].to_numpy()))].to_dict()
@@ -116,7 +118,7 @@ def draw_mapping(
         if match.empty:
             raise VillaError(f"image_id {image_id} is not in the {split} mapping of {mapping_dir}")
         row = match.iloc[0].to_dict()
-    image = _load_image(dataset_dir / row["image_filepath"])
+    image = _load_image(dataset, row["image_filepath"])
     fig = _new_figure(9.0, 5.6)
     left, right = fig.subplots(1, 2)
     left.imshow(image, interpolation="nearest")
@@ -125,7 +127,7 @@ def draw_mapping(
     right.imshow(image, interpolation="nearest")
     right.set_title("region-attribute pairs found by stage 1", fontsize=10)
     for (x1, y1, x2, y2), truth, assigned in zip(
-        row["region_coord"], row["reg_to_attr"], row["assigned_attributes"], strict=True
+        row["region_coord"], _region_labels(row), row["assigned_attributes"], strict=True
     ):
         right.add_patch(
             Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, edgecolor=_BOX_COLOR, linewidth=1)
@@ -151,11 +153,17 @@ def dataset_statistics(dataset_dir: str | os.PathLike) -> dict[str, pd.DataFrame
     (region-attribute pairs per attribute, index in vocabulary order, one column per split) and
     ``complexity`` (number of images per sample complexity, one column per split).
     """
-    frame = read_annotations(dataset_dir)
+    dataset = Dataset.open(dataset_dir)
+    frame = dataset.annotations()
     splits = [s for s in SPLITS if (frame["split"] == s).any()]
-    regions = frame[["image_id", "split", "reg_to_attr"]].explode("reg_to_attr", ignore_index=True)
-    regions = regions.dropna(subset=["reg_to_attr"])
-    pairs = regions.explode("reg_to_attr", ignore_index=True)
+    if dataset.has_region_labels:
+        regions = frame[["image_id", "split", "reg_to_attr"]].explode("reg_to_attr", ignore_index=True)
+        regions = regions.dropna(subset=["reg_to_attr"])
+        pairs = regions.explode("reg_to_attr", ignore_index=True)
+    else:  # no region labels: count what each text mentions
+        pairs = frame[["image_id", "split", "attributes"]].explode("attributes", ignore_index=True)
+        pairs = pairs.rename(columns={"attributes": "reg_to_attr"})
+    pairs = pairs.dropna(subset=["reg_to_attr"])
     per_image = pairs.groupby("image_id").size()
     complexity = frame["image_id"].map(per_image).fillna(0).astype(int)
     by_split = pd.DataFrame({"split": frame["split"], "complexity": complexity})
@@ -172,7 +180,7 @@ def dataset_statistics(dataset_dir: str | os.PathLike) -> dict[str, pd.DataFrame
     ).reindex(splits)
     attribute_counts = (
         pd.crosstab(pairs["reg_to_attr"], pairs["split"])
-        .reindex(index=list(ATTRIBUTES), columns=splits, fill_value=0)
+        .reindex(index=dataset.vocabulary.names, columns=splits, fill_value=0)
         .fillna(0)
         .astype(int)
     )

@@ -10,6 +10,7 @@ from villa.docmnist.vocabulary import (
     SIZES,
     TEMPLATES,
     attribute_prompts,
+    docmnist_vocabulary,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "SIZES",
     "TEMPLATES",
     "attribute_prompts",
+    "docmnist_vocabulary",
 ]

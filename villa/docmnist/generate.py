@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from villa.docmnist.vocabulary import ATTRIBUTES, COLORS, DIGIT_WORDS, SHAPES, SIZES, TEMPLATES
+from villa.docmnist.vocabulary import COLORS, DIGIT_WORDS, SHAPES, SIZES, TEMPLATES
 from villa.errors import VillaError, exit_on_error
 
 CELL = 28
@@ -129,11 +129,6 @@ def _sentence_table() -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np
 
 
 _SENTENCES, _DIGIT_SENT, _COLOR_SENT, _SHAPE_SENT, _SIZE_SENT = _sentence_table()
-_ATTR_INDEX = {a: k for k, a in enumerate(ATTRIBUTES)}
-_DIGIT_ATTR = np.array([_ATTR_INDEX[w] for w in DIGIT_WORDS])
-_COLOR_ATTR = np.array([_ATTR_INDEX[c] for c in _COLOR_NAMES])
-_SHAPE_ATTR = np.array([_ATTR_INDEX[s] for s in SHAPES])
-_SIZE_ATTR = np.array([_ATTR_INDEX[s] for s in SIZES])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -411,13 +406,15 @@ def _split_by(values: list, offsets: np.ndarray) -> list[list]:
 
 
 def build_table(plan: SplitPlan, labels: np.ndarray, first_image_id: int) -> dict[str, list]:
-    """The split's annotation columns (see villa.annotations) as Python lists, one entry per image."""
+    """The split's annotation columns (see villa.datasets.contract) as Python lists, one entry per image.
+
+    DocMNIST's own per-region label columns (digit/color/shape/size_label) ride along as extra columns;
+    ``attributes`` (what the caption mentions) is derived from the text by the contract's writer."""
     n, offsets = plan.n_images, plan.offsets
     image_ids = list(range(first_image_id, first_image_id + n))
     x = (plan.cell.astype(np.int64) % GRID) * CELL
     y = (plan.cell.astype(np.int64) // GRID) * CELL
     boxes = np.stack([x, y, x + CELL, y + CELL], axis=1).tolist()
-    has_shape = plan.shape != _NO_SHAPE
     digit = [DIGIT_WORDS[i] for i in labels.tolist()]
     color = [_COLOR_NAMES[i] for i in plan.color.tolist()]
     shape = [SHAPES[i] if i >= 0 else None for i in plan.shape.tolist()]
@@ -426,14 +423,6 @@ def build_table(plan: SplitPlan, labels: np.ndarray, first_image_id: int) -> dic
         [d, c, s, z] if s is not None else [d, c]
         for d, c, s, z in zip(digit, color, shape, size, strict=True)
     ]
-    present = np.zeros((n, len(ATTRIBUTES)), dtype=bool)
-    present[plan.image, _DIGIT_ATTR[labels]] = True
-    present[plan.image, _COLOR_ATTR[plan.color]] = True
-    present[plan.image[has_shape], _SHAPE_ATTR[plan.shape[has_shape]]] = True
-    present[plan.image[has_shape], _SIZE_ATTR[plan.size[has_shape]]] = True
-    rows, cols = np.nonzero(present)
-    attr_names = [ATTRIBUTES[k] for k in cols.tolist()]
-    attributes = _split_by(attr_names, np.searchsorted(rows, np.arange(n + 1)))
     return {
         "image_id": image_ids,
         "image_size": [[CANVAS, CANVAS] for _ in range(n)],
@@ -447,7 +436,6 @@ def build_table(plan: SplitPlan, labels: np.ndarray, first_image_id: int) -> dic
         "shape_label": _split_by(shape, offsets),
         "size_label": _split_by(size, offsets),
         "reg_to_attr": _split_by(reg_to_attr, offsets),
-        "attributes": attributes,
     }
 
 
@@ -581,7 +569,8 @@ def generate_docmnist(
 
     from tqdm.auto import tqdm
 
-    from villa.annotations import write_annotation_columns
+    from villa.datasets.contract import write_dataset
+    from villa.docmnist.vocabulary import docmnist_vocabulary
     from villa.io import atomic_dir
 
     columns: dict[str, list] = {}
@@ -613,7 +602,18 @@ def generate_docmnist(
                 columns.setdefault(key, []).extend(values)
             first_id += plan.n_images
 
-        write_annotation_columns(tmp, columns)
+        write_dataset(
+            tmp,
+            columns,
+            docmnist_vocabulary(),
+            source="docmnist",
+            info={
+                "created_by": "python3 docmnist/generate_docmnist.py "
+                f"--attribute_budget={budgets['train']} --target_sample_complexity={target} --seed={seed} "
+                f"--val_attribute_budget={budgets['val']} --test_attribute_budget={budgets['test']} "
+                "--data_root=<the folder holding this dataset> --overwrite",
+            },
+        )
 
     return GenerationResult(
         dataset_dir=final_dir,

@@ -59,3 +59,13 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 def attribute_prompts(attribute: str) -> list[str]:
     """The prompts of one attribute: every caption template of its kind filled with it."""
     return [template.format(attribute) for template in TEMPLATES[ATTRIBUTE_KIND[attribute]]]
+
+
+def docmnist_vocabulary():
+    """DocMNIST's :class:`villa.datasets.Vocabulary`: the 20 attributes with their caption templates as prompts
+    and their kinds (written into every DocMNIST folder as ``attributes.yaml``)."""
+    from villa.datasets.vocabulary import Vocabulary, make_attribute
+
+    return Vocabulary(
+        tuple(make_attribute(a, prompts=attribute_prompts(a), kind=ATTRIBUTE_KIND[a]) for a in ATTRIBUTES)
+    )

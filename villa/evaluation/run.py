@@ -1,4 +1,11 @@
-"""Evaluate an image model on the test regions: text->region / region->text retrieval and zero-shot AUROC."""
+"""Evaluate an image model on a dataset's test split.
+
+With region labels (``reg_to_attr``): text->region / region->text retrieval and zero-shot AUROC on the labelled
+regions, plus (for a ViLLA model) the stage-1 mapping precision/recall/F1 per split and per kind. Without
+region labels: the same metrics at the image level, each image's whole-image embedding against the attributes
+its text mentions (text->image R-Precision, zero-shot AUROC per attribute). ``metrics.json`` says which
+evaluation ran (``"evaluation": "regions" | "images"``).
+"""
 
 from __future__ import annotations
 
@@ -9,23 +16,31 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from villa.annotations import attribute_multi_hot, read_annotations, region_boxes, region_offsets
+from villa.datasets import Dataset, region_boxes, region_offsets, region_truth
 from villa.device import autocast, resolve_device
-from villa.docmnist.vocabulary import ATTRIBUTES
-from villa.embeddings import TEXT_EMBS_DIR, check_encoder, load_attr_embs, read_manifest
+from villa.embeddings import TEXT_EMBS_DIR, check_encoder, load_attr_embs, preprocessed_encoder, read_manifest
 from villa.errors import VillaError
 from villa.evaluation.metrics import PRECISION_KS, retrieval_metrics
+from villa.images import DEFAULT_CACHE_MB, ResizePolicy, size_sorted_batches
 from villa.io import write_json
-from villa.paths import resolve_dataset_dir
-from villa.vlm.data import RegionTextDataset, load_images
+from villa.vlm.data import RegionTextDataset, image_store
 
 METRICS_FILE = "metrics.json"
-SUMMARY_KEYS = (
-    "text_to_region_r_precision",
-    "region_to_text_r_precision",
-    *(f"precision_at_{k}" for k in PRECISION_KS),
-    "zero_shot_auroc",
-)
+EVALUATIONS = ("regions", "images")
+
+
+def summary_keys(evaluation: str = "regions") -> tuple[str, ...]:
+    """The headline metric names of an evaluation (``metrics.json`` keys)."""
+    unit = "region" if evaluation == "regions" else "image"
+    return (
+        f"text_to_{unit}_r_precision",
+        f"{unit}_to_text_r_precision",
+        *(f"precision_at_{k}" for k in PRECISION_KS),
+        "zero_shot_auroc",
+    )
+
+
+SUMMARY_KEYS = summary_keys("regions")
 
 
 @torch.no_grad()
@@ -37,23 +52,32 @@ def embed_regions(
     amp: bool = True,
     progress: bool = True,
 ) -> torch.Tensor:
-    """L2-normalised embeddings ``[P, D]`` (float32, CPU) of every box of ``dataset``, in pair order."""
+    """L2-normalised embeddings ``[P, D]`` (float32, CPU) of every box of ``dataset``, in pair order.
+
+    Images are batched by similar size (little padding) and the rows put back in pair order.
+    """
     model.eval().to(device)
-    out = []
-    starts = range(0, len(dataset), batch_size)
-    for start in tqdm(starts, desc="embed regions", leave=False, disable=not progress):
-        batch = dataset.__getitems__(list(range(start, min(start + batch_size, len(dataset)))))
+    offsets = dataset.offsets.numpy()
+    out: torch.Tensor | None = None
+    batches = size_sorted_batches(dataset.images.out_sizes, batch_size)
+    for positions in tqdm(batches, desc="embed regions", leave=False, disable=not progress):
+        batch = dataset.__getitems__(positions)
         images = batch["images"].to(device).float().div_(255)
         with autocast(device, amp):
-            embs = model(images, batch["boxes"].to(device))
-        out.append(torch.nn.functional.normalize(embs.float(), dim=1).cpu())
-    return torch.cat(out) if out else torch.zeros(0, 0)
+            embs = torch.nn.functional.normalize(
+                model(images, batch["boxes"].to(device)).float(), dim=1
+            ).cpu()
+        rows = np.concatenate([np.arange(offsets[p], offsets[p + 1]) for p in positions.tolist()])
+        if out is None:
+            out = torch.zeros(dataset.num_pairs, embs.shape[1])
+        out[torch.from_numpy(rows)] = embs
+    return out if out is not None else torch.zeros(0, 0)
 
 
 def evaluate_model(
     *,
     data_dir: str | os.PathLike,
-    encoder: str = "default",
+    encoder: str | None = None,
     clip_weights: str | None = None,
     checkpoint: str | os.PathLike | None = None,
     split: str = "test",
@@ -63,12 +87,15 @@ def evaluate_model(
     out_path: str | os.PathLike | None = None,
     label: str | None = None,
     progress: bool = True,
+    image_cache_mb: float = DEFAULT_CACHE_MB,
+    stage_1_ckpt_dir: str | os.PathLike | None = None,
 ) -> dict:
-    """Retrieval metrics (percent) of an image model on the ground-truth regions of ``split``.
+    """Metrics (percent) of an image model on ``split`` of a dataset (see the module docstring).
 
-    ``checkpoint``: a stage-2 ``best.pkl``; None evaluates the encoder's freshly built (untrained) image
-    model. Attribute text embeddings are the dataset's ``attr_embs.pth``, which must come from the same
-    encoder. Writes ``out_path`` (JSON) when given and returns the metrics dict.
+    ``checkpoint``: a stage-2 ``best.pkl``; None evaluates the encoder's freshly built (untrained) image model.
+    ``encoder``/``clip_weights`` None: those recorded by preprocessing. Attribute text embeddings are the
+    dataset's ``attr_embs.pth``. ``stage_1_ckpt_dir``: a finished stage-1 run whose mapping metrics are added
+    under ``"mapping"``. Writes ``out_path`` (JSON) when given and returns the metrics dict.
     """
     from villa.checkpoints import load_model_state
     from villa.encoders import get_encoder
@@ -79,15 +106,17 @@ def evaluate_model(
             raise VillaError(
                 f"no checkpoint to evaluate at {checkpoint}: train it first (python -m villa.stage2 ...)"
             )
-    dataset_dir = resolve_dataset_dir(data_dir)
-    frame = read_annotations(dataset_dir, split)
+    dataset = Dataset.open(data_dir)
+    frame = dataset.annotations(split)
+    encoder, clip_weights = preprocessed_encoder(dataset.root, encoder, clip_weights)
     enc = get_encoder(encoder, clip_weights=clip_weights, device="cpu")
-    text_dir = dataset_dir / TEXT_EMBS_DIR
+    text_dir = dataset.root / TEXT_EMBS_DIR
     check_encoder(read_manifest(text_dir), enc.name, text_dir)
-    _, attr_embs = load_attr_embs(dataset_dir, ATTRIBUTES)
+    names = dataset.vocabulary.names
+    _, attr_embs = load_attr_embs(dataset.root, names)
     if attr_embs.shape[1] != enc.dim:
         raise VillaError(
-            f"attr_embs.pth in {dataset_dir} has dim {attr_embs.shape[1]}, encoder '{enc.name}' has {enc.dim}: "
+            f"attr_embs.pth in {dataset.root} has dim {attr_embs.shape[1]}, encoder '{enc.name}' has {enc.dim}: "
             f"re-run preprocessing with --encoder={enc.name}"
         )
 
@@ -100,39 +129,58 @@ def evaluate_model(
             raise VillaError(f"{checkpoint} was trained with encoder '{trained_with}', not '{enc.name}'")
         epoch = ckpt.get("epoch")
 
-    offsets = region_offsets(frame)
-    regions = RegionTextDataset(
-        load_images(dataset_dir, frame, progress=progress),
-        offsets,
-        region_boxes(frame),
-        torch.zeros(int(offsets[-1]), 0),
-    )
-    embs = embed_regions(model, regions, resolve_device(device), batch_size, amp, progress)
-    truth = attribute_multi_hot(
-        [attrs for per_image in frame["reg_to_attr"] for attrs in per_image], ATTRIBUTES
-    )
-    metrics = retrieval_metrics(embs, attr_embs, torch.from_numpy(np.asarray(truth)), ATTRIBUTES)
+    store = image_store(dataset, frame, ResizePolicy.of(enc), image_cache_mb, progress)
+    if dataset.has_region_labels:
+        evaluation = "regions"
+        offsets, boxes = region_offsets(frame), region_boxes(frame)
+        truth = region_truth(frame, names, reachable=False)  # what each region shows, mentioned or not
+    else:
+        evaluation = "images"  # the whole image against the attributes its text mentions
+        sizes = np.asarray(frame["image_size"].tolist(), dtype=np.float32).reshape(-1, 2)
+        offsets = np.arange(len(frame) + 1)
+        boxes = np.stack([np.zeros(len(frame)), np.zeros(len(frame)), sizes[:, 1] - 1, sizes[:, 0] - 1], 1)
+        truth = dataset.vocabulary.match_matrix(frame["text"].tolist())
+    units = RegionTextDataset(store, offsets, boxes, torch.zeros(int(offsets[-1]), 0))
+    embs = embed_regions(model, units, resolve_device(device), batch_size, amp, progress)
+    metrics = retrieval_metrics(embs, attr_embs, torch.from_numpy(np.asarray(truth)), names)
+    if evaluation == "images":
+        metrics = {k.replace("region", "image"): v for k, v in metrics.items()}
+        for per in metrics["per_attribute"].values():
+            per["num_images"] = per.pop("num_regions")
     metrics = {
         "model": label or ("untrained" if checkpoint is None else checkpoint.parent.name),
+        "evaluation": evaluation,
         "checkpoint": str(checkpoint) if checkpoint is not None else None,
         "epoch": epoch,
         "encoder": enc.name,
-        "dataset": dataset_dir.name,
+        "dataset": dataset.name,
         "split": split,
         "num_images": len(frame),
         **metrics,
     }
+    if stage_1_ckpt_dir is not None and (Path(stage_1_ckpt_dir) / "mapping_metrics.json").is_file():
+        from villa.mapping.schema import read_mapping_metrics
+
+        metrics["mapping"] = read_mapping_metrics(stage_1_ckpt_dir)
     if out_path is not None:
         write_json(out_path, metrics)
     return metrics
 
 
 def format_metrics(metrics: dict) -> str:
-    """One line per summary metric, e.g. ``text_to_region_r_precision  63.21``."""
+    """One line per summary metric, e.g. ``text_to_region_r_precision  63.21``, then the mapping F1s."""
+    evaluation = metrics.get("evaluation", "regions")
+    units = metrics.get("num_regions") if evaluation == "regions" else metrics.get("num_images")
     lines = [
-        f"{metrics.get('model')} on {metrics.get('dataset')}/{metrics.get('split')} ({metrics.get('num_regions')} regions)"
+        f"{metrics.get('model')} on {metrics.get('dataset')}/{metrics.get('split')} "
+        f"({units} {evaluation}{'' if evaluation == 'regions' else ', no region labels: image-level'})"
     ]
-    lines += [f"  {key:<28} {metrics[key]:6.2f}" for key in SUMMARY_KEYS]
+    lines += [f"  {key:<28} {metrics[key]:6.2f}" for key in summary_keys(evaluation)]
+    for split, m in (metrics.get("mapping") or {}).items():
+        kinds = "".join(f"  {k} {v['f1']:.1f}" for k, v in m.get("per_kind", {}).items())
+        lines.append(
+            f"  stage-1 mapping {split:<5} P {m['precision']:.1f}  R {m['recall']:.1f}  F1 {m['f1']:.1f}{kinds}"
+        )
     return "\n".join(lines)
 
 
@@ -145,7 +193,7 @@ def evaluate_from_config(cfg) -> dict:
         )
     metrics = evaluate_model(
         data_dir=cfg.data_dir,
-        encoder=cfg.encoder,
+        encoder=cfg.get("encoder"),
         clip_weights=cfg.get("clip_weights"),
         checkpoint=cfg.get("eval_checkpoint"),
         split=cfg.get("eval_split", "test"),
@@ -155,6 +203,8 @@ def evaluate_from_config(cfg) -> dict:
         out_path=Path(cfg.run_dir) / METRICS_FILE,
         label=cfg.task_name,
         progress=bool(cfg.get("progress", True)),
+        image_cache_mb=float(cfg.get("image_cache_mb", DEFAULT_CACHE_MB)),
+        stage_1_ckpt_dir=cfg.get("stage_1_ckpt_dir") if cfg.get("pairs", "villa") == "villa" else None,
     )
     print(format_metrics(metrics))
     print(f"wrote {Path(cfg.run_dir) / METRICS_FILE}")

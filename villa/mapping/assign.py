@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -11,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from villa.annotations import attribute_multi_hot
+from villa.datasets import Vocabulary, attribute_multi_hot
 from villa.errors import VillaError
 from villa.text import split_sentences
 
@@ -99,13 +98,15 @@ def assign_regions(
 def choose_sentences(
     texts: Sequence[str],
     attribute_lists: Sequence[Sequence[str]],
-    vocabulary: Sequence[str],
+    vocabulary: Vocabulary,
     seed: int | Sequence[int],
 ) -> np.ndarray:
-    """For each image and each attribute of its text, one sentence of the text that contains ``" " + attr``.
+    """For each image and each attribute of its text, one sentence of the text that mentions the attribute.
 
-    The choice among several candidate sentences is uniform, from ``numpy.random.default_rng(seed)``
-    (same seed, same choice). Sentences come from :func:`villa.text.split_sentences`.
+    "Mentions" is the vocabulary's matcher (whole word or phrase, any of its ``match`` forms); on DocMNIST
+    this is the reference's test for ``" " + attribute`` in the lower-cased sentence. The choice among several
+    candidate sentences is uniform, from ``numpy.random.default_rng(seed)`` (same seed, same choice).
+    Sentences come from :func:`villa.text.split_sentences`.
 
     Returns:
         object array ``[N, K]`` of sentences; ``""`` where the attribute is absent or no sentence matches.
@@ -117,7 +118,7 @@ def choose_sentences(
     chosen = np.full((n, k), "", dtype=object)
     if len(flat) == 0:
         return chosen
-    match = _sentences_containing(flat, [" " + a.lower() for a in vocabulary])
+    match = vocabulary.match_matrix(flat)
     # a random key per (sentence, attribute); the best-keyed matching sentence of each image wins
     keys = np.random.default_rng(seed).random((len(flat), k))
     keys[~match] = -1.0
@@ -128,32 +129,10 @@ def choose_sentences(
     padded[image, position] = keys
     best = padded.argmax(axis=1)  # [N, K]
     found = padded.max(axis=1) >= 0
-    found &= attribute_multi_hot(attribute_lists, vocabulary)
+    found &= attribute_multi_hot(attribute_lists, vocabulary.names)
     rows, cols = np.nonzero(found)
     chosen[rows, cols] = np.asarray(flat, dtype=object)[offsets[rows] + best[rows, cols]]
     return chosen
-
-
-def _sentences_containing(sentences: list[str], patterns: Sequence[str]) -> np.ndarray:
-    """``[S, P]`` bool: lower-cased sentence ``s`` contains ``patterns[p]`` (plain substring).
-
-    All sentences are joined into one string and each pattern is found by one regex scan over it,
-    instead of one Python-level ``in`` test per (sentence, pattern). A match cannot straddle two
-    sentences, because the separator occurs in no pattern; every sentence holding a pattern has a
-    match of its own, since a match ends before the separator.
-    """
-    lowered = [s.lower() for s in sentences]
-    separator = "\n"
-    if any(separator in p for p in patterns):
-        raise ValueError("patterns must not contain a newline")
-    lengths = np.fromiter((len(s) + len(separator) for s in lowered), dtype=np.int64, count=len(lowered))
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])  # [S] where each sentence begins
-    joined = separator.join(lowered)
-    match = np.zeros((len(sentences), len(patterns)), dtype=bool)
-    for p, pattern in enumerate(patterns):
-        found = np.fromiter((m.start() for m in re.finditer(re.escape(pattern), joined)), dtype=np.int64)
-        match[np.searchsorted(starts, found, side="right") - 1, p] = True
-    return match
 
 
 def assigned_columns(
@@ -194,7 +173,7 @@ def map_split(
     regions: torch.Tensor,
     mask: torch.Tensor,
     attr_embs: torch.Tensor,
-    vocabulary: Sequence[str],
+    vocabulary: Vocabulary,
     *,
     epsilon: float = EPSILON,
     seed: int | Sequence[int] = 0,
@@ -213,13 +192,16 @@ def map_split(
     """
     if not epsilon >= 0:
         raise VillaError(f"mapping epsilon must be >= 0, got {epsilon}")
-    present = torch.from_numpy(attribute_multi_hot(frame["attributes"], vocabulary))
+    # the attributes each image's TEXT mentions: the only ones the mapping may assign
+    present = torch.from_numpy(vocabulary.match_matrix(frame["text"].tolist()))
     cosine = score_regions(
         model, regions, attr_embs, mask, present, chunk_size=chunk_size, device=device, progress=progress
     )
     assigned = assign_regions(cosine, mask, present, epsilon).numpy()
-    sentences = choose_sentences(frame["text"].tolist(), frame["attributes"], vocabulary, seed)
-    attrs, texts = assigned_columns(assigned, mask.numpy(), sentences, vocabulary)
+    names = vocabulary.names
+    mentioned = [[names[c] for c in np.flatnonzero(row)] for row in present.numpy()]
+    sentences = choose_sentences(frame["text"].tolist(), mentioned, vocabulary, seed)
+    attrs, texts = assigned_columns(assigned, mask.numpy(), sentences, names)
     out = frame.copy()
     out["assigned_attributes"] = attrs
     out["assigned_text"] = texts

@@ -8,8 +8,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from villa.annotations import attribute_multi_hot
-
 
 class Stage1Dataset(torch.utils.data.Dataset):
     """All of one split in three tensors; a batch is one fancy-index, no per-item Python work.
@@ -26,10 +24,11 @@ class Stage1Dataset(torch.utils.data.Dataset):
         self.regions, self.mask, self.multi_hot = regions.float(), mask.bool(), multi_hot.bool()
 
     @classmethod
-    def from_frame(cls, frame: pd.DataFrame, embeddings, vocabulary: Sequence[str]) -> Stage1Dataset:
-        """Build from an annotation split and an open :class:`villa.embeddings.RegionEmbeddings`."""
+    def from_frame(cls, frame: pd.DataFrame, embeddings, vocabulary) -> Stage1Dataset:
+        """Build from an annotation split, an open :class:`villa.embeddings.RegionEmbeddings` and the
+        dataset's :class:`villa.datasets.Vocabulary` (whose matcher reads each image's attributes off its text)."""
         regions, mask = embeddings.gather(frame["image_id"].to_numpy())
-        multi_hot = torch.from_numpy(attribute_multi_hot(frame["attributes"], vocabulary))
+        multi_hot = torch.from_numpy(vocabulary.match_matrix(frame["text"].tolist()))
         return cls(regions, mask, multi_hot)
 
     def __len__(self) -> int:

@@ -1,19 +1,14 @@
-"""Mapping quality against the ground truth ``reg_to_attr`` (evaluation only; never used in training)."""
+"""Mapping quality against the ground truth ``reg_to_attr`` (evaluation only; never used in training).
+
+The truth is :func:`villa.datasets.region_truth`: each region's labelled attributes that its image's text
+mentions (the pairs a mapping can find; all of them on DocMNIST).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import pandas as pd
-
-from villa.annotations import attribute_multi_hot
-
-
-def truth_matrix(frame: pd.DataFrame, vocabulary: Sequence[str]) -> np.ndarray:
-    """Ground-truth region-attribute pairs ``[M, K]`` bool over the frame's M regions, in region order."""
-    per_region = [attrs for regions in frame["reg_to_attr"] for attrs in regions]
-    return attribute_multi_hot(per_region, vocabulary)
 
 
 def _prf(assigned: np.ndarray, truth: np.ndarray) -> dict[str, float]:

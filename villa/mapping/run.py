@@ -4,26 +4,24 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from villa import distributed
-from villa.annotations import SPLITS, read_annotations
 from villa.checkpoints import BEST, LAST, load_model_state
+from villa.datasets import SPLITS, Dataset, region_truth
 from villa.device import resolve_device
-from villa.docmnist.vocabulary import ATTRIBUTE_KIND, ATTRIBUTES
 from villa.embeddings import RegionEmbeddings, load_attr_embs
 from villa.errors import VillaError
 from villa.mapping.assign import EPSILON, map_split
 from villa.mapping.data import Stage1Dataset, collate_stage1
 from villa.mapping.loss import TEMPERATURE, MappingLoss
-from villa.mapping.metrics import format_metrics_table, mapping_metrics, truth_matrix
+from villa.mapping.metrics import format_metrics_table, mapping_metrics
 from villa.mapping.model import MappingModel
-from villa.mapping.schema import write_mapping, write_mapping_metrics
-from villa.paths import resolve_dataset_dir
+from villa.mapping.schema import clear_outputs, write_mapping, write_mapping_metrics
 from villa.training import FitResult, fit
 
 MAP_WEIGHTS = ("best", "last")
@@ -47,7 +45,7 @@ def run_stage1(
     data_dir: str | os.PathLike,
     run_dir: str | os.PathLike,
     *,
-    encoder: str | None = "default",
+    encoder: str | None = None,
     emb_dim: int | None = None,
     one_proj: bool = False,
     adapter: bool = False,
@@ -72,15 +70,16 @@ def run_stage1(
     pin_memory: bool = False,
     progress: bool = True,
     config: dict | None = None,
-    vocabulary: Sequence[str] = ATTRIBUTES,
-    attribute_kind: Mapping[str, str] = ATTRIBUTE_KIND,
 ) -> Stage1Result:
     """Train the mapping model on ``data_dir``'s train split and write the mapping of every split.
 
-    Reads ``annotations.feather``, ``attr_embs.pth`` and ``region_embs/`` (refused unless computed by
-    ``encoder``; None accepts any). Writes to ``run_dir``: ``metrics.csv``, ``last.pkl``, ``best.pkl``
-    (by :func:`villa.training.fit`), ``mapping_{split}.feather`` and ``mapping_metrics.json``, and prints
-    the metrics table. ``map_weights`` picks the weights that map: ``best`` (lowest val loss) or ``last``.
+    Reads the dataset (annotations and vocabulary; each image's attributes are read off its TEXT with the
+    vocabulary's matcher), ``attr_embs.pth`` and ``region_embs/`` (refused unless computed by ``encoder``;
+    None accepts the encoder that preprocessing used). Writes to ``run_dir``: ``metrics.csv``, ``last.pkl``,
+    ``best.pkl`` (by :func:`villa.training.fit`), ``mapping_{split}.feather`` and ``mapping_metrics.json``
+    (mapping P/R/F1 per split and per attribute kind when the dataset has region labels), and prints the
+    metrics table. ``map_weights`` picks the weights that map: ``best`` (lowest val loss) or ``last``.
+    The previous run's mappings and metrics are deleted first, so a failed run leaves none behind.
     """
     if not epsilon >= 0:
         raise VillaError(f"mapping.epsilon must be >= 0, got {epsilon}")
@@ -90,10 +89,13 @@ def run_stage1(
         raise VillaError(f"loss.temperature must be > 0, got {temperature}")
     if not 0 <= dropout < 1:
         raise VillaError(f"model.dropout must be in [0, 1), got {dropout}")
-    data_dir, run_dir = resolve_dataset_dir(data_dir), Path(run_dir)
+    dataset, run_dir = Dataset.open(data_dir), Path(run_dir)
+    data_dir = dataset.root
     device = resolve_device(device)
+    if distributed.context().is_main:
+        clear_outputs(run_dir)
 
-    frame = read_annotations(data_dir)
+    frame = dataset.annotations()
     embeddings = RegionEmbeddings.open(data_dir, expected_encoder=encoder)
     embeddings.check_covers(frame["image_id"].to_numpy(), frame["num_regions"].to_numpy())
     if emb_dim is not None and int(emb_dim) != embeddings.dim:
@@ -101,8 +103,8 @@ def run_stage1(
             f"model.emb_dim={emb_dim} but the region embeddings in {data_dir} are {embeddings.dim}-d: "
             f"set model.emb_dim=null to take it from the manifest"
         )
-    vocabulary = list(vocabulary)
-    _, attr_embs = load_attr_embs(data_dir, vocabulary)
+    vocabulary = dataset.vocabulary
+    _, attr_embs = load_attr_embs(data_dir, vocabulary.names)
     if attr_embs.shape[1] != embeddings.dim:
         raise VillaError(
             f"attribute embeddings are {attr_embs.shape[1]}-d but region embeddings {embeddings.dim}-d: "
@@ -145,7 +147,7 @@ def run_stage1(
         num_workers=num_workers,
         pin_memory=pin_memory,
         config=config,
-        extra={"model": model_config, "vocabulary": vocabulary, "encoder": embeddings.encoder},
+        extra={"model": model_config, "vocabulary": vocabulary.names, "encoder": embeddings.encoder},
         desc="stage1",
         progress=progress,
     )
@@ -178,12 +180,15 @@ def run_stage1(
             progress=progress,
         )
         write_mapping(run_dir, split, mapped)
-        metrics[split] = mapping_metrics(
-            assigned, truth_matrix(split_frame, vocabulary), vocabulary, attribute_kind
-        )
-    write_mapping_metrics(run_dir, metrics)
+        if dataset.has_region_labels:
+            truth = region_truth(split_frame, vocabulary.names)
+            metrics[split] = mapping_metrics(assigned, truth, vocabulary.names, vocabulary.kinds)
+    write_mapping_metrics(run_dir, metrics)  # last: its presence marks a complete run
     print(f"mapping with {mapped_with} (epsilon {epsilon}) -> {run_dir}")
-    print(format_metrics_table(metrics), flush=True)
+    if metrics:
+        print(format_metrics_table(metrics), flush=True)
+    else:
+        print("no region labels in this dataset: mapping precision/recall cannot be measured", flush=True)
     distributed.barrier()
     return Stage1Result(run_dir=run_dir, metrics=metrics, fit=result, mapped_with=mapped_with)
 

@@ -1,6 +1,7 @@
 """THE reader and writer of stage-1 outputs in a stage-1 run folder.
 
-``mapping_{split}.feather``: the split's annotation rows (all columns of :mod:`villa.annotations`) plus
+``mapping_{split}.feather``: the split's annotation rows (the contract's columns, :mod:`villa.datasets.contract`)
+plus
 
 =================== ========================================================================
 assigned_attributes list per region of the attributes assigned to it (vocabulary order)
@@ -8,7 +9,9 @@ assigned_text       list per region of its assigned text: the attributes' senten
 =================== ========================================================================
 
 ``mapping_metrics.json``: ``{split: {precision, recall, f1, per_kind: {kind: {precision, recall, f1}}}}``
-in percent.
+in percent (``{}`` for a dataset without region labels), written LAST: a stage-1 run is complete when it exists.
+A stage-1 run deletes the previous run's outputs before it starts (:func:`clear_outputs`), so a failed rerun
+never leaves files that a later stage would read as current.
 """
 
 from __future__ import annotations
@@ -19,12 +22,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from villa.annotations import COLUMNS, LIST_COLUMNS, SPLITS
+from villa.datasets.contract import COLUMNS, OPTIONAL_COLUMNS, SPLITS
 from villa.errors import VillaError
 from villa.io import write_feather, write_json
 
 MAPPING_COLUMNS = (*COLUMNS, "assigned_attributes", "assigned_text")
-MAPPING_LIST_COLUMNS = (*LIST_COLUMNS, "assigned_attributes", "assigned_text")
 METRICS_FILE = "mapping_metrics.json"
 
 
@@ -37,6 +39,10 @@ def mapping_path(run_dir: str | os.PathLike, split: str) -> Path:
 def write_mapping(run_dir: str | os.PathLike, split: str, frame: pd.DataFrame) -> Path:
     """Validate and write one split's mapping atomically; returns its path."""
     path = mapping_path(run_dir, split)
+    frame = frame.copy()
+    for optional in OPTIONAL_COLUMNS:
+        if optional not in frame.columns:
+            frame[optional] = None
     missing = [c for c in MAPPING_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"mapping table lacks columns {missing}")
@@ -54,6 +60,7 @@ def read_mapping(stage1_run_dir: str | os.PathLike, split: str) -> pd.DataFrame:
 
     Raises :class:`VillaError` when the file is missing, unreadable or lacks columns.
     """
+    import pyarrow as pa
     import pyarrow.feather as feather
 
     path = mapping_path(stage1_run_dir, split)
@@ -61,19 +68,32 @@ def read_mapping(stage1_run_dir: str | os.PathLike, split: str) -> pd.DataFrame:
         raise VillaError(
             f"no {path.name} in {stage1_run_dir}: run stage 1 first (python -m villa.stage1 experiment=...)"
         )
+    if not (Path(stage1_run_dir) / METRICS_FILE).is_file():
+        raise VillaError(
+            f"the stage-1 run in {stage1_run_dir} did not finish (no {METRICS_FILE}): re-run stage 1"
+        )
     try:
         table = feather.read_table(path)
     except Exception as err:
-        raise VillaError(f"cannot read {path}: {err}") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise VillaError(f"cannot read {path} ({first}): re-run stage 1") from None
     missing = [c for c in MAPPING_COLUMNS if c not in table.column_names]
     if missing:
         raise VillaError(f"{path} lacks columns {missing}: re-run stage 1")
-    return pd.DataFrame(
-        {
-            c: (table.column(c).to_pylist() if c in MAPPING_LIST_COLUMNS else table.column(c).to_numpy())
-            for c in MAPPING_COLUMNS
-        }
-    )
+    data = {}
+    for name in MAPPING_COLUMNS:
+        column = table.column(name)
+        nested = pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
+        data[name] = column.to_pylist() if nested else column.to_numpy(zero_copy_only=False)
+    return pd.DataFrame(data)
+
+
+def clear_outputs(run_dir: str | os.PathLike) -> None:
+    """Delete a previous run's mappings and metrics (metrics first: it marks a complete run)."""
+    run_dir = Path(run_dir)
+    (run_dir / METRICS_FILE).unlink(missing_ok=True)
+    for split in SPLITS:
+        mapping_path(run_dir, split).unlink(missing_ok=True)
 
 
 def write_mapping_metrics(run_dir: str | os.PathLike, metrics: dict) -> Path:

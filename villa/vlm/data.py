@@ -1,24 +1,24 @@
-"""Stage-2 training data: region-text pairs with every image decoded once and kept in memory.
+"""Stage-2 training data: region-text pairs over images served by :class:`villa.images.ImageStore`.
 
 A dataset item is an *image* with all its pairs: the whole image with the whole caption, plus (ViLLA)
 every region whose stage-1 assigned text is non-empty. Pairs are stored flat with per-image offsets,
-so a batch is gathered with a few tensor index operations (no per-item DataFrame access).
+so a batch is gathered with a few tensor index operations (no per-item DataFrame access). Images are kept
+decoded in memory when they fit the ``image_cache_mb`` budget, else decoded per batch (in DataLoader workers
+when ``num_workers > 0``), resized by the encoder's policy; boxes are scaled to match.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
-from villa.annotations import region_boxes
+from villa.datasets import Dataset, region_boxes
 from villa.embeddings import TextEmbeddingCache
 from villa.errors import VillaError
+from villa.images import DEFAULT_CACHE_MB, NO_RESIZE, ImageStore, ResizePolicy
 from villa.text import split_sentences
 
 PAIR_MODES = ("villa", "clip")
@@ -81,44 +81,25 @@ def text_embeddings(texts: Sequence[str], cache: TextEmbeddingCache) -> torch.Te
     return torch.nn.functional.normalize(sums, dim=1)[torch.from_numpy(codes)]
 
 
-def load_images(
-    dataset_dir: str | os.PathLike, frame: pd.DataFrame, desc: str = "decode", progress: bool = True
-) -> torch.Tensor:
-    """Decode every image of ``frame`` once: uint8 ``[N, 3, H, W]`` (all images must share one size)."""
-    from PIL import Image
-
-    dataset_dir = Path(dataset_dir)
-    arrays = []
-    for rel in tqdm(frame["image_filepath"].tolist(), desc=desc, leave=False, disable=not progress):
-        path = dataset_dir / rel
-        if not path.is_file():
-            raise VillaError(f"image {path} is missing: is the dataset complete?")
-        with Image.open(path) as img:
-            arrays.append(np.asarray(img.convert("RGB")))
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise VillaError(
-            f"images of {dataset_dir} differ in size ({sorted(shapes)[:2]}...): cannot batch them"
-        )
-    stacked = np.stack(arrays) if arrays else np.zeros((0, 1, 1, 3), np.uint8)
-    return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
-
-
 class RegionTextDataset(torch.utils.data.Dataset):
     """One item per image: its uint8 image, its pair boxes and the pairs' text embeddings.
 
-    images uint8 ``[N, 3, H, W]``; offsets int64 ``[N+1]``; boxes float32 ``[P, 4]``; text float32 ``[P, D]``.
-    ``__getitems__`` gathers a whole batch at once and returns the collated dict (see
-    :func:`collate_region_text`).
+    images: an :class:`~villa.images.ImageStore` of N images (or a uint8 tensor ``[N, 3, H, W]``);
+    offsets int64 ``[N+1]``; boxes float32 ``[P, 4]`` in STORED pixels (scaled here by the store's resize
+    factors); text float32 ``[P, D]``. ``__getitems__`` gathers a whole batch at once and returns the collated
+    dict (see :func:`collate_region_text`).
     """
 
-    def __init__(self, images: torch.Tensor, offsets, boxes, text: torch.Tensor):
-        self.images = images
+    def __init__(self, images: ImageStore | torch.Tensor, offsets, boxes, text: torch.Tensor):
+        self.images = images if isinstance(images, ImageStore) else ImageStore.from_array(images)
         self.offsets = torch.as_tensor(offsets, dtype=torch.int64)
-        self.boxes = torch.as_tensor(boxes, dtype=torch.float32)
+        boxes = torch.as_tensor(boxes, dtype=torch.float32)
         self.text = text.float().contiguous()
-        if len(self.offsets) != len(images) + 1 or not int(self.offsets[-1]) == len(self.boxes) == len(text):
+        if len(self.offsets) != len(self.images) + 1 or not int(self.offsets[-1]) == len(boxes) == len(text):
             raise ValueError("images, offsets, boxes and text embeddings disagree in length")
+        owner = torch.repeat_interleave(torch.arange(len(self.images)), self.offsets.diff())
+        scales = torch.as_tensor(self.images.scales, dtype=torch.float32)[owner]  # [P, 2] (sy, sx)
+        self.boxes = boxes * scales[:, [1, 0, 1, 0]]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -142,7 +123,7 @@ class RegionTextDataset(torch.utils.data.Dataset):
         # numpy gathers are single-threaded memcpy: torch's parallel indexing stalls for tens of ms when
         # its second thread is descheduled on a busy 2-core machine
         return {
-            "images": torch.from_numpy(self.images.numpy()[idx.numpy()]),
+            "images": self.images.batch(idx.numpy()),
             "boxes": boxes,
             "text": torch.from_numpy(self.text.numpy()[rows.numpy()]),
         }
@@ -164,16 +145,38 @@ def collate_region_text(batch) -> dict[str, torch.Tensor]:
     }
 
 
+def image_store(
+    dataset: Dataset,
+    frame: pd.DataFrame,
+    policy: ResizePolicy = NO_RESIZE,
+    cache_mb: float = DEFAULT_CACHE_MB,
+    progress: bool = True,
+    desc: str = "decode",
+) -> ImageStore:
+    """The :class:`ImageStore` of ``frame``'s images (stored sizes from ``image_size``)."""
+    from villa.preprocess import rebuild_hint
+
+    return ImageStore(
+        dataset.image_paths(frame["image_filepath"].tolist()),
+        np.asarray(frame["image_size"].tolist(), dtype=np.int64).reshape(-1, 2),
+        policy,
+        cache_mb=cache_mb,
+        hint=rebuild_hint(dataset),
+        progress=progress,
+        desc=desc,
+    )
+
+
 def build_dataset(
-    dataset_dir: str | os.PathLike,
+    dataset: Dataset,
     frame: pd.DataFrame,
     cache: TextEmbeddingCache,
     mode: str = "villa",
-    images: torch.Tensor | None = None,
+    policy: ResizePolicy = NO_RESIZE,
+    cache_mb: float = DEFAULT_CACHE_MB,
     progress: bool = True,
 ) -> RegionTextDataset:
     """Stage-2 dataset for the rows of ``frame`` (a stage-1 mapping frame, or annotations for ``clip``)."""
     offsets, boxes, texts = build_pairs(frame, mode)
-    if images is None:
-        images = load_images(dataset_dir, frame, progress=progress)
+    images = image_store(dataset, frame, policy, cache_mb, progress)
     return RegionTextDataset(images, offsets, boxes, text_embeddings(texts, cache))

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from villa.annotations import read_annotations
+from villa.datasets import Dataset
 from villa.device import resolve_device
 from villa.distributed import all_gather_no_grad, all_gather_with_grad
-from villa.embeddings import TextEmbeddingCache
+from villa.embeddings import TextEmbeddingCache, preprocessed_encoder
 from villa.errors import VillaError
-from villa.paths import resolve_dataset_dir
+from villa.images import DEFAULT_CACHE_MB, ResizePolicy
 from villa.vlm.data import PAIR_MODES, RegionTextDataset, build_dataset, collate_region_text
 from villa.vlm.loss import TAU, symmetric_info_nce
 
@@ -49,18 +49,18 @@ class RegionTextLoss:
         return symmetric_info_nce(region_embs, text, self.tau), int(region_embs.shape[0])
 
 
-def stage2_frames(dataset_dir: Path, pairs: str, stage_1_ckpt_dir: str | os.PathLike | None):
+def stage2_frames(dataset: Dataset, pairs: str, stage_1_ckpt_dir: str | os.PathLike | None):
     """(train, val) frames: stage-1 mappings for ViLLA, plain annotations for the CLIP baseline."""
     if pairs not in PAIR_MODES:
         raise VillaError(f"unknown pairs '{pairs}': use one of {', '.join(PAIR_MODES)}")
     if pairs == "clip":
-        return read_annotations(dataset_dir, "train"), read_annotations(dataset_dir, "val")
+        return dataset.annotations("train"), dataset.annotations("val")
     from villa.mapping.schema import read_mapping
 
     if stage_1_ckpt_dir is None or not Path(stage_1_ckpt_dir).is_dir():
         raise VillaError(
             f"no stage-1 run folder at {stage_1_ckpt_dir}: run stage 1 first "
-            "(python -m villa.stage1 experiment=docmnist_stage1) or set stage_1_ckpt_dir=..."
+            "(python -m villa.stage1 experiment=stage1 data_dir=...) or set stage_1_ckpt_dir=..."
         )
     frames = []
     for split in ("train", "val"):
@@ -77,14 +77,17 @@ def build_stage2_datasets(
     pairs: str = "villa",
     stage_1_ckpt_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    policy: ResizePolicy | None = None,
+    image_cache_mb: float = DEFAULT_CACHE_MB,
 ) -> tuple[RegionTextDataset, RegionTextDataset]:
-    """Train and val datasets (images decoded once, pair text embeddings precomputed from the cache)."""
-    dataset_dir = resolve_dataset_dir(data_dir)
-    train_frame, val_frame = stage2_frames(dataset_dir, pairs, stage_1_ckpt_dir)
-    cache = TextEmbeddingCache.open(dataset_dir, expected_encoder=encoder_name)
+    """Train and val datasets (images resized by ``policy``, pair text embeddings precomputed from the cache)."""
+    dataset = Dataset.open(data_dir)
+    train_frame, val_frame = stage2_frames(dataset, pairs, stage_1_ckpt_dir)
+    cache = TextEmbeddingCache.open(dataset.root, expected_encoder=encoder_name)
+    policy = policy or ResizePolicy()
     return (
-        build_dataset(dataset_dir, train_frame, cache, pairs, progress=progress),
-        build_dataset(dataset_dir, val_frame, cache, pairs, progress=progress),
+        build_dataset(dataset, train_frame, cache, pairs, policy, image_cache_mb, progress),
+        build_dataset(dataset, val_frame, cache, pairs, policy, image_cache_mb, progress),
     )
 
 
@@ -94,7 +97,7 @@ def run_stage2(
     run_dir: str | os.PathLike,
     stage_1_ckpt_dir: str | os.PathLike | None = None,
     pairs: str = "villa",
-    encoder: str = "default",
+    encoder: str | None = None,
     clip_weights: str | None = None,
     device: str = "auto",
     seed: int = 23,
@@ -110,18 +113,24 @@ def run_stage2(
     num_workers: int = 0,
     pin_memory: bool = False,
     progress: bool = True,
+    image_cache_mb: float = DEFAULT_CACHE_MB,
     config: dict | None = None,
 ):
     """Train the image model on region-text pairs (``pairs="villa"``) or whole pairs (``"clip"``).
 
+    ``encoder``/``clip_weights`` None: those preprocessing recorded in the dataset's embeddings. Images keep
+    decoded in memory when they fit ``image_cache_mb``, else are decoded per batch.
     Writes ``run_dir/{metrics.csv,last.pkl,best.pkl}`` through :func:`villa.training.fit`; returns its FitResult.
     """
     from villa.encoders import get_encoder
     from villa.training import fit
 
     dev = resolve_device(device)
+    encoder, clip_weights = preprocessed_encoder(Dataset.open(data_dir).root, encoder, clip_weights)
     enc = get_encoder(encoder, clip_weights=clip_weights, device="cpu")
-    train_set, val_set = build_stage2_datasets(data_dir, enc.name, pairs, stage_1_ckpt_dir, progress)
+    train_set, val_set = build_stage2_datasets(
+        data_dir, enc.name, pairs, stage_1_ckpt_dir, progress, ResizePolicy.of(enc), image_cache_mb
+    )
     torch.manual_seed(seed)
     model = enc.build_image_model()
     print(
@@ -183,5 +192,6 @@ def run_stage2_from_config(cfg):
         num_workers=int(cfg.num_workers),
         pin_memory=bool(cfg.pin_memory),
         progress=bool(cfg.get("progress", True)),
+        image_cache_mb=float(cfg.get("image_cache_mb", DEFAULT_CACHE_MB)),
         config=to_container(cfg),
     )

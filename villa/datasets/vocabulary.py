@@ -1,0 +1,266 @@
+"""A dataset's attribute vocabulary (``attributes.yaml``) and the text matcher: the one reader and writer.
+
+File format::
+
+    attributes:
+      - name: half moon              # required; may be several words
+        prompts: ["a half moon", "there is a half moon"]   # optional; default: [name]
+        match: ["half moon", "half moons"]                 # optional; default: [name, plural(name)]
+        kind: shape                                        # optional; groups per-kind metrics
+
+An image's attributes come from its **text**: attribute ``a`` is present when the lower-cased text holds one
+of ``a.match`` as a whole word or whole phrase (no letter, digit or underscore on either side; any run of
+white space inside a phrase matches a single space). Nothing else decides it: stage 1 trains on these sets,
+never on region labels.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from villa.errors import VillaError
+
+VOCABULARY_FILE = "attributes.yaml"
+
+#: irregular English plurals common in captions (the default ``match`` of a name ending in one of these words)
+IRREGULAR_PLURALS = {
+    "person": "people",
+    "man": "men",
+    "woman": "women",
+    "child": "children",
+    "mouse": "mice",
+    "foot": "feet",
+    "tooth": "teeth",
+    "goose": "geese",
+    "knife": "knives",
+    "leaf": "leaves",
+    "wolf": "wolves",
+    "shelf": "shelves",
+    "loaf": "loaves",
+    "calf": "calves",
+    "half": "halves",
+    "sheep": "sheep",
+    "fish": "fish",
+    "deer": "deer",
+    "skis": "skis",
+    "scissors": "scissors",
+    "glasses": "glasses",
+}
+
+
+def plural(phrase: str) -> str:
+    """The English plural of a noun phrase's last word: ``"half moon" -> "half moons"``, ``"bus" -> "buses"``."""
+    head, _, last = phrase.rpartition(" ")
+    lower = last.lower()
+    if lower in IRREGULAR_PLURALS:
+        word = IRREGULAR_PLURALS[lower]
+    elif lower.endswith(("s", "x", "z", "ch", "sh")):
+        word = last + "es"
+    elif len(lower) > 1 and lower.endswith("y") and lower[-2] not in "aeiou":
+        word = last[:-1] + "ies"
+    else:
+        word = last + "s"
+    return f"{head} {word}" if head else word
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """One vocabulary entry (see the module docstring)."""
+
+    name: str
+    prompts: tuple[str, ...]
+    match: tuple[str, ...]
+    kind: str | None = None
+
+
+def _normalise_space(text: str) -> str:
+    return " ".join(text.split())
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The attributes of a dataset, in file order (the order of every ``[.., K]`` axis in the pipeline)."""
+
+    attributes: tuple[Attribute, ...]
+    _patterns: tuple[re.Pattern, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if not self.attributes:
+            raise VillaError("the attribute vocabulary is empty")
+        names = [a.name for a in self.attributes]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise VillaError(f"the attribute vocabulary names {duplicates[0]!r} twice")
+        patterns = []
+        for attr in self.attributes:
+            alternatives = sorted({_normalise_space(m).lower() for m in attr.match if m.strip()}, key=len)
+            if not alternatives:
+                raise VillaError(f"attribute {attr.name!r} has no non-empty 'match' phrase")
+            # longest first, so "half moons" wins over "half moon" at the same position
+            body = "|".join(r"\s+".join(map(re.escape, m.split())) for m in reversed(alternatives))
+            patterns.append(re.compile(rf"(?<!\w)(?:{body})(?!\w)"))
+        object.__setattr__(self, "_patterns", tuple(patterns))
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_names(cls, names: Iterable[str], kinds: dict[str, str] | None = None) -> Vocabulary:
+        """Every attribute with the default prompts and match phrases (and ``kinds[name]`` if given)."""
+        return cls(tuple(make_attribute(n, kind=(kinds or {}).get(n)) for n in names))
+
+    # ---------------------------------------------------------------- views
+    def __len__(self) -> int:
+        return len(self.attributes)
+
+    @property
+    def names(self) -> list[str]:
+        return [a.name for a in self.attributes]
+
+    def index(self, name: str) -> int:
+        for k, attr in enumerate(self.attributes):
+            if attr.name == name:
+                return k
+        raise VillaError(f"unknown attribute {name!r}")
+
+    def prompts(self, name: str) -> list[str]:
+        return list(self.attributes[self.index(name)].prompts)
+
+    @property
+    def has_kinds(self) -> bool:
+        return any(a.kind for a in self.attributes)
+
+    @property
+    def kinds(self) -> dict[str, str] | None:
+        """attribute -> kind (``"other"`` for attributes without one), or None when no attribute has a kind."""
+        if not self.has_kinds:
+            return None
+        return {a.name: a.kind or "other" for a in self.attributes}
+
+    # ---------------------------------------------------------------- the text matcher
+    def match_matrix(self, texts: Sequence[str]) -> np.ndarray:
+        """``[N, K]`` bool: text ``n`` mentions attribute ``k`` (whole word/phrase, case-insensitive, plurals
+        as listed in ``match``).
+
+        All texts are joined into one lower-cased string and each attribute is found by one regex scan, so
+        the cost is K scans of the corpus, not N x K Python tests. A match cannot straddle two texts: their
+        separator, U+0000, is neither ``\\w`` (so it bounds words) nor ``\\s`` (so no phrase spans it).
+        """
+        lowered = [t.lower().replace("\0", " ") for t in texts]
+        out = np.zeros((len(lowered), len(self.attributes)), dtype=bool)
+        if not lowered:
+            return out
+        lengths = np.fromiter((len(t) + 1 for t in lowered), dtype=np.int64, count=len(lowered))
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        joined = "\0".join(lowered)
+        for k, pattern in enumerate(self._patterns):
+            found = np.fromiter((m.start() for m in pattern.finditer(joined)), dtype=np.int64)
+            if len(found):
+                out[np.searchsorted(starts, found, side="right") - 1, k] = True
+        return out
+
+    def text_attributes(self, texts: Sequence[str]) -> list[list[str]]:
+        """Each text's attributes (vocabulary order), from :meth:`match_matrix`."""
+        rows, cols = np.nonzero(self.match_matrix(texts))
+        names = self.names
+        out: list[list[str]] = [[] for _ in texts]
+        for r, c in zip(rows.tolist(), cols.tolist()):
+            out[r].append(names[c])
+        return out
+
+    # ---------------------------------------------------------------- file
+    def to_dict(self) -> dict:
+        entries = []
+        for attr in self.attributes:
+            entry: dict = {"name": attr.name, "prompts": list(attr.prompts), "match": list(attr.match)}
+            if attr.kind:
+                entry["kind"] = attr.kind
+            entries.append(entry)
+        return {"attributes": entries}
+
+
+def make_attribute(
+    name: str,
+    prompts: Sequence[str] | None = None,
+    match: Sequence[str] | None = None,
+    kind: str | None = None,
+) -> Attribute:
+    """An :class:`Attribute` with the defaults filled in: prompts ``[name]``, match ``[name, plural(name)]``."""
+    if not isinstance(name, str) or not name.strip():
+        raise VillaError(f"an attribute needs a non-empty 'name', got {name!r}")
+    name = _normalise_space(name)
+    prompts = [name] if prompts is None else [str(p) for p in prompts]
+    if match is None:
+        match = list(dict.fromkeys([name, plural(name)]))
+    return Attribute(name=name, prompts=tuple(prompts), match=tuple(str(m) for m in match), kind=kind or None)
+
+
+def _field_list(entry: dict, key: str, where: str) -> list[str] | None:
+    value = entry.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value) or not value:
+        raise VillaError(f"{where}: '{key}' must be a non-empty list of strings")
+    return value
+
+
+def vocabulary_from_dict(data, where: str = "vocabulary") -> Vocabulary:
+    """Build a :class:`Vocabulary` from the parsed YAML (``{"attributes": [...]}``); one-line errors."""
+    if not isinstance(data, dict) or not isinstance(data.get("attributes"), list):
+        raise VillaError(f"{where} must hold a list under 'attributes:' (see the README, 'Your own data')")
+    attributes = []
+    for i, entry in enumerate(data["attributes"]):
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, dict):
+            raise VillaError(f"{where}: attribute #{i + 1} must be a mapping with a 'name'")
+        unknown = sorted(set(entry) - {"name", "prompts", "match", "kind"})
+        if unknown:
+            raise VillaError(
+                f"{where}: attribute #{i + 1} has unknown keys {unknown} (allowed: name, prompts, match, kind)"
+            )
+        kind = entry.get("kind")
+        if kind is not None and not isinstance(kind, str):
+            raise VillaError(f"{where}: attribute #{i + 1}: 'kind' must be a string")
+        attributes.append(
+            make_attribute(
+                entry.get("name"),
+                _field_list(entry, "prompts", where),
+                _field_list(entry, "match", where),
+                kind,
+            )
+        )
+    return Vocabulary(tuple(attributes))
+
+
+def load_vocabulary_file(path: str | os.PathLike) -> Vocabulary:
+    """Read a vocabulary YAML file anywhere on disk (e.g. a user's ``--attributes`` file)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise VillaError(f"attribute vocabulary {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise VillaError(f"{path} is not valid YAML: {first}") from None
+    return vocabulary_from_dict(data, str(path))
+
+
+def write_vocabulary(folder: str | os.PathLike, vocabulary: Vocabulary) -> Path:
+    """Write ``<folder>/attributes.yaml`` atomically."""
+    import yaml
+
+    from villa.io import atomic_path
+
+    path = Path(folder) / VOCABULARY_FILE
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(vocabulary.to_dict(), sort_keys=False, allow_unicode=True, width=110))
+    return path
