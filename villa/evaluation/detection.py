@@ -36,9 +36,10 @@ _CHUNK = 16384  # regions per similarity block: bounds float64 memory for large 
 
 
 def _array(x, name: str, dtype=None) -> np.ndarray:
-    """A numpy copy-free view of a list / numpy array / (possibly GPU) tensor."""
+    """A numpy array (no copy when already one of ``dtype``) from a list, array or (possibly GPU) tensor."""
     if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        x = (x.float() if x.dtype == torch.bfloat16 else x).numpy()  # numpy has no bfloat16
     try:
         return np.asarray(x, dtype=dtype)
     except (TypeError, ValueError) as err:
