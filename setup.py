@@ -22,6 +22,7 @@ setup(
         "matplotlib>=3.7",
         "transformers>=4.40",
         "open-clip-torch>=2.20",
+        "pycocotools>=2.0.6",
     ],
     extras_require={
         "test": ["pytest>=7", "nbclient>=0.7", "nbformat>=5", "ipykernel>=6", "ruff>=0.5", "pre-commit>=3"],
