@@ -191,5 +191,5 @@ def test_mapping_schema_refuses_bad_input(tmp_path):
     with pytest.raises(ValueError, match="one entry per region"):
         write_mapping(tmp_path, "val", bad)
     (tmp_path / "mapping_test.feather").write_text("not feather")
-    with pytest.raises(VillaError, match="cannot read"):
+    with pytest.raises(VillaError, match="mapping_test.feather in .* is not a readable feather table"):
         read_mapping(tmp_path, "test")
