@@ -41,7 +41,7 @@ OWNED_ELSEWHERE = {
     "annotations.feather": "the lead's villa/datasets/: one line, but it names no command that rebuilds it",
 }
 #: a message's remedy: the command to re-run (or what to delete first)
-REMEDY = re.compile(r": (re-run|run|delete) ")
+REMEDY = re.compile(r": (re-run|run|rebuild|delete) ")
 
 COMMON = ("epochs=1", "device=cpu", "progress=false")
 STEPS = (  # the chain after preprocessing: (name, entry module, its arguments)
