@@ -213,8 +213,12 @@ def check_file(path: Path, root: Path, fix: Fix, record: dict | None = None) -> 
     """The file's size; raises when it is missing or differs from ``record["bytes"]``."""
     try:
         size = path.stat().st_size
+        if not path.is_file():
+            raise IsADirectoryError("not a regular file")
     except FileNotFoundError:
         raise damaged(path, root, "is missing", fix) from None
+    except OSError as err:
+        raise damaged(path, root, f"cannot be read ({one_line(err)})", fix) from None
     expected = record.get("bytes") if record else None
     if isinstance(expected, int) and size != expected:
         raise damaged(path, root, size_problem(size, expected), fix)
