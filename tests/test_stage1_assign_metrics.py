@@ -173,6 +173,8 @@ def _frame():
             "size_label": [[None, "small"], [None]],
             "reg_to_attr": [[["one", "red"], ["one", "red", "circle", "small"]], [["two", "blue"]]],
             "attributes": [["one", "red"], ["two", "blue"]],
+            "object_boxes": [None, None],
+            "object_labels": [None, None],
             "assigned_attributes": [[["one"], ["red"]], [["two", "blue"]]],
             "assigned_text": [
                 ["the number is a one", "the color is red"],
@@ -215,5 +217,5 @@ def test_mapping_schema_refuses_bad_input(tmp_path):
     with pytest.raises(ValueError, match="one entry per region"):
         write_mapping(tmp_path, "val", bad)
     (tmp_path / "mapping_test.feather").write_text("not feather")
-    with pytest.raises(VillaError, match="cannot read"):
+    with pytest.raises(VillaError, match="mapping_test.feather in .* is not a readable feather table"):
         read_mapping(tmp_path, "test")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from villa.artifacts import damaged, load_torch, one_line, rerun_stage
 from villa.errors import VillaError
 from villa.io import save_torch
 
@@ -64,16 +65,31 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint`; VillaError when absent or unreadable."""
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Raises :class:`VillaError` (one line naming the file, the damage and the training command that rebuilds
+    it) when the file is absent, unreadable (truncated, foreign) or not a villa checkpoint.
+    """
     path = Path(path)
     if not path.is_file():
         raise VillaError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:
-        raise VillaError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise VillaError(f"{path} is not a villa checkpoint")
+
+    def fix() -> str:
+        return rerun_stage(path.parent)
+
+    ckpt = load_torch(path, path.parent, fix, map_location=map_location)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise damaged(path, path.parent, "is not a villa checkpoint", fix)
+    version = ckpt.get("format", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise damaged(
+            path,
+            path.parent,
+            f"has format {version!r}, newer than this villa reads",
+            rerun_stage(path.parent),
+        )
+    if not isinstance(ckpt.get("epoch", 0), int):
+        raise damaged(path, path.parent, "has an invalid epoch", fix)
     return ckpt
 
 
@@ -83,5 +99,8 @@ def load_model_state(path: str | os.PathLike, model: torch.nn.Module) -> dict:
     try:
         unwrap(model).load_state_dict(ckpt["model"])
     except RuntimeError as err:
-        raise VillaError(f"checkpoint {path} does not fit this model: {str(err).splitlines()[0]}") from None
+        raise VillaError(
+            f"checkpoint {path} does not fit this model ({one_line(err)}): check the experiment and its "
+            f"model keys, or {rerun_stage(Path(path).parent)}"
+        ) from None
     return ckpt

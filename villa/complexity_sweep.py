@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from villa.artifacts import damaged, one_line, read_json
 from villa.errors import VillaError
 from villa.io import atomic_path, write_json
 
@@ -58,7 +59,7 @@ class _Steps:
         seconds = round(time.perf_counter() - started, 1)
         print(f"{prefix}: done in {seconds:.1f}s", flush=True)
         path = self.out_dir / f"c{complexity}" / STEP_TIMES_FILE
-        rows = pd.read_csv(path).to_dict("records") if path.is_file() else []
+        rows = _read_step_times(path, self.out_dir).to_dict("records") if path.is_file() else []
         rows = [r for r in rows if r["step"] != name]
         rows.append({"complexity": complexity, "step": name, "seconds": seconds})
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,7 +72,7 @@ def write_step_times(out_dir: str | Path) -> Path:
     """Gather every ``c<T>/step_times.csv`` under ``out_dir`` into ``out_dir/step_times.csv``
     (columns ``complexity, step, seconds``, by complexity then step order)."""
     out_dir = Path(out_dir)
-    parts = [pd.read_csv(p) for p in _complexity_dirs(out_dir, STEP_TIMES_FILE)]
+    parts = [_read_step_times(p, out_dir) for p in _complexity_dirs(out_dir, STEP_TIMES_FILE)]
     table = (
         pd.concat(parts, ignore_index=True)
         if parts
@@ -80,6 +81,19 @@ def write_step_times(out_dir: str | Path) -> Path:
     with atomic_path(out_dir / STEP_TIMES_FILE) as tmp:
         table.to_csv(tmp, index=False)
     return out_dir / STEP_TIMES_FILE
+
+
+def _read_step_times(path: Path, out_dir: Path) -> pd.DataFrame:
+    """One complexity's ``step_times.csv`` (``complexity, step, seconds``); one line if damaged."""
+    fix = f"delete it (it only records step times) and re-run python -m villa.sweep out_dir={out_dir}"
+    try:
+        table = pd.read_csv(path)
+    except Exception as err:  # empty, binary or cut mid-quote
+        raise damaged(path, out_dir, f"is not a readable CSV table ({one_line(err)})", fix) from None
+    columns = ("complexity", "step", "seconds")
+    if list(table.columns) != list(columns) or table[list(columns)].isna().any().any():
+        raise damaged(path, out_dir, "is damaged (expected complete rows of complexity, step, seconds)", fix)
+    return table
 
 
 def _complexity_dirs(out_dir: Path, must_hold: str) -> list[Path]:
@@ -179,7 +193,7 @@ def run_sweep(
             write_json(record_path, record)
 
         steps.run(complexity, "generate", record_path.is_file(), generate)
-        record = json.loads(record_path.read_text())
+        record = _read_marker(record_path, out_dir, ("dataset_dir",))
         dataset_dir = Path(record["dataset_dir"])
         if not dataset_dir.is_dir():
             raise VillaError(
@@ -194,7 +208,7 @@ def run_sweep(
             )
             write_json(marker, {"encoder": encoder, "clip_weights": clip_weights})
 
-        embedded = preprocessed.is_file() and json.loads(preprocessed.read_text()).get("encoder") == encoder
+        embedded = preprocessed.is_file() and _read_marker(preprocessed, out_dir).get("encoder") == encoder
         steps.run(complexity, "preprocess", embedded, preprocess)
 
         stage1_dir = run_root / "docmnist_stage1"
@@ -232,6 +246,30 @@ def run_sweep(
     return results
 
 
+def _marker_fix(out_dir: Path) -> str:
+    return f"delete it and re-run python -m villa.sweep out_dir={out_dir} (the step it marks runs again)"
+
+
+def _read_marker(path: Path, out_dir: Path, required: Sequence[str] = ()) -> dict:
+    """A step's JSON record (``dataset.json``, ``preprocessed.json``, ``metrics.json`` ...): one line if damaged."""
+    return read_json(path, root=out_dir, fix=_marker_fix(out_dir), required=required)
+
+
+def read_split_metrics(out_dir: str | Path, complexity: int, split: str = "test") -> dict:
+    """Stage-1 ``{precision, recall, f1, ...}`` of one split of complexity ``complexity`` in a sweep."""
+    from villa.mapping.schema import read_mapping_metrics
+
+    out_dir = Path(out_dir)
+    run_dir = out_dir / f"c{complexity}" / "docmnist_stage1"
+    metrics = read_mapping_metrics(run_dir, fix=_marker_fix(out_dir))
+    values = metrics.get(split)
+    if not isinstance(values, dict) or not all(k in values for k in ("precision", "recall", "f1")):
+        raise damaged(
+            run_dir / "mapping_metrics.json", out_dir, f"has no {split} metrics", _marker_fix(out_dir)
+        )
+    return values
+
+
 def _check_settings(out_dir: Path, settings: dict) -> None:
     """Refuse to mix runs of different settings in one ``out_dir`` (finished steps would be reused silently).
 
@@ -241,7 +279,11 @@ def _check_settings(out_dir: Path, settings: dict) -> None:
     path = out_dir / SETTINGS_FILE
     settings = json.loads(json.dumps(settings))  # plain JSON types, as they read back
     if path.is_file():
-        previous = json.loads(path.read_text())
+        previous = read_json(
+            path,
+            root=out_dir,
+            fix=f"delete it and re-run the sweep with the settings it was started with (out_dir={out_dir})",
+        )
         if previous != settings:
             changed = sorted(
                 k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k)
@@ -260,14 +302,20 @@ def collect_results(out_dir: str | Path) -> pd.DataFrame:
     rows = []
     for record_path in _complexity_dirs(out_dir, "dataset.json"):
         run_root = record_path.parent
-        record = json.loads(record_path.read_text())
+        record = _read_marker(record_path, out_dir)
         mapping_path = run_root / "docmnist_stage1" / "mapping_metrics.json"
-        mapping_f1 = json.loads(mapping_path.read_text())["test"]["f1"] if mapping_path.is_file() else None
+        mapping_f1 = (
+            read_split_metrics(out_dir, int(run_root.name[1:]))["f1"] if mapping_path.is_file() else None
+        )
         for method, experiment in METHOD_EXPERIMENTS.items():
             metrics_path = run_root / experiment / "metrics.json"
             if not metrics_path.is_file():
                 continue
-            metrics = json.loads(metrics_path.read_text())
+            metrics = _read_marker(
+                metrics_path,
+                out_dir,
+                ("text_to_region_r_precision", "region_to_text_r_precision", "zero_shot_auroc"),
+            )
             rows.append(
                 {
                     "target_sample_complexity": int(run_root.name[1:]),

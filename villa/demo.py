@@ -6,7 +6,6 @@ then prints the stage-1 mapping quality, the retrieval table and where the plot 
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ DEMO = {
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    from villa.complexity_sweep import format_results, run_sweep
+    from villa.complexity_sweep import format_results, read_split_metrics, run_sweep
 
     out_dir = Path(argv[0]) if argv else project_dir() / "results" / "demo"
     started = time.perf_counter()
@@ -35,10 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\nStage 1 mapping quality (test split, %):")
     print(f"{'T':>4} {'precision':>10} {'recall':>8} {'f1':>6}")
     for complexity in DEMO["complexities"]:
-        metrics = json.loads(
-            (out_dir / f"c{complexity}" / "docmnist_stage1" / "mapping_metrics.json").read_text()
-        )
-        test = metrics["test"]
+        test = read_split_metrics(out_dir, complexity)
         print(f"{complexity:>4} {test['precision']:>10.1f} {test['recall']:>8.1f} {test['f1']:>6.1f}")
     print("\nRetrieval on the test split (%):")
     print(format_results(results))

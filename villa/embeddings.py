@@ -4,20 +4,37 @@
 Layout::
 
     attr_embs.pth                   dict attribute -> float32 tensor [D], vocabulary order, L2-normalised
-    region_embs/manifest.json       {"format", "encoder", "dim", "dataset", "num_images", "num_regions", "shards"}
+    region_embs/manifest.json       {"format", "encoder", "dim", "dataset", "num_images", "num_regions",
+                                     "shards": [{"file", "rows"}], "files", ...}
     region_embs/shard_*.npy         float32 [rows, D] (plain .npy: memory-mappable, no pickle)
     region_embs/region_emb_mapping.feather   image_id, start (global row), num_regions
-    text_embs/manifest.json         {"format", "encoder", "dim"}
+    text_embs/manifest.json         {"format", "encoder", "dim", "num_texts", "files"}
     text_embs/texts.feather         text (one row per distinct sentence)
     text_embs/embs.npy              float32 [n, D], L2-normalised
 
 Regions of an image are consecutive rows in the order of its ``region_coord``. Shards are
-concatenated in manifest order to form the global row index.
+concatenated in manifest order to form the global row index. ``files`` maps every other file of the
+folder to ``{"bytes", "rows", "sha256"}``.
+
+Validation on read (a damaged file is one :class:`~villa.errors.VillaError` line naming the file, the
+problem and the preprocessing command that rebuilds it; see :mod:`villa.artifacts`):
+
+* always, and cheap: the manifest parses and has its keys; every file exists with the byte size the
+  manifest records; every ``.npy`` header is read with ``numpy.lib.format`` and its dtype, shape and the
+  file size it implies are compared with the manifest BEFORE the data is memory-mapped; feather files read
+  completely (Arrow checks their structure); row counts agree (mapping rows = images, the mapping's regions
+  = shard rows, texts = embedding rows); no image_id and no sentence appears twice.
+* sha256 of every file: when the folder's files total at most :data:`CHECKSUM_LIMIT` (256 MiB, about
+  0.2-0.5 s of hashing; DocMNIST 30000 is ~40 MB), else only on demand: ``open(..., verify=True)`` or
+  ``VILLA_VERIFY_CHECKSUMS=1`` (``0`` never verifies). A file verified once is not hashed again by the same
+  process while its size and mtime are unchanged.
+* Manifests written before sizes and checksums were recorded (``format`` 1) are accepted: they get every
+  check above except the recorded byte sizes and the checksums (sizes are derived from the ``.npy``
+  headers), so existing datasets need no re-preprocessing.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -27,15 +44,35 @@ import numpy as np
 import pandas as pd
 import torch
 
+from villa.artifacts import (
+    check_file,
+    damaged,
+    file_record,
+    load_torch,
+    one_line,
+    open_npy,
+    read_feather_table,
+    read_json,
+    rerun_preprocessing,
+    save_npy,
+    verify_sha256,
+)
+from villa.artifacts import file_sha256 as file_sha256
 from villa.errors import VillaError
 from villa.io import atomic_dir, save_torch
 
-FORMAT_VERSION = 1
+#: 2 adds ``files`` (bytes, rows, sha256 of every file) and ``num_texts``; 1 is still read
+FORMAT_VERSION = 2
 ATTR_EMBS_FILE = "attr_embs.pth"
 REGION_EMBS_DIR = "region_embs"
 TEXT_EMBS_DIR = "text_embs"
 MANIFEST_FILE = "manifest.json"
 MAPPING_FILE = "region_emb_mapping.feather"
+TEXTS_FILE = "texts.feather"
+TEXT_EMBS_FILE = "embs.npy"
+#: sha256 of every file is verified by default when a folder's files total at most this many bytes
+CHECKSUM_LIMIT = 256 << 20
+VERIFY_ENV = "VILLA_VERIFY_CHECKSUMS"
 
 
 # --------------------------------------------------------------------------- attribute embeddings
@@ -55,29 +92,98 @@ def load_attr_embs(
 ) -> tuple[list[str], torch.Tensor]:
     """Read ``attr_embs.pth`` as (attribute names, tensor ``[K, D]``), ordered like ``vocabulary`` if given."""
     path = Path(dataset_dir) / ATTR_EMBS_FILE
+    fix = rerun_preprocessing(dataset_dir)
     if not path.is_file():
-        raise VillaError(
-            f"no {ATTR_EMBS_FILE} in {dataset_dir}: run python3 preprocess/preprocess_dataset.py --data_dir=... first"
-        )
-    try:
-        embs = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise VillaError(f"cannot read {path}: {err}") from None
+        raise VillaError(f"no {ATTR_EMBS_FILE} in {dataset_dir}: run {fix[len('re-run ') :]} first")
+    embs = load_torch(path, dataset_dir, fix)
+    if not isinstance(embs, dict) or not all(
+        isinstance(k, str) and torch.is_tensor(v) and v.ndim == 1 and v.is_floating_point()
+        for k, v in embs.items()
+    ):
+        raise damaged(path, dataset_dir, "is not a dict of attribute -> 1-D float tensor", fix)
+    if len({v.numel() for v in embs.values()}) > 1:
+        raise damaged(path, dataset_dir, "holds embeddings of different sizes", fix)
     names = list(vocabulary) if vocabulary is not None else list(embs)
     missing = [n for n in names if n not in embs]
     if missing:
-        raise VillaError(f"{path} has no embedding for attributes {missing}")
+        raise damaged(path, dataset_dir, f"has no embedding for attributes {missing}", fix)
+    if not names:
+        raise damaged(path, dataset_dir, "holds no attributes", fix)
     return names, torch.stack([embs[n].float() for n in names])
 
 
 # --------------------------------------------------------------------------- manifests
 def read_manifest(folder: str | os.PathLike) -> dict:
-    path = Path(folder) / MANIFEST_FILE
+    """Read ``<folder>/manifest.json`` (``region_embs/`` or ``text_embs/``) and check its common keys."""
+    folder = Path(folder)
+    path = folder / MANIFEST_FILE
+    fix = rerun_preprocessing(folder.parent)
     if not path.is_file():
         raise VillaError(
-            f"no embeddings in {folder}: run python3 preprocess/preprocess_dataset.py --data_dir=... first"
+            f"no embeddings in {folder} ({MANIFEST_FILE} missing): run {fix[len('re-run ') :]} first"
         )
-    return json.loads(path.read_text())
+    manifest = read_json(path, root=folder.parent, fix=fix, required=("format", "encoder", "dim"))
+    fix = rerun_preprocessing(folder.parent, manifest)
+    version = manifest["format"]
+    if not isinstance(version, int) or version < 1:
+        raise damaged(path, folder.parent, f"has an invalid format {version!r}", fix)
+    if version > FORMAT_VERSION:
+        raise damaged(
+            path,
+            folder.parent,
+            f"has format {version}, newer than this villa reads ({FORMAT_VERSION})",
+            "update villa or " + fix,
+        )
+    if not isinstance(manifest["dim"], int) or manifest["dim"] < 1:
+        raise damaged(path, folder.parent, f"has an invalid dim {manifest['dim']!r}", fix)
+    if not isinstance(manifest["encoder"], str):
+        raise damaged(path, folder.parent, f"has an invalid encoder {manifest['encoder']!r}", fix)
+    return manifest
+
+
+def _file_records(folder: Path, manifest: dict, names: Sequence[str], fix: str) -> dict[str, dict]:
+    """The manifest's ``files`` records of ``names`` (empty for format-1 manifests, which have none)."""
+    if manifest["format"] < 2:
+        return {}
+    path = folder / MANIFEST_FILE
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise damaged(path, folder.parent, "lacks keys ['files']", fix)
+    records = {}
+    for name in names:
+        record = files.get(name)
+        if not (
+            isinstance(record, dict)
+            and isinstance(record.get("bytes"), int)
+            and isinstance(record.get("rows"), int)
+            and isinstance(record.get("sha256"), str)
+        ):
+            raise damaged(path, folder.parent, f"has no valid bytes/rows/sha256 record of {name}", fix)
+        records[name] = record
+    return records
+
+
+def _verify_policy(total_bytes: int, verify: bool | None) -> bool:
+    """Whether to hash the files: ``verify`` if given, else ``$VILLA_VERIFY_CHECKSUMS``, else by size."""
+    if verify is not None:
+        return bool(verify)
+    env = os.environ.get(VERIFY_ENV, "").strip().lower()
+    if env in ("1", "true", "yes", "always"):
+        return True
+    if env in ("0", "false", "no", "never"):
+        return False
+    if env not in ("", "auto"):
+        raise VillaError(f"{VERIFY_ENV} must be 1, 0 or auto, got '{env}'")
+    return total_bytes <= CHECKSUM_LIMIT
+
+
+def _check_files(folder: Path, records: dict[str, dict], fix: str, verify: bool | None) -> None:
+    """Sizes of every recorded file first (a truncated file says so), then checksums by policy."""
+    for name, record in records.items():
+        check_file(folder / name, folder.parent, fix, record)
+    if records and _verify_policy(sum(r["bytes"] for r in records.values()), verify):
+        for name, record in records.items():
+            verify_sha256(folder / name, folder.parent, record["sha256"], fix)
 
 
 def check_encoder(manifest: dict, expected_encoder: str | None, where: str | os.PathLike) -> None:
@@ -90,15 +196,6 @@ def check_encoder(manifest: dict, expected_encoder: str | None, where: str | os.
         )
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_fresh(manifest: dict, dataset_dir: str | os.PathLike, where: str | os.PathLike) -> None:
     """Refuse embeddings computed from another version of the dataset's annotation table."""
     from villa.datasets.contract import annotations_path
@@ -107,7 +204,8 @@ def check_fresh(manifest: dict, dataset_dir: str | os.PathLike, where: str | os.
     current = annotations_path(dataset_dir)
     if recorded and current.is_file() and file_sha256(current) != recorded:
         raise VillaError(
-            f"embeddings in {where} were computed from an older annotations.feather: re-run preprocessing"
+            f"embeddings in {where} were computed from an older annotations.feather: "
+            f"{rerun_preprocessing(dataset_dir, manifest)}"
         )
 
 
@@ -127,6 +225,7 @@ class RegionEmbeddingWriter:
         self._image_ids: list[np.ndarray] = []
         self._counts: list[np.ndarray] = []
         self._shards: list[dict] = []
+        self._files: dict[str, dict] = {}
         self._rows = 0
         self._ctx = None
         self._tmp: Path | None = None
@@ -146,7 +245,7 @@ class RegionEmbeddingWriter:
                 f"shard of shape {array.shape} does not match {counts.sum()} regions x dim {self.dim}"
             )
         name = f"shard_{len(self._shards):05d}.npy"
-        np.save(self._tmp / name, array)
+        self._files[name] = save_npy(self._tmp / name, array)
         self._shards.append({"file": name, "rows": int(array.shape[0])})
         self._image_ids.append(np.asarray(image_ids, dtype=np.int64))
         self._counts.append(counts)
@@ -171,6 +270,7 @@ class RegionEmbeddingWriter:
         pd.DataFrame({"image_id": image_ids, "start": starts, "num_regions": counts}).to_feather(
             self._tmp / MAPPING_FILE
         )
+        self._files[MAPPING_FILE] = file_record(self._tmp / MAPPING_FILE, len(image_ids))
         manifest = {
             "format": FORMAT_VERSION,
             "encoder": self.encoder,
@@ -179,6 +279,7 @@ class RegionEmbeddingWriter:
             "num_images": int(len(image_ids)),
             "num_regions": int(self._rows),
             "shards": self._shards,
+            "files": self._files,
             **self.extra,
         }
         (self._tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -217,13 +318,79 @@ class RegionEmbeddings:
         return int(self.manifest["dim"])
 
     @classmethod
-    def open(cls, dataset_dir: str | os.PathLike, expected_encoder: str | None = None) -> RegionEmbeddings:
+    def open(
+        cls,
+        dataset_dir: str | os.PathLike,
+        expected_encoder: str | None = None,
+        *,
+        verify: bool | None = None,
+    ) -> RegionEmbeddings:
+        """Open and validate ``region_embs/`` (see the module docstring); shards are memory-mapped.
+
+        ``verify``: hash every file against the manifest (True), never (False), or by size (None).
+        """
         folder = Path(dataset_dir) / REGION_EMBS_DIR
         manifest = read_manifest(folder)
         check_encoder(manifest, expected_encoder, folder)
         check_fresh(manifest, dataset_dir, folder)
-        mapping = pd.read_feather(folder / MAPPING_FILE)
-        shards = [np.load(folder / s["file"], mmap_mode="r") for s in manifest["shards"]]
+        fix = rerun_preprocessing(dataset_dir, manifest)
+        root, manifest_path = Path(dataset_dir), folder / MANIFEST_FILE
+
+        def bad_manifest(problem: str) -> VillaError:
+            return damaged(manifest_path, root, problem, fix)
+
+        missing = [k for k in ("num_images", "num_regions", "shards") if k not in manifest]
+        if missing:
+            raise bad_manifest(f"lacks keys {missing}")
+        shards_meta = manifest["shards"]
+        if not isinstance(shards_meta, list) or not all(
+            isinstance(s, dict)
+            and isinstance(s.get("file"), str)
+            and isinstance(s.get("rows"), int)
+            and Path(s["file"]).name == s["file"]
+            for s in shards_meta
+        ):
+            raise bad_manifest("has an invalid shard list")
+        num_images, num_regions = manifest["num_images"], manifest["num_regions"]
+        if not (isinstance(num_images, int) and isinstance(num_regions, int)):
+            raise bad_manifest("has invalid num_images/num_regions")
+        if sum(s["rows"] for s in shards_meta) != num_regions:
+            raise bad_manifest(f"lists shards whose rows do not add up to num_regions={num_regions}")
+        records = _file_records(folder, manifest, [*(s["file"] for s in shards_meta), MAPPING_FILE], fix)
+        _check_files(folder, records, fix, verify)
+
+        mapping_path = folder / MAPPING_FILE
+        table = read_feather_table(
+            mapping_path, root, fix, columns=("image_id", "start", "num_regions"), rows=num_images
+        )
+        if any(table.column(c).null_count for c in ("image_id", "start", "num_regions")):
+            raise damaged(mapping_path, root, "has empty (null) entries", fix)
+        try:
+            mapping = pd.DataFrame(
+                {c: table.column(c).to_numpy().astype(np.int64) for c in ("image_id", "start", "num_regions")}
+            )
+        except Exception as err:  # nulls or non-integer columns
+            raise damaged(mapping_path, root, f"has invalid columns ({one_line(err)})", fix) from None
+        counts = mapping["num_regions"].to_numpy()
+        if (counts < 0).any() or counts.sum() != num_regions:
+            raise damaged(
+                mapping_path, root, f"maps {counts.sum():,} regions, but the shards hold {num_regions:,}", fix
+            )
+        if not np.array_equal(mapping["start"].to_numpy(), np.cumsum(counts) - counts):
+            raise damaged(mapping_path, root, "has start rows that do not follow the region counts", fix)
+        if not mapping["image_id"].is_unique:
+            duplicated = mapping["image_id"][mapping["image_id"].duplicated()].iloc[0]
+            raise damaged(mapping_path, root, f"lists image_id {duplicated} twice", fix)
+        shards = [
+            open_npy(
+                folder / s["file"],
+                root,
+                fix,
+                shape=(s["rows"], manifest["dim"]),
+                record=records.get(s["file"]),
+            )
+            for s in shards_meta
+        ]
         return cls(folder, manifest, mapping, shards)
 
     def __contains__(self, image_id: int) -> bool:
@@ -236,13 +403,14 @@ class RegionEmbeddings:
         if not present.all():
             raise VillaError(
                 f"{(~present).sum()} images have no region embeddings in {self.folder} "
-                f"(e.g. image_id {ids[~present][0]}): re-run preprocessing for this dataset"
+                f"(e.g. image_id {ids[~present][0]}): {rerun_preprocessing(self.folder.parent, self.manifest)}"
             )
         if num_regions is not None:
             stored = self.mapping["num_regions"].to_numpy()[self._row_of.loc[ids].to_numpy()]
             if not np.array_equal(stored, np.asarray(list(num_regions))):
                 raise VillaError(
-                    f"region counts in {self.folder} do not match the annotations: re-run preprocessing"
+                    f"region counts in {self.folder} do not match the annotations: "
+                    f"{rerun_preprocessing(self.folder.parent, self.manifest)}"
                 )
 
     def rows(self, image_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -288,13 +456,41 @@ class TextEmbeddingCache:
         self.index = {t: i for i, t in enumerate(texts)}
 
     @classmethod
-    def open(cls, dataset_dir: str | os.PathLike, expected_encoder: str | None = None) -> TextEmbeddingCache:
+    def open(
+        cls,
+        dataset_dir: str | os.PathLike,
+        expected_encoder: str | None = None,
+        *,
+        verify: bool | None = None,
+    ) -> TextEmbeddingCache:
+        """Open and validate ``text_embs/`` (see the module docstring); ``embs.npy`` is memory-mapped."""
         folder = Path(dataset_dir) / TEXT_EMBS_DIR
         manifest = read_manifest(folder)
         check_encoder(manifest, expected_encoder, folder)
-        texts = pd.read_feather(folder / "texts.feather")["text"].tolist()
-        embs = np.load(folder / "embs.npy", mmap_mode="r")
-        return cls(folder, manifest["encoder"], int(manifest["dim"]), texts, embs)
+        fix = rerun_preprocessing(dataset_dir, manifest)
+        root = Path(dataset_dir)
+        records = _file_records(folder, manifest, [TEXTS_FILE, TEXT_EMBS_FILE], fix)
+        num_texts = manifest.get("num_texts")
+        if manifest["format"] >= 2 and not isinstance(num_texts, int):
+            raise damaged(folder / MANIFEST_FILE, root, "lacks keys ['num_texts']", fix)
+        _check_files(folder, records, fix, verify)
+        texts_path = folder / TEXTS_FILE
+        table = read_feather_table(texts_path, root, fix, columns=("text",), rows=num_texts)
+        texts = table.column("text").to_pylist()
+        if not all(isinstance(t, str) for t in texts):
+            raise damaged(texts_path, root, "has empty (null) rows", fix)
+        embs = open_npy(
+            folder / TEXT_EMBS_FILE,
+            root,
+            fix,
+            shape=(len(texts), manifest["dim"]),
+            record=records.get(TEXT_EMBS_FILE),
+        )
+        cache = cls(folder, manifest["encoder"], manifest["dim"], texts, embs)
+        if len(cache.index) != len(texts):
+            repeated = next(t for i, t in enumerate(texts) if cache.index[t] != i)
+            raise damaged(texts_path, root, f"lists the sentence '{repeated}' twice", fix)
+        return cache
 
     @staticmethod
     def write(
@@ -308,11 +504,25 @@ class TextEmbeddingCache:
         ``encoder_config`` (e.g. the CLIP weights file) is recorded for later stages."""
         array = embs.detach().cpu().float().numpy() if torch.is_tensor(embs) else np.asarray(embs, np.float32)
         array = array / np.clip(np.linalg.norm(array, axis=1, keepdims=True), 1e-12, None)
+        texts = list(texts)
+        if len(set(texts)) != len(texts) or len(texts) != len(array):
+            raise ValueError(
+                f"need distinct texts, one per embedding row ({len(texts)} texts, {len(array)} rows)"
+            )
         folder = Path(dataset_dir) / TEXT_EMBS_DIR
         with atomic_dir(folder, overwrite=True) as tmp:
-            pd.DataFrame({"text": list(texts)}).to_feather(tmp / "texts.feather")
-            np.save(tmp / "embs.npy", array.astype(np.float32))
-            manifest = {"format": FORMAT_VERSION, "encoder": encoder, "dim": int(array.shape[1])}
+            pd.DataFrame({"text": texts}).to_feather(tmp / TEXTS_FILE)
+            files = {
+                TEXTS_FILE: file_record(tmp / TEXTS_FILE, len(texts)),
+                TEXT_EMBS_FILE: save_npy(tmp / TEXT_EMBS_FILE, array.astype(np.float32)),
+            }
+            manifest = {
+                "format": FORMAT_VERSION,
+                "encoder": encoder,
+                "dim": int(array.shape[1]),
+                "num_texts": len(texts),
+                "files": files,
+            }
             if encoder_config is not None:
                 manifest["encoder_config"] = encoder_config
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -326,7 +536,8 @@ class TextEmbeddingCache:
         missing = self.missing(texts)
         if missing:
             raise VillaError(
-                f"{len(missing)} sentences are not in {self.folder} (e.g. '{missing[0]}'): re-run preprocessing"
+                f"{len(missing)} sentences are not in {self.folder} (e.g. '{missing[0]}'): "
+                f"{rerun_preprocessing(self.folder.parent)}"
             )
         return np.asarray(self.embs[[self.index[t] for t in texts]])
 

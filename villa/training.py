@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from villa import distributed
+from villa.artifacts import one_line
 from villa.checkpoints import BEST, LAST, load_checkpoint, save_checkpoint, unwrap
 from villa.device import autocast, needs_grad_scaler
 from villa.errors import VillaError
@@ -212,12 +213,18 @@ def fit(
     start_epoch = 0
     if resume and (run_dir / LAST).is_file():
         ckpt = load_checkpoint(run_dir / LAST)
-        unwrap(model).load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None and ckpt.get("scheduler") is not None:
-            scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler") is not None:
-            scaler.load_state_dict(ckpt["scaler"])
+        try:
+            unwrap(model).load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if scheduler is not None and ckpt.get("scheduler") is not None:
+                scheduler.load_state_dict(ckpt["scheduler"])
+            if scaler is not None and ckpt.get("scaler") is not None:
+                scaler.load_state_dict(ckpt["scaler"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            # another model, optimiser or scheduler than this run's: resuming would mix two runs
+            raise VillaError(
+                f"{run_dir / LAST} does not fit this run ({one_line(err)}): run with resume=false to start over"
+            ) from None
         start_epoch = int(ckpt["epoch"])
         result.history = list(ckpt.get("history", []))
         result.best_epoch = ckpt.get("best_epoch")

@@ -16,12 +16,12 @@ never leaves files that a later stage would read as current.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pandas as pd
 
+from villa.artifacts import damaged, read_feather_table, read_json, rerun_stage
 from villa.datasets.contract import COLUMNS, OPTIONAL_COLUMNS, SPLITS
 from villa.errors import VillaError
 from villa.io import write_feather, write_json
@@ -58,10 +58,11 @@ def write_mapping(run_dir: str | os.PathLike, split: str, frame: pd.DataFrame) -
 def read_mapping(stage1_run_dir: str | os.PathLike, split: str) -> pd.DataFrame:
     """Read one split's mapping (list columns as Python lists).
 
-    Raises :class:`VillaError` when the file is missing, unreadable or lacks columns.
+    Raises :class:`VillaError` (one line, with the stage-1 command that rebuilds it) when the file is
+    missing, damaged, lacks columns or holds a per-region list of the wrong length.
     """
     import pyarrow as pa
-    import pyarrow.feather as feather
+    import pyarrow.compute as pc
 
     path = mapping_path(stage1_run_dir, split)
     if not path.is_file():
@@ -70,16 +71,23 @@ def read_mapping(stage1_run_dir: str | os.PathLike, split: str) -> pd.DataFrame:
         )
     if not (Path(stage1_run_dir) / METRICS_FILE).is_file():
         raise VillaError(
-            f"the stage-1 run in {stage1_run_dir} did not finish (no {METRICS_FILE}): re-run stage 1"
+            f"the stage-1 run in {stage1_run_dir} did not finish (no {METRICS_FILE}): "
+            f"{rerun_stage(stage1_run_dir)}"
         )
-    try:
-        table = feather.read_table(path)
-    except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise VillaError(f"cannot read {path} ({first}): re-run stage 1") from None
-    missing = [c for c in MAPPING_COLUMNS if c not in table.column_names]
-    if missing:
-        raise VillaError(f"{path} lacks columns {missing}: re-run stage 1")
+
+    def fix() -> str:
+        return rerun_stage(stage1_run_dir)
+
+    table = read_feather_table(path, Path(stage1_run_dir), fix, columns=MAPPING_COLUMNS)
+    regions = table.column("num_regions")
+    for column in ("region_coord", "assigned_attributes", "assigned_text"):
+        try:
+            lengths = pc.list_value_length(table.column(column))
+            ok = pc.all(pc.equal(lengths, regions)).as_py() is not False
+        except Exception:  # not a list column at all
+            ok = False
+        if not ok:
+            raise damaged(path, stage1_run_dir, f"has a {column} that is not one entry per region", fix)
     data = {}
     for name in MAPPING_COLUMNS:
         column = table.column(name)
@@ -102,8 +110,12 @@ def write_mapping_metrics(run_dir: str | os.PathLike, metrics: dict) -> Path:
     return path
 
 
-def read_mapping_metrics(run_dir: str | os.PathLike) -> dict:
+def read_mapping_metrics(run_dir: str | os.PathLike, fix: str | None = None) -> dict:
+    """``{split: {precision, recall, f1, per_kind}}``; one-line :class:`VillaError` when missing or damaged.
+
+    ``fix``: the remedy the message names (default: re-run the stage-1 command of ``run_dir``).
+    """
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise VillaError(f"no {METRICS_FILE} in {run_dir}: run stage 1 first")
-    return json.loads(path.read_text())
+    return read_json(path, root=run_dir, fix=fix or (lambda: rerun_stage(run_dir)))
