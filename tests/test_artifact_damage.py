@@ -13,14 +13,12 @@ test — is damaged in a fresh copy of those trees and the steps after the one t
   without complaint is a silent partial read: a failure too.
 
 Files named alike in one folder (``images/000012.png``, ``shard_00000.npy``: digits become ``*``) are
-represented by one of them. Files whose reader belongs to another branch are listed in
-:data:`OWNED_ELSEWHERE`; their cases are reported by their own (xfailing) test.
+represented by one of them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import importlib
 import io
 import os
@@ -35,11 +33,6 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-#: glob of a file pattern (relative to the dataset folder or the checkpoint folder) -> who finishes it
-OWNED_ELSEWHERE = {
-    "images/*.png": "the lead's villa/images.py: a truncated PNG fails deep inside Pillow at stage 2",
-    "annotations.feather": "the lead's villa/datasets/: one line, but it names no command that rebuilds it",
-}
 #: a message's remedy: the command to re-run (or what to delete first)
 REMEDY = re.compile(r": (re-run|run|rebuild|delete) ")
 
@@ -343,24 +336,19 @@ def survey(pristine, tmp_path_factory) -> list[Case]:
     return cases
 
 
-def _elsewhere(case: Case) -> str | None:
-    for glob, owner in OWNED_ELSEWHERE.items():
-        if fnmatch.fnmatch(case.pattern, f"*/{glob}"):
-            return owner
-    return None
-
-
 def test_every_damaged_artifact_gives_one_line(survey):
-    mine = [c for c in survey if _elsewhere(c) is None]
-    failed = [f"{c.file}: {c.detail}" for c in mine if c.status == "FAILED"]
+    failed = [f"{c.file}: {c.detail}" for c in survey if c.status == "FAILED"]
     assert not failed, "damaged files without a one-line error:\n" + "\n".join(failed)
-    checked = {c.pattern for c in mine if c.status == "one line"}
+    checked = {c.pattern for c in survey if c.status == "one line"}
     # the survey must have found the artifacts it exists for (guards against a walk that finds nothing)
-    for expected in ("region_embs/shard_*.npy", "text_embs/embs.npy", "mapping_train.feather", "best.pkl"):
+    for expected in (
+        "region_embs/shard_*.npy",
+        "text_embs/embs.npy",
+        "mapping_train.feather",
+        "best.pkl",
+        "images/*.png",
+        "annotations.feather",
+        "attributes.yaml",
+        "dataset.json",
+    ):
         assert any(p.endswith(expected) for p in checked), f"no damaged {expected} was checked"
-
-
-def test_damaged_artifacts_owned_elsewhere(survey):
-    failed = [(c, _elsewhere(c)) for c in survey if _elsewhere(c) is not None and c.status == "FAILED"]
-    if failed:
-        pytest.xfail("; ".join(f"{c.pattern} ({owner}): {c.detail}" for c, owner in failed))

@@ -83,7 +83,7 @@ def iter_region_batches(
     paths = dataset.image_paths(frame["image_filepath"].tolist())
     sizes = np.asarray(frame["image_size"].tolist(), dtype=np.int64).reshape(-1, 2)
     scales = policy.box_scales(sizes)
-    hint = rebuild_hint(dataset)
+    hint = dataset.rebuild_hint
 
     def make(positions: np.ndarray) -> RegionBatch:
         counts = counts_all[positions]
@@ -108,14 +108,6 @@ def iter_region_batches(
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
-
-
-def rebuild_hint(dataset: Dataset) -> str:
-    """How to rebuild a damaged dataset (its ``created_by`` command when recorded)."""
-    command = dataset.info.get("created_by")
-    return (
-        f"rebuild the dataset ({command})" if command else "rebuild the dataset with the command that made it"
-    )
 
 
 # --------------------------------------------------------------------------- region embeddings
@@ -300,7 +292,7 @@ def _preprocess(
     if missing:
         raise VillaError(
             f"{len(missing)} images listed in the annotations are missing, e.g. {missing[0]}: "
-            f"{rebuild_hint(dataset)}"
+            f"{dataset.rebuild_hint}"
         )
     enc = get_encoder(encoder, clip_weights=clip_weights, device=device)
     policy = ResizePolicy.of(enc)

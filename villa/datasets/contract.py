@@ -30,7 +30,7 @@ DocMNIST's do) or absolute (an importer that references a user's image folder in
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -190,6 +190,7 @@ def write_dataset(
     import pyarrow as pa
     import pyarrow.feather as feather
 
+    from villa.artifacts import file_record
     from villa.io import atomic_path, write_json
 
     if hasattr(columns, "columns") and hasattr(columns, "to_dict"):  # a DataFrame
@@ -212,7 +213,11 @@ def write_dataset(
     path = annotations_path(dataset_dir)
     with atomic_path(path) as tmp:
         feather.write_feather(table, tmp)
-    write_vocabulary(dataset_dir, vocabulary)
+    vocabulary_path = write_vocabulary(dataset_dir, vocabulary)
+    files = {
+        ANNOTATIONS_FILE: file_record(path, n),
+        VOCABULARY_FILE: file_record(vocabulary_path, len(vocabulary)),
+    }
     split_counts = {s: 0 for s in SPLITS}
     for split in columns["split"]:
         split_counts[split] += 1
@@ -226,41 +231,61 @@ def write_dataset(
             "objects": objects,
             "num_images": {s: c for s, c in split_counts.items() if c},
             "num_regions": int(sum(int(c) for c in columns["num_regions"])),
+            "num_attributes": len(vocabulary),
             **dict(info or {}),
+            "files": files,
         },
     )
     return path
 
 
 # --------------------------------------------------------------------------- reading
-def _rebuild_hint(dataset_dir: Path) -> str:
-    return f"rebuild {dataset_dir} with the command that made it (python -m villa.ingest ... or the DocMNIST generator)"
+def rebuild_hint(dataset_dir: Path, info: dict | None = None) -> str:
+    """How to rebuild a dataset folder: the command recorded in its ``dataset.json`` when readable."""
+    command = (info or {}).get("created_by") if isinstance(info, dict) else None
+    if isinstance(command, str) and command:
+        return f"rebuild it: {command}"
+    return "rebuild it with the command that made it (python -m villa.ingest ... or the DocMNIST generator)"
 
 
 def read_info(dataset_dir: str | os.PathLike) -> dict:
     """``dataset.json`` as a dict (one-line errors for a missing or damaged file)."""
+    from villa.artifacts import read_json
+
     dataset_dir = Path(dataset_dir)
     path = dataset_dir / INFO_FILE
     if not path.is_file():
         if annotations_path(dataset_dir).is_file():
             raise VillaError(
-                f"{dataset_dir} has no {INFO_FILE}: it was written by an older villa; {_rebuild_hint(dataset_dir)}"
+                f"{dataset_dir} has no {INFO_FILE}: it was written by an older villa; {rebuild_hint(dataset_dir)}"
             )
         raise VillaError(f"no {ANNOTATIONS_FILE} in {dataset_dir}: is this a dataset folder?")
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise VillaError(f"{path} is damaged ({err}): {_rebuild_hint(dataset_dir)}") from None
-    if not isinstance(info, dict) or "image_root" not in info or "region_labels" not in info:
-        raise VillaError(f"{path} lacks 'image_root' or 'region_labels': {_rebuild_hint(dataset_dir)}")
-    return info
+    return read_json(
+        path, root=dataset_dir, fix=rebuild_hint(dataset_dir), required=("image_root", "region_labels")
+    )
+
+
+def _check_recorded_files(dataset_dir: Path, info: dict) -> None:
+    """Sizes of the files ``dataset.json`` records (a truncated copy says so); the vocabulary's checksum too."""
+    from villa.artifacts import check_file, verify_sha256
+
+    fix = rebuild_hint(dataset_dir, info)
+    files = info.get("files")
+    if not isinstance(files, dict):
+        return  # written before files were recorded: the readers' own checks still apply
+    for name, record in files.items():
+        if isinstance(record, dict):
+            check_file(dataset_dir / name, dataset_dir, fix, record)
+    record = files.get(VOCABULARY_FILE)
+    if isinstance(record, dict) and isinstance(record.get("sha256"), str):  # small: always verified
+        verify_sha256(dataset_dir / VOCABULARY_FILE, dataset_dir, record["sha256"], fix)
 
 
 def read_vocabulary(dataset_dir: str | os.PathLike) -> Vocabulary:
     """The dataset's ``attributes.yaml``."""
     path = Path(dataset_dir) / VOCABULARY_FILE
     if not path.is_file():
-        raise VillaError(f"no {VOCABULARY_FILE} in {dataset_dir}: {_rebuild_hint(Path(dataset_dir))}")
+        raise VillaError(f"no {VOCABULARY_FILE} in {dataset_dir}: {rebuild_hint(Path(dataset_dir))}")
     return load_vocabulary_file(path)
 
 
@@ -271,20 +296,20 @@ def read_annotations(dataset_dir: str | os.PathLike, split: str | None = None) -
     """
     import pandas as pd
     import pyarrow as pa
-    import pyarrow.feather as feather
+
+    from villa.artifacts import read_feather_table
 
     dataset_dir = Path(dataset_dir)
     path = annotations_path(dataset_dir)
     if not path.is_file():
         raise VillaError(f"no {ANNOTATIONS_FILE} in {dataset_dir}: is this a dataset folder?")
-    try:
-        table = feather.read_table(path)
-    except Exception as err:  # a truncated or foreign file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise VillaError(f"cannot read {path} ({first}): {_rebuild_hint(dataset_dir)}") from None
-    missing = [c for c in (*REQUIRED_COLUMNS, "attributes") if c not in table.column_names]
-    if missing:
-        raise VillaError(f"{path} lacks columns {missing}: {_rebuild_hint(dataset_dir)}")
+    info = None
+    if (dataset_dir / INFO_FILE).is_file():
+        with contextlib.suppress(VillaError):
+            info = read_info(dataset_dir)
+    table = read_feather_table(
+        path, dataset_dir, rebuild_hint(dataset_dir, info), columns=(*REQUIRED_COLUMNS, "attributes")
+    )
     data = {}
     for name in table.column_names:
         column = table.column(name)
@@ -319,6 +344,7 @@ class Dataset:
 
         root = resolve_dataset_dir(data_dir)
         info = read_info(root)
+        _check_recorded_files(root, info)
         return cls(root=root, info=info, vocabulary=read_vocabulary(root))
 
     @property
@@ -336,6 +362,11 @@ class Dataset:
     @property
     def image_root(self) -> Path:
         return (self.root / self.info.get("image_root", ".")).resolve()
+
+    @property
+    def rebuild_hint(self) -> str:
+        """How to rebuild this dataset (for error messages)."""
+        return rebuild_hint(self.root, self.info)
 
     def annotations(self, split: str | None = None) -> pd.DataFrame:
         return read_annotations(self.root, split)

@@ -154,14 +154,12 @@ def image_store(
     desc: str = "decode",
 ) -> ImageStore:
     """The :class:`ImageStore` of ``frame``'s images (stored sizes from ``image_size``)."""
-    from villa.preprocess import rebuild_hint
-
     return ImageStore(
         dataset.image_paths(frame["image_filepath"].tolist()),
         np.asarray(frame["image_size"].tolist(), dtype=np.int64).reshape(-1, 2),
         policy,
         cache_mb=cache_mb,
-        hint=rebuild_hint(dataset),
+        hint=dataset.rebuild_hint,
         progress=progress,
         desc=desc,
     )
