@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from villa.errors import EXIT_USAGE, VillaError
+from villa.errors import VillaError, run_entry
 from villa.paths import project_dir
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -39,11 +39,7 @@ def hydra_main(
                 sys.argv.append(f"experiment={default_experiment}")
 
             def task(cfg: DictConfig) -> None:
-                try:
-                    func(cfg)
-                except VillaError as err:
-                    print(f"error: {err}", file=sys.stderr)
-                    sys.exit(EXIT_USAGE)
+                run_entry(func, cfg)
 
             import hydra
 
