@@ -123,3 +123,25 @@ def test_overwrite_refused_without_flag(tmp_path):
             write_tree(tmp, NEW)
     assert read_tree(final) == OLD
     assert [p.name for p in tmp_path.iterdir()] == ["dataset"]
+
+
+def test_concurrent_writer_between_the_renames(tmp_path, monkeypatch):
+    """Another process puts its complete folder under the name while ours is aside: theirs stays, ours fails
+    cleanly, and no aside is left behind."""
+    final = tmp_path / "dataset"
+    write_tree(final, OLD)
+    theirs = {"a.txt": "theirs"}
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(src)
+        if len(calls) == 2:  # just before our new folder moves in
+            write_tree(final, theirs)
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError):
+        replace_with_new(final)
+    monkeypatch.undo()
+    assert read_tree(final) == theirs
+    assert visible(tmp_path) == ["dataset"] and not [p for p in tmp_path.iterdir() if p.name != "dataset"]

@@ -91,7 +91,12 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     except BaseException:
         if aside.exists():
             if tmp.exists():  # the old folder is aside and the new one never got in: put it back
-                os.replace(aside, final)
+                try:
+                    os.replace(aside, final)
+                except OSError:
+                    if not final.is_dir():
+                        raise
+                    _discard(aside)  # a concurrent writer's complete folder took the name meanwhile
             else:  # interrupted after the new folder got in
                 _discard(aside)
         shutil.rmtree(tmp, ignore_errors=True)
