@@ -47,10 +47,11 @@ def two_nodes():
     """Launch a command as two single-process torchrun "nodes" on localhost (``--nnodes=2``: both have
     LOCAL_RANK 0, global ranks 0 and 1), each in its own working directory.
 
-    ``launch(args, cwds, timeout=...)`` runs ``python -m torch.distributed.run <rendezvous flags> *args``
-    for node 0 and node 1 concurrently and returns ``[(returncode, stdout, stderr, seconds), ...]`` by
-    node rank, ``seconds`` being each node's wall time from the common start. A node still running at
-    ``timeout`` is stopped (its return code and seconds are then None): a hang fails the test, never blocks it.
+    ``launch(args, cwds, timeout=..., node_env=[{...}, {...}])`` runs ``python -m torch.distributed.run
+    <rendezvous flags> *args`` for node 0 and node 1 concurrently (``node_env``: extra variables per node)
+    and returns ``[(returncode, stdout, stderr, seconds), ...]`` by node rank, ``seconds`` being each
+    node's wall time from the common start. A node still running at ``timeout`` is stopped (its return
+    code and seconds are then None): a hang fails the test, never blocks it.
     """
     import os
     import signal
@@ -63,7 +64,7 @@ def two_nodes():
 
     repo = Path(__file__).resolve().parents[1]
 
-    def launch(args, cwds, timeout=300, env=None):
+    def launch(args, cwds, timeout=300, node_env=None):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
@@ -72,8 +73,8 @@ def two_nodes():
             "OMP_NUM_THREADS": "1",
             "PYTHONWARNINGS": "ignore",
             "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
-            **(env or {}),
         }
+        node_env = node_env or [{}, {}]
         rendezvous = ["--nnodes=2", "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}"]
         # files, not pipes: a full pipe would block a process that nobody reads while we poll
         logs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in cwds]
@@ -82,7 +83,7 @@ def two_nodes():
             subprocess.Popen(
                 [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--node_rank={rank}", *args],
                 cwd=cwd,
-                env=environ,
+                env={**environ, **node_env[rank]},
                 stdout=logs[rank][0],
                 stderr=logs[rank][1],
                 text=True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +42,7 @@ def hydra_main(
                 a.split("=")[0].lstrip("+~") == "experiment" for a in sys.argv[1:]
             ):
                 sys.argv.append(f"experiment={default_experiment}")
+            sys.argv.extend(_non_main_rank_overrides(sys.argv[1:]))
             run_entry(check_command_line, sys.argv[1:], config_name)
 
             def task(cfg: DictConfig) -> None:
@@ -53,6 +55,20 @@ def hydra_main(
         return entry
 
     return decorate
+
+
+def _non_main_rank_overrides(argv: Sequence[str]) -> list[str]:
+    """Under torchrun, on every rank but global rank 0: Hydra writes nothing (no ``.hydra/`` copy of the
+    config, no job log file, no run folder), since only rank 0 writes a run's files. Its logging goes to
+    stdout. Keys the command line sets itself are left alone; a multirun is not touched."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0:
+        return []
+    if any(a in ("-m", "--multirun") for a in argv):
+        return []
+    given = {a.split("=", 1)[0].lstrip("+~") for a in argv}
+    # the run folder becomes the working directory, which exists: Hydra's mkdir of it creates nothing
+    wanted = {"hydra.output_subdir": "null", "hydra/job_logging": "stdout", "hydra.run.dir": "."}
+    return [f"{key}={value}" for key, value in wanted.items() if key not in given]
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "default") -> DictConfig:
