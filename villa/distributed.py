@@ -177,9 +177,16 @@ def _node() -> str:
     return os.environ.get("GROUP_RANK", "0")
 
 
+#: seconds a rank stopped by a failure on its own node waits for that node's torchrun agent to stop it:
+#: the agent then reports the failed rank, not this one, as the root cause
+SAME_NODE_GRACE_S = 2.0
+
+
 def _stop_for(record: dict) -> None:
-    """End this rank because another one failed: one line per other node, then exit at once."""
-    if os.environ.get("LOCAL_RANK", "0") == "0" and str(record.get("node")) != _node():
+    """End this rank because another one failed: one line per other node, then exit."""
+    if str(record.get("node")) == _node():
+        time.sleep(SAME_NODE_GRACE_S)
+    elif os.environ.get("LOCAL_RANK", "0") == "0":
         print(
             f"error: rank {record.get('rank')} (node {record.get('node')}) failed: {record.get('message')}",
             file=sys.stderr,
