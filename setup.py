@@ -23,6 +23,8 @@ setup(
         "transformers>=4.40",
         "open-clip-torch>=2.20",
         "pycocotools>=2.0.6",
+        "huggingface-hub>=0.20",  # clip_weights=openai: open_clip's Hub cache and download
+        "safetensors>=0.4",  # the Hub copy of OpenAI's RN50 is a safetensors state dict
     ],
     extras_require={
         "test": ["pytest>=7", "nbclient>=0.7", "nbformat>=5", "ipykernel>=6", "ruff>=0.5", "pre-commit>=3"],

@@ -40,3 +40,75 @@ def tiny_docmnist(tmp_path_factory):
     )
     preprocess_dataset(result.dataset_dir, encoder="default", device="cpu", progress=False)
     return result.dataset_dir
+
+
+@pytest.fixture
+def two_nodes():
+    """Launch a command as two single-process torchrun "nodes" on localhost (``--nnodes=2``: both have
+    LOCAL_RANK 0, global ranks 0 and 1), each in its own working directory.
+
+    ``launch(args, cwds, timeout=..., node_env=[{...}, {...}])`` runs ``python -m torch.distributed.run
+    <rendezvous flags> *args`` for node 0 and node 1 concurrently (``node_env``: extra variables per node)
+    and returns ``[(returncode, stdout, stderr, seconds), ...]`` by node rank, ``seconds`` being each
+    node's wall time from the common start. A node still running at ``timeout`` is stopped (its return
+    code and seconds are then None): a hang fails the test, never blocks it.
+    """
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def launch(args, cwds, timeout=300, node_env=None):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        environ = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONWARNINGS": "ignore",
+            "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
+        }
+        node_env = node_env or [{}, {}]
+        rendezvous = ["--nnodes=2", "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}"]
+        # files, not pipes: a full pipe would block a process that nobody reads while we poll
+        logs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in cwds]
+        started = time.monotonic()
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--node_rank={rank}", *args],
+                cwd=cwd,
+                env={**environ, **node_env[rank]},
+                stdout=logs[rank][0],
+                stderr=logs[rank][1],
+                text=True,
+                start_new_session=True,
+            )
+            for rank, cwd in enumerate(cwds)
+        ]
+        ended = [None, None]
+        while any(e is None for e in ended) and time.monotonic() - started < timeout:
+            for i, proc in enumerate(procs):
+                if ended[i] is None and proc.poll() is not None:
+                    ended[i] = time.monotonic() - started
+            time.sleep(0.1)
+        results = []
+        for i, proc in enumerate(procs):
+            if ended[i] is None:
+                # torchrun starts its workers in sessions of their own; on SIGTERM it stops them first
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            out, err = (log.seek(0) or log.read() for log in logs[i])
+            results.append((None if ended[i] is None else proc.returncode, out, err, ended[i]))
+        return results
+
+    return launch

@@ -11,7 +11,13 @@ as concurrent processes sharing ``out_dir`` (e.g. on one GPU); a final plain run
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import hashlib
 import json
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -133,7 +139,6 @@ def run_sweep(
     progress: bool = True,
 ) -> pd.DataFrame:
     """Run (or resume) the sweep and return the results table (also written to ``out_dir``)."""
-    from villa.docmnist.generate import generate_docmnist
     from villa.evaluation.run import evaluate_from_config
     from villa.hydra_app import compose
     from villa.mapping.run import run_stage1_from_config
@@ -174,14 +179,13 @@ def run_sweep(
         record_path = run_root / "dataset.json"
 
         def generate(complexity=complexity, record_path=record_path):
-            result = generate_docmnist(
+            result = generate_shared(
+                data_root,
                 attribute_budget=attribute_budget,
                 target_sample_complexity=complexity,
                 seed=seed,
                 val_attribute_budget=val_attribute_budget,
                 test_attribute_budget=test_attribute_budget,
-                data_root=data_root,
-                overwrite=True,
                 progress=progress,
             )
             record = {
@@ -268,6 +272,49 @@ def read_split_metrics(out_dir: str | Path, complexity: int, split: str = "test"
             run_dir / "mapping_metrics.json", out_dir, f"has no {split} metrics", _marker_fix(out_dir)
         )
     return values
+
+
+def generate_shared(data_root: str | Path, digit_pools=None, **params):
+    """``generate_docmnist(data_root=data_root, **params)`` safe beside other sweep processes.
+
+    Targets T and T+1 can give the same dataset folder (pair counts are even), and sweep processes may run
+    at the same time into one ``data_root``. So each process generates into a private scratch folder and
+    moves the dataset in with one rename, which fails when the folder is already there; the folder already
+    there is then reused, untouched (with whatever region embeddings were written into it meanwhile),
+    provided it holds the same annotation table. A folder under the final name is always complete
+    (generation writes it atomically), so there is nothing to wait for. Returns the
+    :class:`~villa.docmnist.generate.GenerationResult` with ``dataset_dir`` in ``data_root``.
+    """
+    from villa.docmnist.generate import DEFAULT_SEED, generate_docmnist
+    from villa.docmnist.mnist import load_mnist_pools
+
+    data_root = Path(data_root)
+    data_root.mkdir(parents=True, exist_ok=True)
+    if digit_pools is None:  # from data_root's MNIST (torchvision files or cache), not the scratch folder's
+        digit_pools = load_mnist_pools(params.get("seed", DEFAULT_SEED), data_root)
+    scratch = Path(tempfile.mkdtemp(prefix=".generate.", dir=data_root))
+    try:
+        result = generate_docmnist(data_root=scratch, digit_pools=digit_pools, overwrite=False, **params)
+        final = data_root / result.dataset_dir.name
+        try:
+            os.rename(result.dataset_dir, final)  # atomic; fails if another process's folder is there
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            if _annotations_digest(final) != _annotations_digest(result.dataset_dir):
+                raise VillaError(
+                    f"{final} already holds another DocMNIST dataset (other seed or budgets?): "
+                    f"delete it or choose another data_root"
+                ) from None
+            print(f"dataset {final} already generated, reused", flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return dataclasses.replace(result, dataset_dir=final)
+
+
+def _annotations_digest(dataset_dir: Path) -> str | None:
+    path = dataset_dir / "annotations.feather"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 def _check_settings(out_dir: Path, settings: dict) -> None:

@@ -1,9 +1,20 @@
-"""torchrun / DistributedDataParallel plumbing. A single-process run needs no torchrun and no process group."""
+"""torchrun / DistributedDataParallel plumbing. A single-process run needs no torchrun and no process group.
+
+Under torchrun a failure on one rank ends every rank within seconds (:func:`watch_for_failures`,
+:func:`report_failure`): torchrun's agent stops the other workers of its own node, but not those of other
+nodes, which would wait in ``init_process_group`` or a collective until its timeout (30 min for gloo, 10
+for NCCL; NCCL also never notices a dead peer by itself).
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import sys
+import threading
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -134,3 +145,126 @@ def any_across_ranks(mask: torch.Tensor) -> torch.Tensor:
     counts = mask.to(torch.int32)
     dist.all_reduce(counts, op=dist.ReduceOp.SUM)
     return counts > 0
+
+
+# --------------------------------------------------------------------------- failure propagation
+def _failure_key() -> str:
+    """The store key a failing rank sets; per torchrun run and restart, so a restart starts clean."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "run")
+    return f"villa/failure/{run_id}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def _connect_store(timeout_s: float) -> dist.TCPStore | None:
+    """A client of torchrun's own key-value store (the agent's TCPStore at MASTER_ADDR:MASTER_PORT).
+
+    It is up before any worker starts and outlives them (the agents' exit barrier), so every rank can
+    reach it before, during and after ``init_process_group``. None outside torchrun or when unreachable.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not launched_by_torchrun():
+        return None
+    try:
+        return dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=timedelta(seconds=timeout_s),
+        )
+    except (KeyError, ValueError, RuntimeError):
+        return None
+
+
+def _node() -> str:
+    return os.environ.get("GROUP_RANK", "0")
+
+
+#: seconds a rank stopped by a failure on its own node waits for that node's torchrun agent to stop it:
+#: the agent then reports the failed rank, not this one, as the root cause
+SAME_NODE_GRACE_S = 2.0
+
+
+def _stop_for(record: dict) -> None:
+    """End this rank because another one failed: one line per other node, then exit."""
+    if str(record.get("node")) == _node():
+        time.sleep(SAME_NODE_GRACE_S)
+    elif os.environ.get("LOCAL_RANK", "0") == "0":
+        print(
+            f"error: rank {record.get('rank')} (node {record.get('node')}) failed: {record.get('message')}",
+            file=sys.stderr,
+        )
+    _exit_now(int(record.get("code", 1)) or 1)
+
+
+def _exit_now(code: int) -> None:
+    """Exit without unwinding: a process group's destructor or a DataLoader worker could block a normal exit."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def _read(store: dist.TCPStore) -> dict:
+    try:
+        return json.loads(store.get(_failure_key()))
+    except (ValueError, RuntimeError):
+        return {}
+
+
+def watch_for_failures() -> None:
+    """Under torchrun, start a daemon thread that ends this process as soon as another rank reports a
+    failure (:func:`report_failure`); a no-op otherwise. Entry points call it before any work."""
+    if not launched_by_torchrun() or getattr(watch_for_failures, "started", False):
+        return
+    watch_for_failures.started = True
+    me = os.environ.get("RANK")
+
+    def watch() -> None:
+        store = _connect_store(timeout_s=60)
+        if store is None:
+            return
+        try:
+            # one long wait: the store answers the moment the key is set (no polling, no timeout noise)
+            store.wait([_failure_key()], timedelta(days=3650))
+        except RuntimeError:  # the store is gone: the job is over
+            return
+        record = _read(store)
+        if str(record.get("rank")) != me:
+            _stop_for(record)
+
+    threading.Thread(target=watch, name="villa-failure-watch", daemon=True).start()
+
+
+def report_failure(message: str, code: int) -> None:
+    """Tell every rank of this torchrun job that this one failed with ``message`` (the first report wins),
+    then exit with ``code`` without unwinding. Only under torchrun; the caller has printed the error."""
+    store = _connect_store(timeout_s=10)
+    if store is not None:
+        record = {"rank": os.environ.get("RANK"), "node": _node(), "code": code, "message": message}
+        try:
+            store.compare_set(_failure_key(), "", json.dumps(record))
+        except RuntimeError:
+            pass
+    _exit_now(code)
+
+
+def exit_if_peer_failed(grace_s: float = 2.0) -> None:
+    """If another rank has reported a failure (waiting up to ``grace_s`` for its report), stop as it would.
+
+    An exception in this rank's collective right after a peer died (gloo: "Connection closed by peer") is a
+    consequence, not a cause: the peer's own report names the cause.
+    """
+    store = _connect_store(timeout_s=5)
+    if store is None:
+        return
+    deadline = time.monotonic() + grace_s
+    try:
+        while not store.check([_failure_key()]):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+    except RuntimeError:
+        return
+    record = _read(store)
+    if record and str(record.get("rank")) != os.environ.get("RANK"):
+        _stop_for(record)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
+import os
+import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from villa.errors import EXIT_USAGE, VillaError
+from villa.errors import VillaError, run_entry
 from villa.paths import project_dir
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -28,7 +31,9 @@ def hydra_main(
     """Decorate ``main(cfg)`` as a Hydra app on ``villa/configs/<config_name>.yaml``.
 
     ``default_experiment`` is used when the command line names none, so ``python -m villa.stage1`` works.
-    A :class:`VillaError` raised inside prints ``error: <message>`` and exits with 2.
+    The command line is checked first (:func:`check_command_line`), so that Hydra's own errors (an unknown
+    key, an unknown experiment, bad override syntax, a missing ``???`` value) read like ours: one line
+    ``error: ...`` and exit code 2. A :class:`VillaError` raised inside does the same.
     """
 
     def decorate(func: Callable[[DictConfig], object]) -> Callable[[], None]:
@@ -39,13 +44,11 @@ def hydra_main(
                 a.split("=")[0].lstrip("+~") == "experiment" for a in sys.argv[1:]
             ):
                 sys.argv.append(f"experiment={default_experiment}")
+            sys.argv.extend(_non_main_rank_overrides(sys.argv[1:]))
+            run_entry(check_command_line, sys.argv[1:], config_name)
 
             def task(cfg: DictConfig) -> None:
-                try:
-                    func(cfg)
-                except VillaError as err:
-                    print(f"error: {err}", file=sys.stderr)
-                    sys.exit(EXIT_USAGE)
+                run_entry(func, cfg)
 
             import hydra
 
@@ -54,6 +57,20 @@ def hydra_main(
         return entry
 
     return decorate
+
+
+def _non_main_rank_overrides(argv: Sequence[str]) -> list[str]:
+    """Under torchrun, on every rank but global rank 0: Hydra writes nothing (no ``.hydra/`` copy of the
+    config, no job log file, no run folder), since only rank 0 writes a run's files. Its logging goes to
+    stdout. Keys the command line sets itself are left alone; a multirun is not touched."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0:
+        return []
+    if any(a in ("-m", "--multirun") for a in argv):
+        return []
+    given = {a.split("=", 1)[0].lstrip("+~") for a in argv}
+    # the run folder becomes the working directory, which exists: Hydra's mkdir of it creates nothing
+    wanted = {"hydra.output_subdir": "null", "hydra/job_logging": "stdout", "hydra.run.dir": "."}
+    return [f"{key}={value}" for key, value in wanted.items() if key not in given]
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "default") -> DictConfig:
@@ -66,6 +83,146 @@ def compose(overrides: Sequence[str] = (), config_name: str = "default") -> Dict
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+#: Hydra flags after which the pre-check stands aside (help, shell completion, other config sources)
+_UNCHECKED_FLAGS = ("help", "hydra_help", "version", "shell_completion", "info", "experimental_rerun")
+#: what to write for a missing mandatory (``???``) value, by key
+_MISSING_HINTS = {"data_dir": "<dataset folder>", "checkpoint_dir": "<folder>", "task_name": "<run name>"}
+
+
+def check_command_line(argv: Sequence[str], config_name: str = "default") -> None:
+    """Compose the config that ``argv`` (a Hydra command line) asks for and raise a one-line
+    :class:`VillaError` for what Hydra or OmegaConf would refuse: an unknown key (naming the nearest valid
+    keys), an unknown config-group option such as an experiment, bad override syntax, a ``???`` value
+    left unset. With ``-m/--multirun`` the first job of the sweep is checked.
+    """
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        args = get_args_parser().parse_args(list(argv))
+    except SystemExit:  # a bad flag: Hydra's run reports it
+        return
+    if any(getattr(args, flag, None) for flag in _UNCHECKED_FLAGS) or (
+        args.config_path or args.config_dir or args.config_name
+    ):
+        return
+    overrides = list(args.overrides)
+    try:
+        if args.multirun:
+            overrides = _first_job(overrides)
+        cfg = compose(overrides, config_name)
+    except Exception as err:  # Hydra's and OmegaConf's errors have no common base but Exception
+        if not _is_config_error(err):
+            raise
+        raise VillaError(_one_line(err, overrides, config_name)) from None
+    # not OmegaConf.missing_keys: it resolves interpolations, and run_dir=${checkpoint_dir}/${task_name}
+    # would then fail on task_name rather than name it
+    container = OmegaConf.to_container(cfg, resolve=False)
+    missing = sorted(key for key, value in _dotted_items(container) if value == "???")
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        values = " ".join(f"{key}={_MISSING_HINTS.get(key, '<value>')}" for key in missing)
+        raise VillaError(f"{', '.join(missing)} {verb} required: add {values}")
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except Exception as err:
+        if not _is_config_error(err) or "hydra" in str(err):  # ${hydra:...} resolves only in Hydra's run
+            raise
+        key = getattr(err, "full_key", None)
+        message = str(err).strip().splitlines()[0]
+        raise VillaError(f"cannot resolve {key}: {message}" if key else message) from None
+
+
+def _is_config_error(err: Exception) -> bool:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return isinstance(err, HydraException | OmegaConfBaseException)
+
+
+def _first_job(overrides: list[str]) -> list[str]:
+    """The overrides of a multirun's first job (``a=1,2 b=x,y`` -> ``a=1 b=x``), as Hydra's sweeper expands them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    return batches[0][0] if batches and batches[0] else overrides
+
+
+def _one_line(err: Exception, overrides: list[str], config_name: str) -> str:
+    """Hydra's multi-line message for ``err`` as one line that names the culprit and what would be valid."""
+    text = str(err).strip()
+    unknown = re.match(r"Could not override '([^']+)'", text)
+    if unknown:
+        key = unknown.group(1)
+        nearest = difflib.get_close_matches(key, _valid_keys(overrides, key, config_name), n=3, cutoff=0.5)
+        value = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == key and "=" in o), "...")
+        near = (
+            f"; nearest valid keys: {', '.join(nearest)}"
+            if nearest
+            else "; no similar key (all keys: --cfg job)"
+        )
+        return f"unknown key '{key}'{near} (a new key needs a leading +: +{key}={value})"
+    option = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
+    if option:
+        group, name = option.groups()
+        choices = re.findall(r"^\t(\S+)$", text.split("Config search path:")[0], flags=re.M)
+        nearest = difflib.get_close_matches(name, choices, n=len(choices), cutoff=0.0)
+        what = "experiment" if group == "experiment" else f"{group} option"
+        return f"unknown {what} '{name}'; available: {', '.join(nearest) or 'none'}"
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "hydra.cc/docs" not in line]
+    if isinstance(err, _override_parse_error()):
+        bad = next((o for o in overrides if _unparsable(o)), None)
+        prefix = f"cannot parse override '{bad}'" if bad else "cannot parse the overrides"
+        return f"{prefix}: {'; '.join(lines)}"
+    return "; ".join(lines) or type(err).__name__
+
+
+def _override_parse_error() -> type:
+    from hydra.errors import OverrideParseException
+
+    return OverrideParseException
+
+
+def _unparsable(override: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        OverridesParser.create().parse_overrides([override])
+    except Exception:
+        return True
+    return False
+
+
+def _valid_keys(overrides: list[str], bad: str, config_name: str) -> list[str]:
+    """Every dotted key of the config composed without the offending override(s)."""
+
+    def key_of(override: str) -> str:
+        return override.split("=", 1)[0].lstrip("+~")
+
+    for attempt in (
+        [o for o in overrides if key_of(o) != bad],
+        [o for o in overrides if "/" in key_of(o) or key_of(o) == "experiment"],
+        [],
+    ):
+        try:
+            cfg = compose(attempt, config_name)
+        except Exception as err:
+            if not _is_config_error(err):
+                raise
+            continue
+        return [key for key, _ in _dotted_items(OmegaConf.to_container(cfg, resolve=False))]
+    return []
+
+
+def _dotted_items(node, prefix: str = "") -> Iterator[tuple[str, object]]:
+    """``(dotted key, value)`` for every key of a nested dict, parents before their children."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield f"{prefix}{key}", value
+            yield from _dotted_items(value, f"{prefix}{key}.")
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -40,23 +41,78 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+#: suffixes of ``atomic_dir``'s hidden siblings: the complete old folder moved aside, and one being deleted
+_ASIDE, _TRASH = ".old", ".trash"
+
+
+def _hidden_siblings(final: Path, suffix: str) -> list[Path]:
+    """``final``'s hidden siblings ``.<name>.<random><suffix>``, newest first."""
+    found = [p for p in final.parent.glob(f".{glob.escape(final.name)}.*{suffix}") if p.is_dir()]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def _recover(final: Path) -> None:
+    """Undo what a killed ``atomic_dir`` swap left: a complete old folder aside while nothing is under
+    ``final`` goes back; asides no longer needed and half-deleted trash go."""
+    asides = _hidden_siblings(final, _ASIDE)
+    if asides and not final.exists():
+        os.replace(asides.pop(0), final)
+    for aside in asides:
+        _discard(aside)
+    for trash in _hidden_siblings(final, _TRASH):
+        shutil.rmtree(trash, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder next to ``final``; move it to ``final`` only if the block succeeds."""
+    """Yield a temporary folder next to ``final``; move it to ``final`` only if the block succeeds.
+
+    With ``overwrite``, an existing ``final`` is replaced so that at every instant one complete folder
+    exists, under ``final`` or, between the two renames of the swap, under a hidden ``.<name>.*.old``
+    aside: the old folder is renamed aside, the new one renamed in, and only then is the old one deleted
+    (renamed to ``.*.trash`` first, so that an interrupted delete never leaves a half folder that looks
+    complete). An exception during the swap puts the old folder back; a killed process may leave the
+    aside, which the next ``atomic_dir`` on the same ``final`` moves back when ``final`` is missing.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _recover(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)
+    # a name only this call uses: whether it exists tells, even after an interrupt, how far the swap got
+    aside = final.with_name(f".{final.name}.{tmp.name[len(final.name) + 2 : -4]}{_ASIDE}")
     try:
         yield tmp
-        if final.exists():
+        if final.exists() or final.is_symlink():
             if not overwrite:
                 raise FileExistsError(f"{final} already exists")
-            shutil.rmtree(final)
+            os.replace(final, aside)
         os.replace(tmp, final)
     except BaseException:
+        if aside.exists():
+            if tmp.exists():  # the old folder is aside and the new one never got in: put it back
+                try:
+                    os.replace(aside, final)
+                except OSError:
+                    if not final.is_dir():
+                        raise
+                    _discard(aside)  # a concurrent writer's complete folder took the name meanwhile
+            else:  # interrupted after the new folder got in
+                _discard(aside)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if aside.exists():
+        _discard(aside)
+
+
+def _discard(aside: Path) -> None:
+    """Delete an old folder that was moved aside, renaming it to trash first (see :func:`atomic_dir`)."""
+    trash = aside.with_name(aside.name[: -len(_ASIDE)] + _TRASH)
+    try:
+        os.replace(aside, trash)
+    except FileNotFoundError:  # another process's recovery took it
+        return
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

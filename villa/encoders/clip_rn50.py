@@ -1,9 +1,16 @@
-"""OpenAI CLIP RN50 from a local file, both towers built by open-clip-torch.
+"""OpenAI CLIP RN50 from a local file or from open_clip's download and cache, both towers built by
+open-clip-torch.
 
-Accepted files (``--clip_weights``):
+Accepted ``--clip_weights``:
 
-* the OpenAI ``RN50.pt`` TorchScript archive;
-* a plain state dict of a CLIP RN50 model (open_clip / OpenAI key layout), optionally nested under
+* ``openai``: OpenAI's RN50 as open_clip obtains it for ``pretrained="openai"`` (its Hugging Face Hub copy
+  ``timm/resnet50_clip.openai``, a safetensors state dict, in the Hub cache; or OpenAI's own ``RN50.pt``
+  in open_clip's URL cache ``~/.cache/clip``). A cached file is used without any network access; else it
+  is downloaded, and offline this stops at once with one line naming the file to supply;
+* the OpenAI ``RN50.pt`` TorchScript archive. **Loading a TorchScript archive runs code stored in the
+  file**: use only a file from a trusted source. OpenAI's published file is recognised by its SHA256;
+  any other TorchScript file loads with a warning. State dicts never run code (``weights_only=True``);
+* a state dict (``torch.save`` file or ``.safetensors``) of a CLIP RN50 model (open_clip / OpenAI key layout), optionally nested under
   ``"state_dict"`` or ``"model"`` and/or with a ``"module."`` prefix;
 * a visual-only state dict (the reference repo's ``clip.pth``): ``ModifiedResNet`` keys, bare or
   under any prefix such as ``"visual."``. Such a file gives the image tower only; ``encode_text``
@@ -14,9 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import sys
 import warnings
 import zipfile
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -43,20 +53,58 @@ def _is_torchscript(path: Path) -> bool:
         return any("/code/" in name or name.startswith("code/") for name in archive.namelist())
 
 
-def _read_file(path: Path) -> dict:
-    """The state dict of a TorchScript archive, or the tensors-only object in a ``torch.save`` file."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _warn_untrusted_torchscript(path: Path) -> None:
+    """Say once (rank 0) that a TorchScript archive runs code, unless it is OpenAI's published RN50.pt."""
     try:
+        if _sha256(path).startswith(_openai_sha256(_openai_cfg())):
+            return
+    except VillaError:  # open_clip without an RN50 "openai" entry: nothing to compare with
+        pass
+    if os.environ.get("RANK", "0") == "0":
+        print(
+            f"warning: '{path}' is a TorchScript archive, and loading it runs code stored in the file: use "
+            "only a file from a trusted source (OpenAI's published RN50.pt is recognised by its SHA256 and "
+            "loads without this warning; a state dict loads without running code)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _read_file(path: Path) -> dict:
+    """The state dict of a TorchScript archive, or the tensors-only object in a ``torch.save`` or
+    safetensors file."""
+    torchscript = False
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
         if _is_torchscript(path):
+            torchscript = True
+            _warn_untrusted_torchscript(path)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
                 return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
         return torch.load(path, map_location="cpu", weights_only=True)
+    except VillaError:
+        raise
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise VillaError(
-            f"cannot read CLIP weights '{path}': neither a TorchScript archive nor a tensors-only "
-            f"state dict ({first})"
-        ) from None
+        what = (
+            "a TorchScript archive that torch.jit.load cannot read (it must come from a trusted source: "
+            "loading one runs its code)"
+            if torchscript
+            else "neither a TorchScript archive nor a tensors-only state dict"
+        )
+        raise VillaError(f"cannot read CLIP weights '{path}': {what} ({first})") from None
 
 
 def _unwrap(obj) -> dict[str, torch.Tensor]:
@@ -217,10 +265,122 @@ class ClipRN50Encoder(Encoder):
         return RegionImageEncoder(visual).eval()
 
 
+# --------------------------------------------------------------------------- clip_weights=openai
+#: the ``clip_weights`` value that asks for OpenAI's RN50 through open_clip's download and cache
+OPENAI = "openai"
+#: seconds to wait for a TCP connection to the download host before calling the machine offline
+PROBE_TIMEOUT_S = 5.0
+
+
+def _openai_cfg() -> dict:
+    """open_clip's pretrained entry for ``RN50`` / ``openai`` (download URL, Hub id)."""
+    from open_clip.pretrained import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg("RN50", OPENAI)
+    if not cfg or not (cfg.get("url") or cfg.get("hf_hub")):
+        raise VillaError("this open_clip version has no 'openai' weights for RN50: pass --clip_weights=PATH")
+    return cfg
+
+
+def _openai_sha256(cfg: dict) -> str:
+    """OpenAI's URLs carry the file's SHA256 (open_clip checks downloads against it)."""
+    url = cfg.get("url", "")
+    return url.split("/")[-2] if "openaipublic" in url else "-"
+
+
+def url_cache_path(cfg: dict | None = None) -> Path:
+    """Where open_clip's URL download keeps ``RN50.pt`` (``download_pretrained_from_url``'s default)."""
+    cfg = cfg or _openai_cfg()
+    return Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(cfg.get("url") or "RN50.pt")
+
+
+def _hf_cached(cfg: dict) -> Path | None:
+    """The Hub cache's copy of open_clip's ``hf_hub`` entry (safetensors first, as open_clip), or None."""
+    if not cfg.get("hf_hub"):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    model_id, filename = os.path.split(cfg["hf_hub"])
+    for name in [filename] if filename else [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]:
+        hit = try_to_load_from_cache(model_id, name)
+        if isinstance(hit, str) and os.path.isfile(hit):
+            return Path(hit)
+    return None
+
+
+def find_cached_openai_rn50(cfg: dict | None = None) -> Path | None:
+    """OpenAI's RN50 already in open_clip's caches (no network): the Hub copy, else a ``~/.cache/clip/RN50.pt``
+    whose SHA256 is OpenAI's."""
+    cfg = cfg or _openai_cfg()
+    hit = _hf_cached(cfg)
+    if hit is not None:
+        return hit
+    target = url_cache_path(cfg)
+    if target.is_file() and _sha256(target).startswith(_openai_sha256(cfg)):
+        return target
+    return None
+
+
+def _offline_reason(cfg: dict) -> str | None:
+    """Why a download cannot work right now, found in at most :data:`PROBE_TIMEOUT_S`; None if it may."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(k) for k in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")):
+        return None  # only the proxy knows: let the download try
+    endpoint = urlparse(constants.ENDPOINT if cfg.get("hf_hub") else cfg["url"])
+    host, port = endpoint.hostname, endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as err:
+        return f"no network: {host} unreachable ({err or type(err).__name__})"
+    return None
+
+
+def _supply_hint(cfg: dict) -> str:
+    target = url_cache_path(cfg)
+    bad = " (the file there now is not OpenAI's: its SHA256 differs)" if target.is_file() else ""
+    return (
+        f"download {cfg.get('url') or 'RN50.pt'} where there is a network and pass its path, "
+        f"clip_weights=/path/to/RN50.pt (--clip_weights=... for preprocessing), or put it at {target}{bad}"
+    )
+
+
+def fetch_openai_rn50() -> Path:
+    """OpenAI's CLIP RN50 weights file through open_clip's own cache and download.
+
+    A cached copy is used without touching the network. Otherwise open_clip downloads it (the Hub copy
+    when ``huggingface_hub`` is installed, as ``open_clip.create_model("RN50", pretrained="openai")``
+    does), unless a quick probe finds no network: then a one-line :class:`VillaError` names the file to
+    supply and where.
+    """
+    cfg = _openai_cfg()
+    cached = find_cached_openai_rn50(cfg)
+    if cached is not None:
+        return cached
+    reason = _offline_reason(cfg)
+    if reason is not None:
+        raise VillaError(f"cannot obtain OpenAI's CLIP RN50 weights ({reason}): {_supply_hint(cfg)}")
+    from open_clip.pretrained import download_pretrained
+
+    try:
+        return Path(download_pretrained(cfg))
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise VillaError(
+            f"cannot download OpenAI's CLIP RN50 weights ({first}): {_supply_hint(cfg)}"
+        ) from None
+
+
 @register_encoder("clip_rn50")
 def _clip_rn50(name: str = "clip_rn50", clip_weights=None, device="cpu") -> ClipRN50Encoder:
     if not clip_weights:
         raise VillaError(
-            "encoder 'clip_rn50' needs --clip_weights=PATH (OpenAI RN50.pt or a CLIP state dict)"
+            "encoder 'clip_rn50' needs --clip_weights=PATH (OpenAI RN50.pt or a CLIP state dict) "
+            f"or --clip_weights={OPENAI} (open_clip's download and cache)"
         )
+    if str(clip_weights) == OPENAI:
+        clip_weights = fetch_openai_rn50()
     return ClipRN50Encoder(clip_weights, torch.device(device))

@@ -1,0 +1,107 @@
+"""Hydra's own command-line errors read like ours: one ``error: ...`` line and exit code 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from villa.errors import VillaError
+from villa.hydra_app import check_command_line, register_resolvers
+
+STAGE1 = "experiment=docmnist_stage1"
+
+
+@pytest.fixture(autouse=True)
+def resolvers():
+    register_resolvers()
+
+
+@pytest.mark.parametrize(
+    "argv,config,expected",
+    [
+        ([STAGE1, "epochs=3", "bogus_key=1"], "default", "unknown key 'bogus_key'; no similar key"),
+        (
+            [STAGE1, "mapping.epsilom=0.1"],
+            "default",
+            "unknown key 'mapping.epsilom'; nearest valid keys: mapping.epsilon, ",
+        ),
+        (
+            ["experiment=docmnist_stage3"],
+            "default",
+            "unknown experiment 'docmnist_stage3'; available: docmnist_stage",
+        ),
+        ([STAGE1, "epochs=[1"], "default", "cannot parse override 'epochs=[1': "),
+        ([STAGE1, "data_dir=???"], "default", "data_dir is required: add data_dir=<dataset folder>"),
+        ([STAGE1, "epochs=${nope}"], "default", "cannot resolve epochs: Interpolation key 'nope' not found"),
+        (
+            ["stage2.batchsize=3"],
+            "sweep",
+            "unknown key 'stage2.batchsize'; nearest valid keys: stage2.batch_size",
+        ),
+        # multirun: the first job of the sweep is checked
+        (["-m", STAGE1, "epochs=1,2", "mapping.epsilom=0.1,0.2"], "default", "+mapping.epsilom=0.1"),
+        (
+            ["--multirun", "complexities=[4],[16]", "stage1.epoch=3"],
+            "sweep",
+            "nearest valid keys: stage1.epochs",
+        ),
+    ],
+    ids=[
+        "unknown",
+        "typo",
+        "experiment",
+        "syntax",
+        "missing",
+        "interpolation",
+        "sweep",
+        "multirun",
+        "sweep-multirun",
+    ],
+)
+def test_config_errors_are_one_line(argv, config, expected):
+    with pytest.raises(VillaError) as info:
+        check_command_line(argv, config)
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "argv,config",
+    [
+        ([STAGE1, "epochs=3", "mapping.epsilon=0.3", "+early_stop=1", "hydra.job.chdir=false"], "default"),
+        (["-m", STAGE1, "epochs=1,2"], "default"),
+        (["-m", "complexities=[4],[16]"], "sweep"),
+        (["--help"], "default"),
+    ],
+)
+def test_valid_command_lines_pass(argv, config):
+    check_command_line(argv, config)
+
+
+def test_entry_point_prints_one_line_and_exits_2(tmp_path):
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "villa.stage1", "epochs=3", "mapping.epsilom=0.1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        "error: unknown key 'mapping.epsilom'; nearest valid keys: mapping.epsilon, mapping.weights, mapping "
+        "(a new key needs a leading +: +mapping.epsilom=0.1)"
+    ]
+    assert done.stdout == ""
+    assert not any(tmp_path.iterdir()), "nothing written"
