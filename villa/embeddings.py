@@ -11,6 +11,8 @@ Layout::
     text_embs/manifest.json         {"format", "encoder", "dim", "num_texts", "files"}
     text_embs/texts.feather         text (one row per distinct sentence)
     text_embs/embs.npy              float32 [n, D], L2-normalised
+    region_embs.partial/            only while preprocessing runs or after it was killed: its completed
+                                    shards, from which the next run resumes (see RegionWork)
 
 Regions of an image are consecutive rows in the order of its ``region_coord``. Shards are
 concatenated in manifest order to form the global row index. ``files`` maps every other file of the
@@ -49,6 +51,7 @@ from villa.artifacts import (
     damaged,
     file_record,
     load_torch,
+    npy_header,
     one_line,
     open_npy,
     read_feather_table,
@@ -59,12 +62,14 @@ from villa.artifacts import (
 )
 from villa.artifacts import file_sha256 as file_sha256
 from villa.errors import VillaError
-from villa.io import atomic_dir, save_torch
+from villa.io import atomic_dir, atomic_path, save_torch, write_json
 
 #: 2 adds ``files`` (bytes, rows, sha256 of every file) and ``num_texts``; 1 is still read
 FORMAT_VERSION = 2
 ATTR_EMBS_FILE = "attr_embs.pth"
 REGION_EMBS_DIR = "region_embs"
+#: a preprocessing run's completed shards until region_embs/ is published (see RegionWork)
+REGION_WORK_DIR = "region_embs.partial"
 TEXT_EMBS_DIR = "text_embs"
 MANIFEST_FILE = "manifest.json"
 MAPPING_FILE = "region_emb_mapping.feather"
@@ -298,6 +303,141 @@ def write_region_embeddings(
     with RegionEmbeddingWriter(dataset_dir, encoder=encoder, dim=dim, extra=extra) as writer:
         writer.add(image_ids, num_regions, embeddings)
     return Path(dataset_dir) / REGION_EMBS_DIR
+
+
+# --------------------------------------------------------------------------- preprocessing work in progress
+class RegionWork:
+    """``region_embs.partial/``: the completed shards of a preprocessing run, kept so a killed run resumes.
+
+    Layout::
+
+        region_embs.partial/progress.json        {"format", "key", "shards": [{"name", "images", "rows",
+                                                  "stats_count", "files": {file: {"bytes", "rows", "sha256"}}}]}
+        region_embs.partial/<name>.npy           float32 [rows, D]: the model's output rows of the shard's images
+        region_embs.partial/<name>_ids.npy       int64 [images, 2]: image_id, num_regions (row order)
+        region_embs.partial/<name>_stats.npy     float64 [2, D]: mean and m2 of the shard's statistics rows
+                                                 (rich features only; see villa.encoders.rich.RunningMoments)
+
+    A shard's files are written (each atomically) before ``progress.json`` lists it, so a listed shard is
+    complete; files it does not list are leftovers of a killed write and are deleted on open. ``key`` is what
+    the rows depend on (encoder, its config, region features, the annotations' sha256, ...): work with another
+    key is discarded on open (one printed line). Only rank 0 of a torchrun job touches the folder.
+    """
+
+    FILE = "progress.json"
+    FORMAT = 1
+
+    def __init__(self, folder: Path, key: dict, shards: list[dict]):
+        self.folder, self.key, self._shards = folder, key, shards
+
+    @classmethod
+    def open(cls, dataset_dir: str | os.PathLike, key: dict, log=print) -> RegionWork:
+        """The work folder of ``dataset_dir`` for ``key``: its completed shards, or a fresh empty folder."""
+        import shutil
+
+        folder = Path(dataset_dir) / REGION_WORK_DIR
+        key = json.loads(json.dumps(key))  # the form it takes in progress.json
+        shards: list[dict] = []
+        if folder.exists():
+            problem, shards = cls._check(folder, key)
+            if problem:
+                log(f"discarding the partial preprocessing in {folder}: {problem}")
+                shutil.rmtree(folder)
+                shards = []
+            elif shards:
+                images = sum(s["images"] for s in shards)
+                log(f"resuming the preprocessing in {folder}: {len(shards)} shards ({images:,} images) done")
+        folder.mkdir(parents=True, exist_ok=True)
+        work = cls(folder, key, shards)
+        keep = {cls.FILE, *(name for s in shards for name in s["files"])}
+        for leftover in folder.iterdir():
+            if leftover.name in keep:
+                continue
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink()
+        work._write_progress()
+        return work
+
+    @classmethod
+    def _check(cls, folder: Path, key: dict) -> tuple[str | None, list[dict]]:
+        """(why the work cannot be reused or None, its shards)."""
+        try:
+            progress = json.loads((folder / cls.FILE).read_text())
+            if not isinstance(progress, dict) or progress.get("format") != cls.FORMAT:
+                return "it was written by another villa version", []
+            if progress.get("key") != key:
+                stored = progress.get("key") if isinstance(progress.get("key"), dict) else {}
+                changed = sorted(k for k in {*stored, *key} if stored.get(k) != key.get(k))
+                return f"its {', '.join(changed)} differ from this run's", []
+            shards = progress["shards"]
+            for shard in shards:
+                for name, record in shard["files"].items():
+                    path = folder / name
+                    if path.stat().st_size != record["bytes"]:
+                        return f"{name} is damaged", []
+                    found = npy_header(path, folder, "")[0]
+                    if found[0] != record["rows"]:
+                        return f"{name} is damaged", []
+            return None, shards
+        except VillaError:
+            return "a shard file is damaged", []
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return "its progress record is missing or damaged", []
+
+    def _write_progress(self) -> None:
+        write_json(self.folder / self.FILE, {"format": self.FORMAT, "key": self.key, "shards": self._shards})
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._shards)
+
+    def covered_ids(self) -> np.ndarray:
+        """int64 image ids of every completed shard."""
+        ids = [np.load(self.folder / f"{s['name']}_ids.npy")[:, 0] for s in self._shards]
+        return np.concatenate(ids) if ids else np.zeros(0, np.int64)
+
+    def add(
+        self, image_ids, num_regions, rows: np.ndarray, moments: tuple[int, np.ndarray] | None = None
+    ) -> None:
+        """Record one completed shard: ``rows`` ``[sum(num_regions), D]`` float32 of ``image_ids`` in order;
+        ``moments`` = (count, float64 ``[2, D]`` mean and m2) of its statistics rows, if any."""
+        name = f"part_{len(self._shards):05d}"
+        ids = np.stack([np.asarray(image_ids, np.int64), np.asarray(num_regions, np.int64)], axis=1)
+        arrays = {f"{name}.npy": np.ascontiguousarray(rows, np.float32), f"{name}_ids.npy": ids}
+        if moments is not None:
+            arrays[f"{name}_stats.npy"] = np.asarray(moments[1], np.float64)
+        files = {}
+        for file, array in arrays.items():
+            with atomic_path(self.folder / file) as tmp:
+                files[file] = save_npy(tmp, array)
+        self._shards.append(
+            {
+                "name": name,
+                "images": len(ids),
+                "rows": int(len(rows)),
+                "stats_count": None if moments is None else int(moments[0]),
+                "files": files,
+            }
+        )
+        self._write_progress()  # the shard counts as done only from here on
+
+    def shards(self):
+        """Yield ``(image_ids [n], num_regions [n], rows [m, D] memory-mapped, moments or None)`` in order."""
+        for shard in self._shards:
+            ids = np.load(self.folder / f"{shard['name']}_ids.npy")
+            rows = np.load(self.folder / f"{shard['name']}.npy", mmap_mode="r")
+            moments = None
+            if shard["stats_count"] is not None:
+                moments = (shard["stats_count"], np.load(self.folder / f"{shard['name']}_stats.npy"))
+            yield ids[:, 0], ids[:, 1], rows, moments
+
+    def remove(self) -> None:
+        """Delete the folder (after its results are published)."""
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class RegionEmbeddings:

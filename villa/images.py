@@ -152,14 +152,34 @@ def pad_batch(images: Sequence[np.ndarray]) -> np.ndarray:
     return out
 
 
-def size_sorted_batches(sizes: np.ndarray, batch_size: int) -> list[np.ndarray]:
+def size_sorted_batches(
+    sizes: np.ndarray, batch_size: int, max_pixels: int | None = None
+) -> list[np.ndarray]:
     """Positions of each batch: images sorted by (height, width) and cut into batches of ``batch_size``.
 
-    Same-size images stay together, so a same-size dataset keeps its original order within each size.
+    Same-size images stay together, so a same-size dataset keeps its original order within each size. With
+    ``max_pixels``, a batch also ends before its padded area (images x largest height x largest width) would
+    exceed ``max_pixels`` (a batch holds at least one image), so the memory of a forward pass does not grow
+    with the image size.
     """
     sizes = np.asarray(sizes).reshape(-1, 2)
     order = np.lexsort((np.arange(len(sizes)), sizes[:, 1], sizes[:, 0]))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    # the plain cut when no batch can reach the cap (not even one padded to the largest height and width)
+    if (
+        not max_pixels
+        or len(sizes) == 0
+        or batch_size * int(sizes[:, 0].max() * sizes[:, 1].max()) <= max_pixels
+    ):
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches, start, height, width = [], 0, 0, 0
+    for i, (h, w) in enumerate(sizes[order].tolist()):
+        new_h, new_w = max(height, h), max(width, w)
+        if i > start and (i - start >= batch_size or (i - start + 1) * new_h * new_w > max_pixels):
+            batches.append(order[start:i])
+            start, new_h, new_w = i, h, w
+        height, width = new_h, new_w
+    batches.append(order[start:])
+    return batches
 
 
 def decode_many(

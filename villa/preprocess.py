@@ -13,10 +13,28 @@ Writes into the dataset folder, through :mod:`villa.embeddings` (the schema owne
 * ``text_embs/``: every distinct caption sentence and attribute prompt, each encoded once.
 
 Images are read as uint8 RGB and scaled to [0, 1]; like the reference we apply no CLIP mean/std
-normalisation. Many images go through one forward pass, all their boxes through one RoIAlign call.
+normalisation. Many images go through one forward pass (at most ``batch_size`` images and
+:data:`MAX_BATCH_PIXELS` padded pixels), all their boxes through one RoIAlign call; the next batch is decoded
+in a thread meanwhile.
 
-Multi-process (torchrun): with ``torch.distributed`` initialised, rank r embeds images
-``r::world_size``; rank 0 gathers the parts and writes everything. Without it nothing changes.
+**Memory does not grow with the dataset.** Region rows are written shard by shard (about
+:data:`WORK_SHARD_BYTES` each) into the work folder ``region_embs.partial/`` (:class:`villa.embeddings.RegionWork`).
+For rich features these are the raw blocks, and each shard also records the float64 moments (count, mean, m2)
+of its train-split rows (:class:`~villa.encoders.rich.RunningMoments`); a second pass merges the moments into
+the train statistics, standardises and projects every shard, and writes ``region_embs/`` through
+:class:`~villa.embeddings.RegionEmbeddingWriter` (published atomically, with its validation manifest). The
+result equals the in-memory recipe (all raw blocks, ``fit_stats``, ``finalize``) to float tolerance. The peak
+is one batch's activations plus one shard: about 1.1 GB for the libraries and models, plus up to ~0.7 GB
+for a full batch of the rich descriptor.
+
+**Resumable.** A run that is killed or fails (a damaged image, Ctrl-C) keeps its completed shards; the next
+run with the same encoder, encoder config, region features, annotations (sha256) and image policy skips the
+images they cover and prints one line saying so. Any of those changed, or a damaged shard, discards the work
+folder (one printed line) and starts again. The work folder is deleted once ``region_embs/`` is published.
+
+Multi-process (torchrun): with ``torch.distributed`` initialised, rank r embeds images ``r::world_size``
+(those no completed shard covers); ranks send each finished shard to rank 0, which alone writes the work
+folder and publishes (rank 0 holds one shard per rank at a time). Without it nothing changes.
 """
 
 from __future__ import annotations
@@ -37,8 +55,14 @@ from villa import distributed
 from villa.datasets import Dataset, Vocabulary, region_boxes, region_offsets
 from villa.datasets.contract import annotations_path
 from villa.device import autocast, resolve_device
-from villa.embeddings import RegionEmbeddingWriter, TextEmbeddingCache, file_sha256, save_attr_embs
-from villa.encoders.rich import REGION_FEATURES, RichRegionFeatures
+from villa.embeddings import (
+    RegionEmbeddingWriter,
+    RegionWork,
+    TextEmbeddingCache,
+    file_sha256,
+    save_attr_embs,
+)
+from villa.encoders.rich import REGION_FEATURES, RichRegionFeatures, RunningMoments
 from villa.errors import VillaError
 from villa.images import NO_RESIZE, ResizePolicy, decode_many, pad_batch, scale_boxes, size_sorted_batches
 from villa.text import split_sentences
@@ -47,8 +71,15 @@ IMAGE_PREPROCESSING = (
     "RGB uint8 / 255, no mean/std normalisation (reference recipe; a tower may normalise inside), "
     "resized by the encoder's policy (villa/images.py)"
 )
-#: rows per region shard: large enough that shards stay few, small enough to stream big datasets
+#: rows per ``region_embs`` shard: large enough that shards stay few, small enough to stream big datasets
 SHARD_ROWS = 1 << 16
+#: bytes of rows per shard of the work folder (``region_embs.partial/``): what one process keeps in memory
+#: between writes (rank 0 of a torchrun job: one per rank) and the most work a killed run loses
+WORK_SHARD_BYTES = 64 << 20
+#: padded pixels per forward pass at most (besides ``batch_size`` images): the rich descriptor's
+#: full-resolution maps take about 0.6 KB a pixel, so the peak follows this, not the image size
+#: (DocMNIST's 64 x 84 x 84 fit; 200 x 150 images go 34 to a batch, COCO's 640 x 480 three)
+MAX_BATCH_PIXELS = 1 << 20
 
 
 # --------------------------------------------------------------------------- images
@@ -73,9 +104,11 @@ def iter_region_batches(
     batch_size: int,
     policy: ResizePolicy = NO_RESIZE,
     prefetch: int = 2,
+    max_pixels: int | None = None,
 ) -> Iterator[RegionBatch]:
-    """Yield :class:`RegionBatch` es over ``frame``'s images (similar sizes batched together), decoding the
-    next ones in a thread while the current batch runs."""
+    """Yield :class:`RegionBatch` es over ``frame``'s images (similar sizes batched together, at most
+    ``batch_size`` images and ``max_pixels`` padded pixels each), decoding the next ones in a thread while the
+    current batch runs."""
     boxes_all = region_boxes(frame)
     offsets = region_offsets(frame)
     ids = frame["image_id"].to_numpy(dtype=np.int64)
@@ -102,7 +135,7 @@ def iter_region_batches(
     # decoding releases the GIL, so one thread hides it behind the forward passes
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         pending: collections.deque = collections.deque()
-        for positions in size_sorted_batches(policy.output_sizes(sizes), batch_size):
+        for positions in size_sorted_batches(policy.output_sizes(sizes), batch_size, max_pixels):
             pending.append(pool.submit(make, positions))
             if len(pending) > prefetch:
                 yield pending.popleft().result()
@@ -126,6 +159,7 @@ def embed_regions(
     amp: bool = False,
     timings: dict | None = None,
     policy: ResizePolicy = NO_RESIZE,
+    max_pixels: int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Embed all regions of ``frame``'s images; yields ``(image_ids [B], counts [B], embs [M, D])``.
 
@@ -137,7 +171,7 @@ def embed_regions(
     bar = tqdm(total=total, unit="region", desc="region embeddings", disable=not progress)
     forward = 0.0
     with bar, torch.inference_mode():
-        for batch in iter_region_batches(frame, dataset, batch_size, policy):
+        for batch in iter_region_batches(frame, dataset, batch_size, policy, max_pixels=max_pixels):
             _sync(device)
             start = time.perf_counter()
             images = to_model_input(batch.images, device)
@@ -212,6 +246,7 @@ def preprocess_dataset(
     rank: int | None = None,
     world_size: int | None = None,
     region_features: str | None = None,
+    max_batch_pixels: int | None = MAX_BATCH_PIXELS,
 ) -> dict:
     """Write ``attr_embs.pth``, ``region_embs/`` and ``text_embs/`` for every split of a dataset.
 
@@ -221,6 +256,8 @@ def preprocess_dataset(
         clip_weights: weights file for ``clip_rn50``.
         device: ``auto`` | ``cpu`` | ``cuda[:N]``.
         batch_size: images per forward pass.
+        max_batch_pixels: padded pixels per forward pass at most (None: no cap); bounds the memory of
+            datasets of large images.
         amp: run the image tower under CUDA autocast (bf16/fp16). Off by default: the embeddings are a
             one-off artifact, and stage 1 z-scores them, which turns bf16 rounding of a large common
             component into large errors (an H100 run gave a relative error of 0.52 against the CPU).
@@ -261,6 +298,7 @@ def preprocess_dataset(
             world_size=world_size,
             started=started,
             region_features=region_features,
+            max_batch_pixels=max_batch_pixels,
         )
     finally:
         if created_group:
@@ -283,6 +321,7 @@ def _preprocess(
     world_size,
     started,
     region_features=None,
+    max_batch_pixels=MAX_BATCH_PIXELS,
 ):
     from villa.encoders import get_encoder
 
@@ -315,11 +354,6 @@ def _preprocess(
     if region_features == "rich":
         model = rich = RichRegionFeatures(model, enc.dim)
     model = model.to(device).eval()
-    timings: dict = {}
-    t0 = time.perf_counter()
-    batches = embed_regions(
-        model, part, dataset, device, batch_size, progress and rank == 0, amp, timings, policy
-    )
     extra = {
         "encoder_config": enc.config,
         "dataset_path": str(dataset_dir),
@@ -331,34 +365,64 @@ def _preprocess(
         "image_policy": {"min_side": policy.min_side, "max_side": policy.max_side},
     }
     extra["encoder_config"]["region_features"] = region_features
+    stats_images, stats_split = None, None
     if rich is not None:
         extra["region_features_config"] = rich.config
-        finish = _rich_finisher(rich, frame, extra)
-        mine = _concat_parts(list(batches), rich.raw_dim)
-        if world_size == 1:
-            with RegionEmbeddingWriter(dataset_dir, encoder=enc.name, dim=enc.dim, extra=extra) as writer:
-                writer.add(*finish([mine]))
-        else:
-            _gather_and_write(dataset_dir, enc, extra, mine, rank, world_size, finish)
-    elif world_size == 1:
-        with RegionEmbeddingWriter(dataset_dir, encoder=enc.name, dim=enc.dim, extra=extra) as writer:
-            _stream_into(writer, batches, enc.dim)
+        stats_images, stats_split = rich_stats_images(frame)
+    row_dim = rich.raw_dim if rich is not None else enc.dim
+    # everything the stored rows depend on: other values discard the partial work of an earlier run
+    key = {
+        "encoder": enc.name,
+        "dim": row_dim,
+        "amp": bool(amp and device.type == "cuda"),
+        "stats_split": stats_split,
+        **{k: extra[k] for k in ("encoder_config", "annotations_sha256", "region_features", "image_policy")},
+        "region_features_config": extra.get("region_features_config"),
+    }
+
+    timings: dict = {}
+    t0 = time.perf_counter()
+    # rank 0 owns the work folder; every rank skips the images its completed shards already cover
+    work = RegionWork.open(dataset_dir, key) if rank == 0 else None
+    covered = distributed.broadcast_object(work.covered_ids() if work is not None else None)
+    todo = part[~part["image_id"].isin(covered)].reset_index(drop=True) if len(covered) else part
+    batches = embed_regions(
+        model,
+        todo,
+        dataset,
+        device,
+        batch_size,
+        progress and rank == 0,
+        amp,
+        timings,
+        policy,
+        max_batch_pixels,
+    )
+    shards = work_shards(batches, row_dim, max(1, WORK_SHARD_BYTES // (4 * row_dim)), stats_images)
+    if world_size == 1:
+        for shard in shards:
+            work.add(*shard)
     else:
-        _gather_and_write(dataset_dir, enc, extra, _concat_parts(list(batches), enc.dim), rank, world_size)
+        _gather_shards(work, shards, rank, world_size)
+    if rank == 0:
+        _publish(work, dataset_dir, enc, extra, rich, stats_split)
+    if world_size > 1:
+        distributed.barrier()
     region_seconds = time.perf_counter() - t0
 
     if rank == 0:
         save_attr_embs(dataset_dir, attribute_embeddings(sentences, sentence_embs, dataset.vocabulary))
         TextEmbeddingCache.write(dataset_dir, enc.name, sentences, sentence_embs, encoder_config=enc.config)
     seconds = time.perf_counter() - started
-    num_regions = int(part["num_regions"].sum())
+    num_regions = int(todo["num_regions"].sum())
     return {
         "dataset_dir": str(dataset_dir),
         "encoder": enc.name,
         "dim": enc.dim,
         "device": str(device),
         "num_images": len(part),
-        "num_regions": num_regions,
+        "num_regions": int(part["num_regions"].sum()),
+        "num_images_resumed": len(part) - len(todo),
         "num_sentences": len(sentences),
         "seconds": round(seconds, 3),
         "region_seconds": round(region_seconds, 3),
@@ -368,6 +432,93 @@ def _preprocess(
         "rank": rank,
         "world_size": world_size,
     }
+
+
+def rich_stats_images(frame: pd.DataFrame) -> tuple[pd.Series, str]:
+    """Which images' regions the rich statistics use: bool Series by ``image_id``, and the split's name.
+
+    The train split's images; every image (``"all"``) when the train split has no region (e.g. a test-only
+    set).
+    """
+    train = frame["split"].to_numpy() == "train"
+    if frame["num_regions"].to_numpy()[train].sum() > 0:
+        return pd.Series(train, index=frame["image_id"].to_numpy()), "train"
+    return pd.Series(np.ones(len(frame), bool), index=frame["image_id"].to_numpy()), "all"
+
+
+def work_shards(
+    batches, dim: int, shard_rows: int, stats_images: pd.Series | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, np.ndarray] | None]]:
+    """Group ``(ids, counts, rows [m, dim])`` batches into shards of at least ``shard_rows`` rows (whole batches).
+
+    Yields ``(ids, counts, rows, moments)``; with ``stats_images`` (bool by image_id), ``moments`` is
+    ``(count, float64 [2, dim] mean and m2)`` of the rows of the images it marks (see
+    :class:`~villa.encoders.rich.RunningMoments`), accumulated batch by batch; else None.
+    """
+    buffer, rows, moments = [], 0, None
+    for ids, counts, embs in batches:
+        buffer.append((ids, counts, embs))
+        rows += len(embs)
+        if stats_images is not None:
+            keep = np.repeat(stats_images.reindex(ids).to_numpy(dtype=bool), counts)
+            moments = (moments or RunningMoments(dim)).merge(RunningMoments.of(embs[keep]))
+        if rows >= shard_rows:
+            yield (
+                *_concat_parts(buffer, dim),
+                None if moments is None else (moments.count, moments.arrays()),
+            )
+            buffer, rows, moments = [], 0, None
+    if buffer:
+        yield (*_concat_parts(buffer, dim), None if moments is None else (moments.count, moments.arrays()))
+
+
+def _gather_shards(work: RegionWork | None, shards, rank: int, world_size: int) -> None:
+    """torchrun: every rank sends its next shard to rank 0, which records them, until every rank is done.
+
+    Rank 0 holds at most one shard per rank; the other ranks write nothing.
+    """
+    import torch.distributed as dist
+
+    mine = iter(shards)
+    while True:
+        shard = next(mine, None)
+        parts = [None] * world_size if rank == 0 else None
+        dist.gather_object(shard, parts, dst=0)
+        if rank == 0:
+            for part in parts:
+                if part is not None:
+                    work.add(*part)
+        more = distributed.broadcast_object(rank == 0 and any(p is not None for p in parts))
+        if not more:
+            return
+
+
+def _publish(work: RegionWork, dataset_dir: Path, enc, extra: dict, rich, stats_split) -> None:
+    """Second pass (rank 0): the work folder's shards -> ``region_embs/``, published atomically.
+
+    Rich rows are standardised with the statistics merged over every shard, then projected; shards are
+    regrouped into ``region_embs`` shards of about :data:`SHARD_ROWS` rows. The work folder goes afterwards.
+    """
+    finish = None
+    if rich is not None:
+        total = RunningMoments(rich.raw_dim)
+        for *_, moments in work.shards():
+            total.merge(RunningMoments.from_arrays(*moments))
+        extra["region_features_config"].update(stats_split=stats_split, stats_num_regions=int(total.count))
+        mean, std = total.mean_std()
+        rich = rich.cpu()
+
+        def finish(raw: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return rich.finalize(torch.from_numpy(np.array(raw)), mean, std).numpy()
+
+    def finished():
+        for ids, counts, rows, _ in work.shards():
+            yield ids, counts, np.array(rows) if finish is None else finish(rows)
+
+    with RegionEmbeddingWriter(dataset_dir, encoder=enc.name, dim=enc.dim, extra=extra) as writer:
+        _stream_into(writer, finished(), enc.dim)
+    work.remove()
 
 
 def _stream_into(writer: RegionEmbeddingWriter, batches, dim: int) -> None:
@@ -381,58 +532,6 @@ def _stream_into(writer: RegionEmbeddingWriter, batches, dim: int) -> None:
             buffer, rows, written = [], 0, written + 1
     if buffer or not written:
         writer.add(*_concat_parts(buffer, dim))
-
-
-def _gather_and_write(
-    dataset_dir: Path, enc, extra: dict, mine, rank: int, world_size: int, finish=None
-) -> None:
-    """Rank 0 gathers every rank's ``(ids, counts, embs)`` and writes one shard per rank.
-
-    With ``finish`` (parts -> one ``(ids, counts, embs)``), rank 0 writes ``finish(parts)`` instead:
-    rich features need every rank's train regions for their statistics.
-    """
-    import torch.distributed as dist
-
-    parts = [None] * world_size if rank == 0 else None
-    dist.gather_object(mine, parts, dst=0)
-    if rank == 0:
-        with RegionEmbeddingWriter(dataset_dir, encoder=enc.name, dim=enc.dim, extra=extra) as writer:
-            for ids, counts, embs in [finish(parts)] if finish is not None else parts:
-                writer.add(ids, counts, embs)
-    dist.barrier()
-
-
-def rich_stats_rows(frame: pd.DataFrame, image_ids: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, str]:
-    """Bool ``[sum counts]``: region rows whose image is in the train split, and the split name used.
-
-    Falls back to every region (``"all"``) when the dataset has no train split (e.g. a test-only set).
-    """
-    split = pd.Series(frame["split"].to_numpy(), index=frame["image_id"].to_numpy())
-    train_images = split.reindex(image_ids).to_numpy() == "train"
-    rows = np.repeat(train_images, counts)
-    if rows.any():
-        return rows, "train"
-    return np.ones(len(rows), bool), "all"
-
-
-def _rich_finisher(rich: RichRegionFeatures, frame: pd.DataFrame, extra: dict):
-    """parts of raw rich blocks -> ``(ids, counts, embs [M, D])``: train-split statistics, then projection.
-
-    Records the statistics' provenance in ``extra`` (it is written into the manifest afterwards).
-    """
-
-    def finish(parts):
-        ids, counts, raw = _concat_parts([p for p in parts if len(p[0])], rich.raw_dim)
-        rows, used = rich_stats_rows(frame, ids, counts)
-        raw = torch.from_numpy(raw)
-        mean, std = rich.fit_stats(raw[torch.from_numpy(rows)])
-        extra["region_features_config"]["stats_split"] = used
-        extra["region_features_config"]["stats_num_regions"] = int(rows.sum())
-        with torch.inference_mode():
-            embs = rich.cpu().finalize(raw, mean, std)
-        return ids, counts, embs.numpy()
-
-    return finish
 
 
 # --------------------------------------------------------------------------- command line

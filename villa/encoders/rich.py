@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -172,3 +173,63 @@ class RichRegionFeatures(nn.Module):
     def finalize(self, raw: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
         """``[M, raw_dim]`` -> standardised, concatenated, projected ``[M, out_dim]`` float32."""
         return ((raw.float() - mean) / std) @ self.proj_out
+
+
+class RunningMoments:
+    """Per-dimension count, mean and sum of squared deviations (float64), merged chunk by chunk.
+
+    :meth:`RichRegionFeatures.fit_stats` needs every train region at once; this gives the same statistics
+    from chunks (batches, shards, ranks) with Chan et al.'s pairwise update, so preprocessing keeps one batch
+    in memory instead of the whole dataset. float64 and the pairwise update (not a sum of squares) keep the
+    small spread of the near-constant reference block exact next to its large common offset.
+    """
+
+    def __init__(self, dim: int):
+        self.count = 0
+        self.mean = np.zeros(int(dim), np.float64)
+        self.m2 = np.zeros(int(dim), np.float64)
+
+    @classmethod
+    def of(cls, rows: np.ndarray | torch.Tensor) -> RunningMoments:
+        """The moments of ``rows`` ``[N, dim]``."""
+        rows = rows.numpy() if torch.is_tensor(rows) else np.asarray(rows)
+        out = cls(rows.shape[1])
+        if len(rows):
+            x = rows.astype(np.float64)
+            out.count, out.mean = len(x), x.mean(0)
+            out.m2 = np.square(x - out.mean).sum(0)
+        return out
+
+    @classmethod
+    def from_arrays(cls, count: int, mean_m2: np.ndarray) -> RunningMoments:
+        """Rebuild from :meth:`arrays` (``[2, dim]`` float64: mean, m2) and the count."""
+        out = cls(mean_m2.shape[1])
+        out.count, out.mean, out.m2 = (
+            int(count),
+            np.array(mean_m2[0], np.float64),
+            np.array(mean_m2[1], np.float64),
+        )
+        return out
+
+    def arrays(self) -> np.ndarray:
+        """``[2, dim]`` float64: mean and m2 (the count is kept apart)."""
+        return np.stack([self.mean, self.m2])
+
+    def merge(self, other: RunningMoments) -> RunningMoments:
+        """Add ``other``'s rows to these moments (in place; returned for chaining)."""
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            self.count, self.mean, self.m2 = other.count, other.mean.copy(), other.m2.copy()
+            return self
+        total = self.count + other.count
+        delta = other.mean - self.mean
+        self.mean = self.mean + delta * (other.count / total)
+        self.m2 = self.m2 + other.m2 + np.square(delta) * (self.count * other.count / total)
+        self.count = total
+        return self
+
+    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 ``[dim]`` mean and std, as :meth:`RichRegionFeatures.fit_stats` gives them."""
+        std = np.sqrt(self.m2 / max(self.count, 1))
+        return torch.from_numpy(self.mean).float(), torch.from_numpy(std).clamp(min=1e-6).float()
