@@ -72,6 +72,15 @@ def _unpack(out) -> tuple[torch.Tensor, int]:
 
 
 def _make_loader(dataset, batch_size, shuffle, seed, ctx, collate_fn, num_workers, pin_memory) -> DataLoader:
+    """The epoch's batches: the sampler picks the indices in this process; with ``num_workers > 0`` worker
+    processes build the batches (a dataset's ``__getitems__`` gathers a whole batch there, e.g. decodes its
+    images), ``prefetch_factor`` (2) batches ahead each, kept alive across epochs (``persistent_workers``).
+
+    Results do not depend on ``num_workers``: the order comes from the sampler, and the loader draws the
+    workers' base seed from its own seeded generator, never from torch's global one (an iterator draws it once
+    with persistent workers, every epoch without, which would shift the dropout of every epoch after the first).
+    Workers run one torch thread each (PyTorch's default), so they take little CPU from the training step.
+    """
     # DistributedSampler with one replica is an ordinary seeded, per-epoch reshuffling sampler, so one code
     # path serves single-process and torchrun runs, and a resumed run sees the same order as an uninterrupted one.
     sampler = DistributedSampler(
@@ -85,6 +94,7 @@ def _make_loader(dataset, batch_size, shuffle, seed, ctx, collate_fn, num_worker
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
