@@ -41,6 +41,9 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import ctypes
+import ctypes.util
+import functools
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -144,6 +147,29 @@ def iter_region_batches(
 
 
 # --------------------------------------------------------------------------- region embeddings
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None (another C library)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Return the memory freed by the last forward pass to the OS.
+
+    Batches of images of varying sizes leave glibc's heap fragmented: its free pages stay in the process, and
+    the resident size between batches crept from 1.2 to 2.7 GB over 5,000 images of about 200x150 (rich
+    features, 34 images a batch). ``malloc_trim(0)`` after every batch keeps the resident size at the live set
+    (1.2 GB) and the peak at one batch above it, for no measurable CPU time (the batch's pages are faulted in
+    again; a forward pass takes seconds). A no-op where the C library is not glibc.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -179,6 +205,8 @@ def embed_regions(
             with autocast(device, enabled=amp):
                 embs = model(images, boxes)
             embs = embs.float().cpu().numpy()
+            del images, boxes
+            release_freed_memory()
             forward += time.perf_counter() - start
             bar.update(len(embs))
             yield batch.image_ids, batch.counts, embs
