@@ -23,7 +23,20 @@ padding stays small (same-size datasets such as DocMNIST are never padded).
 **Memory.** :class:`ImageStore` keeps the decoded (resized) images of a dataset in memory when they fit the
 ``image_cache_mb`` budget (a config key; small datasets then decode once), and otherwise decodes each batch
 when it is asked for (in DataLoader workers when ``num_workers > 0``), so memory does not grow with the
-dataset.
+dataset. Decoded images take height x width x 3 bytes: DocMNIST's 84 x 84 are 21 KB (a 30,000-budget train
+split: 42 MB), 200 x 150 are 90 KB (the default 1 GiB holds about 11,900), COCO's 640 x 480 are 0.9 MB (about
+1,100). Each split (train, val, test) is its own store with its own budget.
+
+Choosing the settings (stage 2, evaluation):
+
+* the defaults (``image_cache_mb=1024``, ``num_workers=0``) suit data that fits: every image is decoded once,
+  and a batch is a slice of one array;
+* ``image_cache_mb=0`` caps memory at one batch of images whatever the dataset's size (or lower the budget
+  when several processes share the machine); decoding then costs every epoch, so add DataLoader workers
+  (``num_workers=2``; one or two per spare core) to decode the next batches while the model trains. Workers
+  are forked (sharing the parent's memory), run one torch thread each and keep running between epochs;
+* workers bring nothing while images are cached (the batch only travels through shared memory), and a
+  cached store is inherited by every worker copy-on-write, so it is not duplicated.
 """
 
 from __future__ import annotations
