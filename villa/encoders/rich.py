@@ -33,6 +33,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from villa.encoders.clip_resnet import RegionImageEncoder
+from villa.errors import VillaError
 
 REGION_FEATURES = ("rich", "reference")
 BLOCKS = ("reference", "pooled", "pixels", "conv_bank")
@@ -83,6 +84,12 @@ class RichRegionFeatures(nn.Module):
 
     def __init__(self, tower: RegionImageEncoder, out_dim: int, seed: int = DEFAULT_RICH_SEED):
         super().__init__()
+        # the blocks read the ModifiedResNet's stem and layers: other towers (e.g. mobilenet_v2) have none
+        if not isinstance(tower, RegionImageEncoder):
+            raise VillaError(
+                f"region_features=rich needs a CLIP modified-ResNet image tower, not {type(tower).__name__}: "
+                "use --region_features=reference with this encoder"
+            )
         self.tower = tower.eval()
         self.out_dim = int(out_dim)
         self.seed = int(seed)
