@@ -24,6 +24,14 @@ setup(
         "open-clip-torch>=2.20",
     ],
     extras_require={
-        "test": ["pytest>=7", "nbclient>=0.7", "nbformat>=5", "ipykernel>=6", "ruff>=0.5", "pre-commit>=3"],
+        "test": [
+            "pytest>=7",
+            "nbclient>=0.7",
+            "nbformat>=5",
+            "ipykernel>=6",
+            "ruff>=0.5",
+            "pre-commit>=3",
+            "scikit-image>=0.21",  # the shape cross-check in tests/test_docmnist_generate.py
+        ],
     },
 )
