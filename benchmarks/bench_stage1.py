@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from villa.device import resolve_device
-from villa.docmnist.vocabulary import ATTRIBUTES
+from villa.docmnist.vocabulary import ATTRIBUTES, docmnist_vocabulary
 from villa.mapping.assign import map_split
 from villa.mapping.data import Stage1Dataset, collate_stage1
 from villa.mapping.loss import TEMPERATURE, MappingLoss
@@ -84,13 +84,13 @@ def synthetic(n_images: int, dim: int, seed: int = 0):
 
 
 def real(data_dir: str):
-    from villa.annotations import read_annotations
-
+    from villa.datasets import Dataset
     from villa.embeddings import RegionEmbeddings, load_attr_embs
 
-    frame = read_annotations(data_dir, "train")
-    dataset = Stage1Dataset.from_frame(frame, RegionEmbeddings.open(data_dir), ATTRIBUTES)
-    return frame, dataset, load_attr_embs(data_dir, ATTRIBUTES)[1]
+    dataset = Dataset.open(data_dir)
+    frame = dataset.annotations("train")
+    stage1 = Stage1Dataset.from_frame(frame, RegionEmbeddings.open(dataset.root), dataset.vocabulary)
+    return frame, stage1, load_attr_embs(dataset.root, dataset.vocabulary.names)[1]
 
 
 def _sync(device: torch.device) -> None:
@@ -321,7 +321,7 @@ def main() -> None:
         cpu_dataset.regions,
         cpu_dataset.mask,
         attr_embs.cpu(),
-        ATTRIBUTES,
+        docmnist_vocabulary(),
         seed=0,
         device=device,
     )

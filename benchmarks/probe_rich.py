@@ -30,13 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from villa.annotations import read_annotations
+from villa.datasets import Dataset
 from villa.device import resolve_device
 from villa.docmnist.vocabulary import COLORS, DIGIT_WORDS, SHAPES, SIZES
 from villa.encoders import get_encoder
 from villa.encoders.rich import BLOCK_DIM, BLOCKS, RichRegionFeatures
 from villa.errors import VillaError
-from villa.paths import resolve_dataset_dir
 from villa.preprocess import embed_regions
 
 #: kind -> (annotation column, classes; None is the class "none")
@@ -57,11 +56,11 @@ def region_labels(frame) -> dict[str, torch.Tensor]:
     return out
 
 
-def embed(model: nn.Module, frame, dataset_dir, device, batch_size: int) -> torch.Tensor:
+def embed(model: nn.Module, frame, dataset: Dataset, device, batch_size: int) -> torch.Tensor:
     """``[M, d]`` outputs of ``model`` for every region of ``frame``, in frame order."""
     parts, ids = [], []
     for image_ids, _, embs in embed_regions(
-        model.to(device).eval(), frame, dataset_dir, device, batch_size, False
+        model.to(device).eval(), frame, dataset, device, batch_size, False
     ):
         ids.append(image_ids)
         parts.append(torch.from_numpy(embs))
@@ -105,16 +104,17 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     device = resolve_device(args.device)
-    dataset_dir = resolve_dataset_dir(args.data_dir)
-    frame = read_annotations(dataset_dir)
+    dataset = Dataset.open(args.data_dir)
+    dataset_dir = dataset.root
+    frame = dataset.annotations()
     frame = frame[frame["split"].isin(["train", "val"])].reset_index(drop=True)
     train = torch.from_numpy(np.repeat(frame["split"].to_numpy() == "train", frame["num_regions"].to_numpy()))
     labels = region_labels(frame)
 
     enc = get_encoder("default", device=device)
-    features = {"reference": embed(enc.build_image_model(), frame, dataset_dir, device, args.batch_size)}
+    features = {"reference": embed(enc.build_image_model(), frame, dataset, device, args.batch_size)}
     rich = RichRegionFeatures(enc.build_image_model(), enc.dim)
-    raw = embed(rich, frame, dataset_dir, device, args.batch_size)  # [M, len(BLOCKS) * BLOCK_DIM]
+    raw = embed(rich, frame, dataset, device, args.batch_size)  # [M, len(BLOCKS) * BLOCK_DIM]
     mean, std = rich.fit_stats(raw[train])  # train-split statistics, as preprocessing computes them
     features["rich"] = rich.cpu().finalize(raw, mean, std)
     for b, name in enumerate(BLOCKS):

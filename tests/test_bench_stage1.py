@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from villa.docmnist.vocabulary import ATTRIBUTES
+from villa.docmnist.vocabulary import ATTRIBUTES, docmnist_vocabulary
 from villa.mapping.assign import map_split
 from villa.mapping.data import collate_stage1
 from villa.mapping.loss import MappingLoss
@@ -68,7 +68,9 @@ def test_reference_mapping_equals_map_split(bench):
     counts = dataset.mask.sum(1).tolist()
     per_image = [dataset.regions[i, :n] for i, n in enumerate(counts)]
     attrs, texts = bench.reference_map(reference, frame, per_image, dataset.multi_hot.float(), attr_embs)
-    mapped, _ = map_split(model, frame, dataset.regions, dataset.mask, attr_embs, ATTRIBUTES, epsilon=0.2)
+    mapped, _ = map_split(
+        model, frame, dataset.regions, dataset.mask, attr_embs, docmnist_vocabulary(), epsilon=0.2
+    )
     assert [[sorted(r) for r in image] for image in attrs] == [
         [sorted(r) for r in image] for image in mapped["assigned_attributes"]
     ]
