@@ -550,7 +550,9 @@ def collect_results(out_dir: str | Path) -> pd.DataFrame:
                     "mapping_f1": mapping_f1 if method == "villa" else None,
                 }
             )
-    return pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+    table = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+    # float columns: a metric without a value (None) is NaN, written as an empty CSV cell
+    return table.astype({"avg_sample_complexity": float, **{m: float for m in METRICS}})
 
 
 def _method_order(methods: pd.Series) -> pd.Series:
@@ -658,7 +660,8 @@ def write_results(out_dir: str | Path, results: pd.DataFrame) -> dict[str, Path]
             line = rows[rows["method"] == method].sort_values("avg_sample_complexity")
             if line.empty:
                 continue
-            (drawn,) = ax.plot(line["avg_sample_complexity"], line["mean"], marker="o", label=method)
+            style = {"linestyle": "--", "color": "grey"} if method == "untrained" else {}  # the floor
+            (drawn,) = ax.plot(line["avg_sample_complexity"], line["mean"], marker="o", label=method, **style)
             if (line["n"] >= 2).any():
                 ax.fill_between(
                     line["avg_sample_complexity"],
