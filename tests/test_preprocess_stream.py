@@ -226,3 +226,68 @@ def test_torchrun_resumes_a_single_process_run(tmp_path, monkeypatch, counted_fo
         config["stats_num_regions"]
         == RegionEmbeddings.open(single).manifest["region_features_config"]["stats_num_regions"]
     )
+
+
+_KILLED_RUN = """
+import os, signal, sys
+
+import villa.embeddings as emb
+import villa.preprocess as pre
+
+pre.WORK_SHARD_BYTES = 1  # every batch of 2 images its own work shard
+save, saved = emb.save_npy, []
+
+
+def save_then_die(path, array):
+    # a rich shard is 3 files (rows, ids, moments): die as the 3rd shard's 2nd file starts, with its rows
+    # file already in place but not listed, and the ids file's temporary open
+    if len(saved) == 7:
+        os.kill(os.getpid(), signal.SIGKILL)
+    saved.append(path)
+    return save(path, array)
+
+
+emb.save_npy = save_then_die
+pre.preprocess_dataset(sys.argv[1], device="cpu", batch_size=2, progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_from_its_last_complete_shard(tmp_path, monkeypatch, counted_forward, capsys):
+    """A process killed outright (SIGKILL: no exception handler, no cleanup) half-way through a run: the next
+    run keeps its 2 complete shards, drops the half-written third, computes only the rest and publishes what
+    an uninterrupted run writes, byte for byte."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setattr(pre, "WORK_SHARD_BYTES", 1)
+    folder = make_dataset(tmp_path / "a", n_images=8)
+    reference = tmp_path / "b" / "tiny_ds"
+    shutil.copytree(folder, reference)
+    pre.preprocess_dataset(reference, device="cpu", batch_size=2, progress=False)
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    killed = subprocess.run([sys.executable, "-c", _KILLED_RUN, str(folder)], env=env, cwd=repo)
+    assert killed.returncode == -signal.SIGKILL
+    work = folder / REGION_WORK_DIR
+    progress = json.loads((work / "progress.json").read_text())
+    assert [s["images"] for s in progress["shards"]] == [2, 2]
+    leftovers = {p.name for p in work.iterdir()} - {n for s in progress["shards"] for n in s["files"]}
+    assert "part_00002.npy" in leftovers and any(n.endswith(".tmp") for n in leftovers)
+    assert not (folder / "region_embs").exists()
+
+    counted_forward.update(calls=0)
+    capsys.readouterr()
+    summary = pre.preprocess_dataset(folder, device="cpu", batch_size=2, progress=False)
+    assert counted_forward["calls"] == 2 and summary["num_images_resumed"] == 4
+    assert f"resuming the preprocessing in {work}: 2 shards (4 images) done" in capsys.readouterr().out
+    assert not work.exists()
+    got, got_map = all_rows(folder)
+    want, want_map = all_rows(reference)
+    assert np.array_equal(got, want)
+    pd.testing.assert_frame_equal(got_map, want_map)
+    RegionEmbeddings.open(folder, verify=True)
