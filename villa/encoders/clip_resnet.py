@@ -158,14 +158,16 @@ def apply_roi_matrices(
 ) -> torch.Tensor:
     """Crops ``[M, C, S, S]`` (channels-last memory) = ``matrices[m]`` applied to ``features[batch_index[m]]``.
 
-    features ``[B, C, H, W]``; batch_index int64 ``[M]``; matrices ``[M, S * S, H * W]``.
+    features ``[B, C, H, W]``; batch_index int64 ``[M]``; matrices ``[M, S * S, H * W]``. Like torchvision's
+    RoIAlign under autocast, the interpolation runs in float32 and the crops come back in ``features.dtype``.
     """
     b, c, h, w = features.shape
     m, ss = matrices.shape[:2]
     s = math.isqrt(ss)
     per_image = features.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view when channels-last
-    crops = torch.bmm(matrices.to(features.dtype), per_image[batch_index])  # [M, S*S, C]
-    return crops.reshape(m, s, s, c).permute(0, 3, 1, 2)
+    with torch.autocast(features.device.type, enabled=False):
+        crops = torch.bmm(matrices.float(), per_image[batch_index].float())  # [M, S*S, C]
+    return crops.to(features.dtype).reshape(m, s, s, c).permute(0, 3, 1, 2)
 
 
 def boxes_with_batch_index(boxes_per_image: Sequence[torch.Tensor]) -> torch.Tensor:
