@@ -11,8 +11,8 @@ and separable in y and x, so it is a per-region matrix ``[196, H*W]`` applied wi
 (no per-sample CPU loop, and its backward is a matmul too); and because it is linear, layer4's first
 1x1 convolutions (``conv1`` and the downsample's conv) commute with it and run on the small per-image
 map instead of on 196 (or 49) positions per region. See :func:`roi_align_matrices` and
-:meth:`RegionImageEncoder.forward`; ``tests/test_encoders.py`` checks outputs and gradients against the
-reference recipe.
+:meth:`RegionImageEncoder.forward`; ``tests/test_stage2_speed.py`` checks outputs, gradients and BatchNorm
+statistics against the reference recipe.
 """
 
 from __future__ import annotations
@@ -178,6 +178,17 @@ def boxes_with_batch_index(boxes_per_image: Sequence[torch.Tensor]) -> torch.Ten
     return torch.cat([index[:, None].to(flat.dtype), flat], dim=1)
 
 
+def _is_pointwise(conv: nn.Module) -> bool:
+    """A bias-free 1x1 convolution: a linear map over channels only, so it commutes with RoIAlign."""
+    return (
+        isinstance(conv, nn.Conv2d)
+        and conv.bias is None
+        and conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.groups == 1
+    )
+
+
 def _is_pool2(module: nn.Module) -> bool:
     """open_clip's stride-2 average pool (kernel 2, stride 2, no padding, floor mode)."""
     return (
@@ -252,8 +263,11 @@ class RegionImageEncoder(nn.Module):
         return (
             isinstance(first, Bottleneck)
             and first.downsample is not None
+            and len(first.downsample) == 3
             and _is_pool2(first.avgpool)
             and _is_pool2(first.downsample[0])
+            and _is_pointwise(first.conv1)
+            and _is_pointwise(first.downsample[1])
             and h * w <= ROI_SIZE * ROI_SIZE  # K [M, 196, HW] no larger than the crops themselves
             and b * h * w <= num_boxes * (ROI_SIZE // 2) ** 2  # 1x1 convs on maps cost less than on crops
         )
