@@ -11,16 +11,21 @@ paths run with the same seed, data, batch size and thread count, so the train/va
 metrics must agree to float tolerance: the script prints the differences and exits 1 when they do not.
 
 **How the baseline runs.** Each measurement runs in a fresh worker process (this file with ``--worker``):
-``current`` imports ``villa`` from this tree, ``baseline`` from ``git archive <baseline-rev> villa`` unpacked
-into a temporary folder, so the baseline is the old code doing its real work its real way, not a copy or a
-flag. Separate processes are needed because one of the levers (``villa.device.keep_cpu_memory``) is a
-process-wide allocator setting that would otherwise speed the baseline up too; the parent only starts the
-workers, alternating baseline/current ``--repeats`` times, and records the load (``uptime``) around each.
+``current`` imports ``villa`` from a copy of this tree's package taken at the start (uncommitted changes
+included), ``baseline`` from ``git archive <baseline-rev> villa`` unpacked into a temporary folder, so the
+baseline is the old code doing its real work its real way, not a copy or a flag. Separate processes are
+needed because one of the levers (``villa.device.keep_cpu_memory``) is a process-wide allocator setting that
+would otherwise speed the baseline up too; the parent only starts the workers, alternating baseline/current
+``--repeats`` times, and records the load (``uptime``) around each. Both workers get the same ``--threads``
+(0: torch's default, one per core) and the same environment (``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY``:
+printed), so set those in front of the command to compare thread settings.
 
 ``--profile`` adds, in each worker after the timed epoch, (1) a section table: forward and
-forward+backward time of each part of the model on one real batch (stem, layer1-3, RoIAlign, layer4 on the
-14x14 crops, attention pool, the current head, loss), the optimiser step, the data gathering and a full
-training step; (2) torch.profiler's top operators over ``--profile-steps`` training steps, with their share.
+forward+backward time of each part of the model as that code path's ``forward()`` runs it, on one real
+batch (stem, layer1-3, then for the baseline torchvision RoIAlign and layer4 on the 14x14 crops, for the
+current tree layer4's 1x1 convolutions on the maps + RoIAlign as matrices and the rest of layer4; attention
+pool, loss), the optimiser step, the data gathering and a full training step; (2) torch.profiler's top
+operators over ``--profile-steps`` training steps, with their share of the profiled time.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -78,61 +84,64 @@ def profile_sections(train_set, enc, batch_size: int, repeats: int, steps: int) 
     images = batch["images"].float().div_(255)
     boxes = batch["boxes"]
     width = images.shape[-1]
+    cl = torch.channels_last
+    fast = hasattr(
+        model, "_fast_crops"
+    )  # this tree's forward(); the baseline's is torchvision RoIAlign + layer4
     with torch.no_grad():
-        stem = v.stem(images.contiguous(memory_format=torch.channels_last))
+        stem = v.stem(images.contiguous(memory_format=cl))
         l1 = v.layer1(stem)
         l2 = v.layer2(l1)
         l3 = v.layer3(l2)
-        rois = model.region_features(l3, boxes, width)
-        l4 = v.layer4(rois.contiguous(memory_format=torch.channels_last))
+        if fast:
+            crops = model._fast_crops(l3, boxes, width)
+            l4 = model._fast_layer4(*crops)
+        else:
+            rois = model.region_features(l3, boxes, width)
+            l4 = v.layer4(rois.contiguous(memory_format=cl))
         emb = cr.attention_pool_first_token(v.attnpool, l4)
 
-    def fwd(fn, x):
-        with torch.no_grad():
-            fn(x)
+    def outputs(out):
+        return out if isinstance(out, tuple) else (out,)
 
-    def fwd_bwd(fn, x, needs_grad=True):
-        x = x.detach().requires_grad_(needs_grad)
-        out = fn(x)
-        out.backward(torch.ones_like(out))
+    def fwd(fn, xs):
+        with torch.no_grad():
+            fn(*xs)
+
+    def fwd_bwd(fn, xs, needs_grad):
+        xs = [x.detach().requires_grad_(needs_grad) for x in xs]
+        out = outputs(fn(*xs))
+        torch.autograd.backward(out, [torch.ones_like(o) for o in out])
 
     sections = [
-        ("stem", lambda x: v.stem(x.contiguous(memory_format=torch.channels_last)), images, False),
-        ("layer1", v.layer1, stem, True),
-        ("layer2", v.layer2, l1, True),
-        ("layer3", v.layer3, l2, True),
-        ("RoIAlign (torchvision) 14x14", lambda f: model.region_features(f, boxes, width), l3, True),
-        (
-            "layer4 on the crops",
-            lambda r: v.layer4(r.contiguous(memory_format=torch.channels_last)),
-            rois,
-            True,
-        ),
-        ("attention pool", lambda x: cr.attention_pool_first_token(v.attnpool, x), l4, True),
+        ("stem", lambda x: v.stem(x.contiguous(memory_format=cl)), (images,), False),
+        ("layer1", v.layer1, (stem,), True),
+        ("layer2", v.layer2, (l1,), True),
+        ("layer3", v.layer3, (l2,), True),
     ]
-    if hasattr(model, "_fast_head"):
-        sections.append(
+    if fast:
+        sections += [
             (
-                "head as forward() runs it (RoIAlign+layer4+pool)",
-                lambda f: model._fast_head(f, boxes, width),
-                l3,
+                "layer4[0] 1x1 convs on the maps + RoIAlign as matrices (bmm)",
+                lambda f: model._fast_crops(f, boxes, width),
+                (l3,),
                 True,
-            )
-        )
+            ),
+            ("rest of layer4 on the 14x14 crops", model._fast_layer4, crops, True),
+        ]
     else:
-        sections.append(
-            (
-                "head as forward() runs it (RoIAlign+layer4+pool)",
-                lambda f: model.head(model.region_features(f, boxes, width)),
-                l3,
-                True,
-            )
-        )
-    sections.append(("loss", lambda e: symmetric_info_nce(e, batch["text"]), emb, True))
+        sections += [
+            ("RoIAlign (torchvision) 14x14", lambda f: model.region_features(f, boxes, width), (l3,), True),
+            ("layer4 on the 14x14 crops", lambda r: v.layer4(r.contiguous(memory_format=cl)), (rois,), True),
+        ]
+    sections += [
+        ("attention pool", lambda x: cr.attention_pool_first_token(v.attnpool, x), (l4,), True),
+        ("loss", lambda e: symmetric_info_nce(e, batch["text"]), (emb,), True),
+    ]
     rows = [("data gathering (one batch)", _median_ms(lambda: train_set.__getitems__(index), repeats), None)]
-    for name, fn, x, grad in sections:
-        forward_ms = _median_ms(lambda fn=fn, x=x: fwd(fn, x), repeats)
-        both_ms = _median_ms(lambda fn=fn, x=x, grad=grad: fwd_bwd(fn, x, grad), repeats)
+    for name, fn, xs, grad in sections:
+        forward_ms = _median_ms(lambda fn=fn, xs=xs: fwd(fn, xs), repeats)
+        both_ms = _median_ms(lambda fn=fn, xs=xs, grad=grad: fwd_bwd(fn, xs, grad), repeats)
         rows.append((name, forward_ms, both_ms))
 
     def step():
@@ -247,6 +256,12 @@ def baseline_tree(rev: str, dest: Path) -> Path:
         ["git", "-C", str(REPO), "archive", "--format=tar", rev, "villa"], capture_output=True, check=True
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+def current_tree(dest: Path) -> Path:
+    """A copy of this tree's ``villa`` package (uncommitted changes included) under ``dest``."""
+    shutil.copytree(REPO / "villa", dest / "villa", ignore=shutil.ignore_patterns("__pycache__"))
     return dest
 
 

@@ -283,23 +283,37 @@ class RegionImageEncoder(nn.Module):
         the 2x2 average pool folded into its matrix. Everything after (BatchNorm in train or eval mode,
         ReLU, the 3x3 conv, the other blocks, the attention pool) sees the same tensors as the reference.
         """
-        v = self.visual
-        block = v.layer4[0]
+        return attention_pool_first_token(
+            self.visual.attnpool, self._fast_layer4(*self._fast_crops(features, boxes, image_width))
+        )
+
+    def _fast_crops(
+        self, features: torch.Tensor, boxes: torch.Tensor, image_width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer4 block 0's two 1x1 convolutions, on the maps, then RoIAlign'd (see :meth:`_fast_head`).
+
+        Returns ``conv1(crops)`` ``[M, P, 14, 14]`` and ``downsample_conv(avgpool(crops))`` ``[M, 4P, 7, 7]``.
+        """
+        block = self.visual.layer4[0]
         _, _, h, w = features.shape
         boxes = boxes.to(device=features.device)
         index = boxes[:, 0].long()
         wy, wx = roi_align_axis_weights(boxes, w / image_width, h, w)  # [M, 14, h], [M, 14, w]
-        crops = _kron(wy, wx)  # [M, 196, hw]: RoIAlign
         m, half = len(boxes), ROI_SIZE // 2
         # avgpool(2) of the crops, itself separable: average adjacent rows of Wy and of Wx
         pooled = _kron(wy.reshape(m, half, 2, h).mean(2), wx.reshape(m, half, 2, w).mean(2))  # [M, 49, hw]
-        ds_conv, ds_bn = block.downsample[1], block.downsample[2]
-        out = block.act1(block.bn1(apply_roi_matrices(block.conv1(features), index, crops)))
+        return (
+            apply_roi_matrices(block.conv1(features), index, _kron(wy, wx)),
+            apply_roi_matrices(block.downsample[1](features), index, pooled),
+        )
+
+    def _fast_layer4(self, conv1_crops: torch.Tensor, downsample_crops: torch.Tensor) -> torch.Tensor:
+        """The rest of layer4 from :meth:`_fast_crops`' outputs: ``[M, 32 * width, 7, 7]``."""
+        block = self.visual.layer4[0]
+        out = block.act1(block.bn1(conv1_crops))
         out = block.avgpool(block.act2(block.bn2(block.conv2(out))))
-        out = block.bn3(block.conv3(out))
-        out = out + ds_bn(apply_roi_matrices(ds_conv(features), index, pooled))
-        x = v.layer4[1:](block.act3(out))
-        return attention_pool_first_token(v.attnpool, x)
+        out = block.bn3(block.conv3(out)) + block.downsample[2](downsample_crops)
+        return self.visual.layer4[1:](block.act3(out))
 
 
 def seeded_modified_resnet(
