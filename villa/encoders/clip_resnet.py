@@ -71,7 +71,9 @@ def attention_pool_first_token(pool: AttentionPool2d, x: torch.Tensor) -> torch.
     folded = torch.einsum("mhd,hdc->mhc", query, k_weight)  # [M, heads, C]
     score_first = torch.einsum("mhc,mc->mh", folded, first)[..., None]  # [M, heads, 1]
     score_rest = torch.bmm(folded, spatial.transpose(1, 2)) + folded @ pos[1:].T  # [M, heads, HW]
-    attn = torch.cat([score_first, score_rest], dim=-1).float().softmax(dim=-1).to(x.dtype)
+    # softmax in at least float32 (bf16/fp16 under autocast), float64 stays float64
+    scores = torch.cat([score_first, score_rest], dim=-1)
+    attn = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(x.dtype)
     attn_first, attn_rest = attn[..., :1], attn[..., 1:]
     pooled = (
         attn_first * first[:, None] + torch.bmm(attn_rest, spatial) + attn_rest @ pos[1:]
@@ -127,7 +129,8 @@ def roi_align_axis_weights(
         spatial_scale: feature pixels per image pixel.
         height, width: the feature map's size.
     """
-    coords = boxes[:, 1:].float() * spatial_scale - 0.5  # aligned=True: pixel centres at +0.5
+    # aligned=True: pixel centres at +0.5; at least float32, like the RoIAlign kernels (float64 stays float64)
+    coords = boxes[:, 1:].to(torch.promote_types(boxes.dtype, torch.float32)) * spatial_scale - 0.5
     wy = _axis_weights(coords[:, 1], coords[:, 3] - coords[:, 1], height, output_size)
     wx = _axis_weights(coords[:, 0], coords[:, 2] - coords[:, 0], width, output_size)
     return wy, wx
@@ -159,14 +162,16 @@ def apply_roi_matrices(
     """Crops ``[M, C, S, S]`` (channels-last memory) = ``matrices[m]`` applied to ``features[batch_index[m]]``.
 
     features ``[B, C, H, W]``; batch_index int64 ``[M]``; matrices ``[M, S * S, H * W]``. Like torchvision's
-    RoIAlign under autocast, the interpolation runs in float32 and the crops come back in ``features.dtype``.
+    RoIAlign under autocast, the interpolation runs in (at least) float32 and the crops come back in
+    ``features.dtype``.
     """
     b, c, h, w = features.shape
     m, ss = matrices.shape[:2]
     s = math.isqrt(ss)
     per_image = features.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view when channels-last
+    dtype = torch.promote_types(features.dtype, torch.float32)
     with torch.autocast(features.device.type, enabled=False):
-        crops = torch.bmm(matrices.float(), per_image[batch_index].float())  # [M, S*S, C]
+        crops = torch.bmm(matrices.to(dtype), per_image[batch_index].to(dtype))  # [M, S*S, C]
     return crops.to(features.dtype).reshape(m, s, s, c).permute(0, 3, 1, 2)
 
 
@@ -296,7 +301,8 @@ class RegionImageEncoder(nn.Module):
         """
         block = self.visual.layer4[0]
         _, _, h, w = features.shape
-        boxes = boxes.to(device=features.device)
+        # float64 features get float64 weights: float32 boxes would round them
+        boxes = boxes.to(device=features.device, dtype=torch.promote_types(features.dtype, boxes.dtype))
         index = boxes[:, 0].long()
         wy, wx = roi_align_axis_weights(boxes, w / image_width, h, w)  # [M, 14, h], [M, 14, w]
         m, half = len(boxes), ROI_SIZE // 2
