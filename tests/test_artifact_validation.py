@@ -287,19 +287,27 @@ def test_mapping_with_a_list_of_the_wrong_length(tmp_path):
 
 # --------------------------------------------------------------------------- the sweep's records
 def test_damaged_sweep_records(tmp_path):
-    root = tmp_path / "c4"
+    root = tmp_path / "s23" / "c4"
     (root / "docmnist_stage2").mkdir(parents=True)
     (root / "dataset.json").write_text('{"dataset_dir": "x", "avg_train_com')
     refused(
-        lambda: collect_results(tmp_path), f"c4/dataset.json in {tmp_path} is not valid JSON", "delete it"
+        lambda: collect_results(tmp_path), f"s23/c4/dataset.json in {tmp_path} is not valid JSON", "delete it"
     )
     (root / "dataset.json").write_text('{"dataset_dir": "x", "avg_train_complexity": 3.5}')
     (root / "docmnist_stage2" / "metrics.json").write_text('{"text_to_region_r_precision": 1.0}')
     refused(lambda: collect_results(tmp_path), "metrics.json", "lacks keys ['region_to_text_r_precision'")
+    metrics = {"text_to_region_r_precision": 1.0, "region_to_text_r_precision": 2.0, "zero_shot_auroc": 3.0}
+    (root / "docmnist_stage2" / "metrics.json").write_text(json.dumps({**metrics, "detection": {"ap": "x"}}))
+    refused(lambda: collect_results(tmp_path), "metrics.json", "without numeric ap/ap50", "delete it")
+    (root / "docmnist_stage2" / "metrics.json").write_text(json.dumps(metrics))
     (root / "docmnist_stage1").mkdir()
     (root / "docmnist_stage1" / "mapping_metrics.json").write_text("{}")
     refused(lambda: collect_results(tmp_path), "mapping_metrics.json", "has no test metrics", "delete it")
     (tmp_path / "sweep_settings.json").write_text("{")
     refused(lambda: _check_settings(tmp_path, {"seed": 1}), "sweep_settings.json", "is not valid JSON")
-    (root / "step_times.csv").write_text("complexity,step,seconds\n4,generate,1.0\n4,prepro")
-    refused(lambda: write_step_times(tmp_path), "c4/step_times.csv", "is damaged")
+    (root / "step_times.csv").write_text("seed,complexity,step,seconds\n23,4,generate,1.0\n23,4,prepro")
+    refused(lambda: write_step_times(tmp_path), "s23/c4/step_times.csv", "is damaged")
+    (root / "step_times.csv").write_text(
+        "complexity,step,seconds\n4,generate,1.0\n"
+    )  # the single-seed columns
+    refused(lambda: write_step_times(tmp_path), "s23/c4/step_times.csv", "is damaged")

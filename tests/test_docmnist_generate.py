@@ -157,7 +157,10 @@ def test_pixels_follow_colour_rule_and_shapes_stay_in_cell(dataset):
 
 
 def test_shape_offsets_match_skimage():
-    draw = pytest.importorskip("skimage.draw")
+    # a test dependency (setup.py's `test` extra), imported here so only this check needs it; never
+    # skipped: a missing scikit-image fails the suite instead of silently dropping the cross-check
+    from skimage import draw
+
     for radius in gen.CIRCLE_RADIUS:
         rr, cc = draw.circle_perimeter(12, 9, radius, shape=(28, 28))
         ours_r, ours_c = gen.circle_perimeter_offsets(radius)

@@ -57,6 +57,7 @@ def test_generic_experiments_on_an_imported_coco_set(shapes_dataset):
         result = json.loads((run_root / experiment / "metrics.json").read_text())
         assert result["evaluation"] == "regions" and result["encoder"] == "default"
         assert 0 <= result["text_to_region_r_precision"] <= 100
+        assert 0 <= result["detection"]["ap50"] <= 100  # COCO instance boxes as regions and objects
     villa = json.loads((run_root / "stage2" / "metrics.json").read_text())
     assert villa["mapping"]["val"]["f1"] == metrics["val"]["f1"]  # the stage-1 figures ride along
 

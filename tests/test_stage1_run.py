@@ -192,3 +192,24 @@ def test_cli_bad_epsilon_exits_2(dataset, tmp_path, monkeypatch, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "error: mapping.epsilon must be >= 0" in err and "Traceback" not in err
+
+
+def test_a_failed_rerun_leaves_no_mapping_of_the_previous_run(dataset, tmp_path, monkeypatch):
+    """Outputs of a run are recognisably from that run: a rerun that fails must not leave the previous
+    run's mappings and metrics for stage 2 or the sweep to read as current."""
+    from villa.mapping import run as stage1_run
+
+    run_dir = tmp_path / "run"
+    _run(dataset, run_dir, epochs=1)
+    assert (run_dir / "mapping_metrics.json").is_file() and read_mapping(run_dir, "train") is not None
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed half-way through training")
+
+    monkeypatch.setattr(stage1_run, "fit", crash)
+    with pytest.raises(RuntimeError, match="half-way"):
+        _run(dataset, run_dir, epochs=1)
+    assert not (run_dir / "mapping_metrics.json").exists()
+    assert not list(run_dir.glob("mapping_*.feather"))
+    with pytest.raises(VillaError, match="run stage 1"):
+        read_mapping(run_dir, "train")

@@ -143,6 +143,11 @@ def test_stage2_train_then_evaluate(fixture, tmp_path):
     assert stored["num_regions"] == int(frame.loc[frame["split"] == "test", "num_regions"].sum())
     assert set(stored["per_attribute"]) == set(ATTRIBUTES)
     assert stored["epoch"] == 1
+    # zero-shot detection: each test region is one object per attribute it carries (digit and colour here)
+    detection = stored["detection"]
+    assert 0.0 <= detection["ap"] <= detection["ap50"] <= 100.0 and detection["ground_truth"] == "regions"
+    assert detection["num_gt"] == 2 * stored["num_regions"]
+    assert detection["per_attribute"]["circle"]["ap"] is None  # no circle in this data
 
     # the Hydra path: untrained floor, evaluated into ${checkpoint_dir}/${task_name}/metrics.json
     cfg = compose(

@@ -84,5 +84,9 @@ def test_failure_after_init_on_one_node_stops_the_other(tiny_docmnist, tmp_path,
     args[0] = str(Path(__file__).resolve().parents[1] / args[0])
     results = two_nodes(args, cwds, timeout=180)
     cause = f"1 images listed in the annotations are missing, e.g. {(cwds[1] / 'dataset').resolve() / 'images' / missing.name}"
-    check_one_failure(results, failing=1, cause=cause)
+    # the message goes on with the command that rebuilds the dataset: compare up to it
+    err1 = results[1][2]
+    line = error_lines(err1)[0] if error_lines(err1) else err1[-3000:]
+    assert line.startswith(f"error: {cause}: rebuild it"), line
+    check_one_failure(results, failing=1, cause=line[len("error: ") :])
     assert not (cwds[0] / "dataset" / "region_embs").exists(), "nothing written by the failed job"

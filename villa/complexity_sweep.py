@@ -1,12 +1,23 @@
-"""The paper's DocMNIST experiment: retrieval quality of ViLLA, CLIP and the untrained encoder against
-the training data's average image-text sample complexity.
+"""The paper's DocMNIST experiment: retrieval quality of ViLLA, its baselines and ablations against the
+training data's average image-text sample complexity, over several seeds.
 
-For every target complexity the sweep runs generate -> preprocess -> stage 1 -> ViLLA stage 2 ->
-CLIP baseline -> evaluation of the three, under ``out_dir/c<T>/``. Each finished step leaves a marker
-(its output file), so a rerun skips it and a killed sweep resumes; interrupted training resumes from
-``last.pkl``. ``results.csv`` and ``results.png`` gather every complexity finished under ``out_dir``,
-so Hydra multirun jobs that share ``out_dir`` add up to one table. Different complexities may also run
-as concurrent processes sharing ``out_dir`` (e.g. on one GPU); a final plain run then collects them all.
+For every seed and target complexity the sweep runs generate -> preprocess -> stage 1 -> stage 2 of each
+trained method -> evaluation of every method, under ``out_dir/s<seed>/c<T>/``. The methods
+(:data:`METHODS`): ``villa``, the ``clip`` baseline, the ablations ``all_regions`` (every region with the whole
+text), ``random_mapping`` (stage 1's pairs at random regions) and ``oracle`` (the ground-truth pairs: the
+ceiling of a perfect stage 1), and the ``untrained`` tower. A seed regenerates the data (into
+``data_root/s<seed>/``) and seeds every stage.
+
+Each finished step leaves a marker (its output file), so a rerun skips it and a killed sweep resumes;
+interrupted training resumes from ``last.pkl``. The tables gather every cell finished under ``out_dir``, so
+Hydra multirun jobs, or concurrent processes over different seeds or complexities, that share ``out_dir`` add up
+to one set of tables; a final plain run collects them all:
+
+``results.csv``     one row per seed, complexity and method (:data:`RESULT_COLUMNS`)
+``summary.csv``     per complexity, method and metric: n seeds, mean, std, 95% Student-t interval
+``differences.csv`` per complexity and comparison (:data:`COMPARISONS`, paired by seed: the seeds share the
+                    data), per metric: n, mean difference, std, 95% t-interval, whether it excludes 0
+``results.png``     R-Precision against average complexity: mean lines with 95% interval bands
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ import dataclasses
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -22,40 +34,139 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from villa.artifacts import damaged, one_line, read_json
 from villa.errors import VillaError
 from villa.io import atomic_path, write_json
 
-RESULT_COLUMNS = (
-    "target_sample_complexity",
-    "avg_sample_complexity",
-    "method",
+DEFAULT_SEED = 23
+#: every method of the sweep, in table order
+METHODS = ("villa", "clip", "all_regions", "random_mapping", "oracle", "untrained")
+METHOD_EXPERIMENTS = {method: f"docmnist_{method}" for method in METHODS} | {"villa": "docmnist_stage2"}
+#: methods that train a stage-2 model (the untrained tower is only evaluated)
+TRAINED_METHODS = tuple(m for m in METHODS if m != "untrained")
+#: methods built from stage 1's mapping (stage 1 runs when one of them is asked for)
+STAGE1_METHODS = ("villa", "random_mapping")
+#: metric columns of ``results.csv``; ``detection_*`` is None without labelled boxes, ``mapping_f1`` is villa's
+METRICS = (
     "text_to_region_r_precision",
     "region_to_text_r_precision",
     "zero_shot_auroc",
+    "detection_ap",
+    "detection_ap50",
     "mapping_f1",
 )
-METHOD_EXPERIMENTS = {"villa": "docmnist_stage2", "clip": "docmnist_clip", "untrained": "docmnist_untrained"}
+RESULT_COLUMNS = ("seed", "target_sample_complexity", "avg_sample_complexity", "method", *METRICS)
+#: (a, b) pairs reported as a - b in ``differences.csv``
+COMPARISONS = (("villa", "clip"), ("villa", "all_regions"), ("villa", "random_mapping"), ("oracle", "villa"))
+INTERVAL_COLUMNS = ("n", "mean", "std", "ci95_low", "ci95_high")
+SUMMARY_COLUMNS = ("target_sample_complexity", "avg_sample_complexity", "method", "metric", *INTERVAL_COLUMNS)
+DIFFERENCE_COLUMNS = (
+    "target_sample_complexity",
+    "avg_sample_complexity",
+    "comparison",
+    "metric",
+    *INTERVAL_COLUMNS,
+    "excludes_zero",
+)
+STEP_COLUMNS = ("seed", "complexity", "step", "seconds")
 STEP_TIMES_FILE = "step_times.csv"
 TRAINED_MARKER = "sweep_trained.json"
 SETTINGS_FILE = "sweep_settings.json"
+RESULTS_FILE, SUMMARY_FILE, DIFFERENCES_FILE, PLOT_FILE = (
+    "results.csv",
+    "summary.csv",
+    "differences.csv",
+    "results.png",
+)
+
+# two-sided 95% Student-t quantiles t(0.975, df) for df = 1..30 (scipy.stats.t.ppf; torch's StudentT has no icdf)
+_T975 = (
+    12.706204736, 4.302652730, 3.182446305, 2.776445105, 2.570581836, 2.446911851, 2.364624252, 2.306004135,
+    2.262157163, 2.228138852, 2.200985160, 2.178812830, 2.160368656, 2.144786688, 2.131449546, 2.119905299,
+    2.109815578, 2.100922040, 2.093024054, 2.085963447, 2.079613845, 2.073873068, 2.068657610, 2.063898562,
+    2.059538553, 2.055529439, 2.051830516, 2.048407142, 2.045229642, 2.042272456,
+)  # fmt: skip
+
+
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (the 95% two-sided multiplier).
+
+    A table for df <= 30; beyond, the Cornish-Fisher expansion around the normal quantile (error < 1e-6).
+    """
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959963984540054
+    g = (
+        (z**3 + z) / 4,
+        (5 * z**5 + 16 * z**3 + 3 * z) / 96,
+        (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384,
+        (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160,
+    )
+    return z + sum(gk / df ** (k + 1) for k, gk in enumerate(g))
+
+
+def t_interval(values: Sequence[float]) -> dict:
+    """``{n, mean, std, ci95_low, ci95_high}`` of ``values`` (NaNs dropped): sample std (ddof 1) and the
+    95% Student-t interval of the mean, mean -+ t(0.975, n-1) * std / sqrt(n). With one value: std and
+    interval NaN (undefined); with none: everything NaN and n 0."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[~np.isnan(x)]
+    n = len(x)
+    out = {"n": n, "mean": float(x.mean()) if n else math.nan, "std": math.nan}
+    out["ci95_low"] = out["ci95_high"] = math.nan
+    if n >= 2:
+        std = float(x.std(ddof=1))
+        half = t_quantile_975(n - 1) * std / math.sqrt(n)
+        out.update(std=std, ci95_low=out["mean"] - half, ci95_high=out["mean"] + half)
+    return out
+
+
+# --------------------------------------------------------------------------- layout and step times
+def cell_dir(out_dir: str | Path, seed: int, complexity: int) -> Path:
+    """The folder of one seed and complexity: ``out_dir/s<seed>/c<T>``."""
+    return Path(out_dir) / f"s{int(seed)}" / f"c{int(complexity)}"
+
+
+def _cells(out_dir: Path, must_hold: str) -> list[tuple[int, int, Path]]:
+    """``(seed, complexity, out_dir/s<seed>/c<T>/<must_hold>)`` for each such file, by complexity then seed."""
+    found = []
+    for path in out_dir.glob(f"s*/c*/{must_hold}"):
+        seed_name, cell_name = path.parent.parent.name, path.parent.name
+        if seed_name[1:].isdigit() and cell_name[1:].isdigit():
+            found.append((int(seed_name[1:]), int(cell_name[1:]), path))
+    return sorted(found, key=lambda item: (item[1], item[0]))
+
+
+def _check_layout(out_dir: Path) -> None:
+    """Refuse an ``out_dir`` of the single-seed layout (``c<T>/`` directly under it): its runs would be
+    invisible to the tables, and its settings name a ``seed``."""
+    old = sorted(p.name for p in out_dir.glob("c*") if p.is_dir() and p.name[1:].isdigit())
+    if old:
+        raise VillaError(
+            f"{out_dir} holds a sweep of the single-seed layout ({', '.join(old)} directly under it): move them "
+            f"into {out_dir}/s<seed>/ (its seed: 'seed' in {SETTINGS_FILE}, 23 by default) and delete "
+            f"{SETTINGS_FILE}, or choose another out_dir"
+        )
 
 
 class _Steps:
-    """Prints progress per step and records each step's wall time in ``out_dir/c<T>/step_times.csv``.
+    """Prints progress per step and records each step's wall time in ``out_dir/s<seed>/c<T>/step_times.csv``.
 
-    Per complexity, so that processes sweeping different complexities into one ``out_dir`` at the same
+    Per seed and complexity, so that processes sweeping different cells into one ``out_dir`` at the same
     time never rewrite each other's rows; :func:`write_step_times` gathers them into ``out_dir``.
     """
 
     def __init__(self, out_dir: Path, total: int):
         self.out_dir, self.total, self.done = out_dir, total, 0
 
-    def run(self, complexity: int, name: str, finished: bool, action):
+    def run(self, seed: int, complexity: int, name: str, finished: bool, action):
         self.done += 1
-        prefix = f"[sweep {self.done}/{self.total}] T={complexity} {name}"
+        prefix = f"[sweep {self.done}/{self.total}] seed={seed} T={complexity} {name}"
         if finished:
             print(f"{prefix}: already done, skipped", flush=True)
             return None
@@ -64,48 +175,38 @@ class _Steps:
         out = action()
         seconds = round(time.perf_counter() - started, 1)
         print(f"{prefix}: done in {seconds:.1f}s", flush=True)
-        path = self.out_dir / f"c{complexity}" / STEP_TIMES_FILE
+        path = cell_dir(self.out_dir, seed, complexity) / STEP_TIMES_FILE
         rows = _read_step_times(path, self.out_dir).to_dict("records") if path.is_file() else []
         rows = [r for r in rows if r["step"] != name]
-        rows.append({"complexity": complexity, "step": name, "seconds": seconds})
+        rows.append({"seed": seed, "complexity": complexity, "step": name, "seconds": seconds})
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
-            pd.DataFrame(rows).to_csv(tmp, index=False)
+            pd.DataFrame(rows, columns=list(STEP_COLUMNS)).to_csv(tmp, index=False)
         return out
 
 
 def write_step_times(out_dir: str | Path) -> Path:
-    """Gather every ``c<T>/step_times.csv`` under ``out_dir`` into ``out_dir/step_times.csv``
-    (columns ``complexity, step, seconds``, by complexity then step order)."""
+    """Gather every ``s<seed>/c<T>/step_times.csv`` under ``out_dir`` into ``out_dir/step_times.csv``
+    (columns ``seed, complexity, step, seconds``, by seed, complexity, then step order)."""
     out_dir = Path(out_dir)
-    parts = [_read_step_times(p, out_dir) for p in _complexity_dirs(out_dir, STEP_TIMES_FILE)]
-    table = (
-        pd.concat(parts, ignore_index=True)
-        if parts
-        else pd.DataFrame(columns=["complexity", "step", "seconds"])
-    )
+    cells = sorted(_cells(out_dir, STEP_TIMES_FILE), key=lambda item: (item[0], item[1]))
+    parts = [_read_step_times(path, out_dir) for _, _, path in cells]
+    table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(STEP_COLUMNS))
     with atomic_path(out_dir / STEP_TIMES_FILE) as tmp:
         table.to_csv(tmp, index=False)
     return out_dir / STEP_TIMES_FILE
 
 
 def _read_step_times(path: Path, out_dir: Path) -> pd.DataFrame:
-    """One complexity's ``step_times.csv`` (``complexity, step, seconds``); one line if damaged."""
+    """One cell's ``step_times.csv`` (``seed, complexity, step, seconds``); one line if damaged."""
     fix = f"delete it (it only records step times) and re-run python -m villa.sweep out_dir={out_dir}"
     try:
         table = pd.read_csv(path)
     except Exception as err:  # empty, binary or cut mid-quote
         raise damaged(path, out_dir, f"is not a readable CSV table ({one_line(err)})", fix) from None
-    columns = ("complexity", "step", "seconds")
-    if list(table.columns) != list(columns) or table[list(columns)].isna().any().any():
-        raise damaged(path, out_dir, "is damaged (expected complete rows of complexity, step, seconds)", fix)
+    if list(table.columns) != list(STEP_COLUMNS) or table[list(STEP_COLUMNS)].isna().any().any():
+        raise damaged(path, out_dir, f"is damaged (expected complete rows of {', '.join(STEP_COLUMNS)})", fix)
     return table
-
-
-def _complexity_dirs(out_dir: Path, must_hold: str) -> list[Path]:
-    """``out_dir/c<T>/<must_hold>`` paths that exist, in increasing T."""
-    found = [p for p in out_dir.glob(f"c*/{must_hold}") if p.parent.name[1:].isdigit()]
-    return sorted(found, key=lambda p: int(p.parent.name[1:]))
 
 
 def _stage_overrides(
@@ -122,15 +223,40 @@ def _stage_overrides(
     return [f"{key}={'null' if value is None else value}" for key, value in values.items()]
 
 
+def _distinct_ints(values: Sequence, what: str, minimum: int) -> list[int]:
+    """``values`` as ints in their order, duplicates dropped; one line if empty or not whole numbers."""
+    out = []
+    for value in values:
+        if isinstance(value, bool) or not float(value).is_integer() or int(value) < minimum:
+            raise VillaError(f"{what} must be whole numbers >= {minimum}, got {value!r}")
+        if int(value) not in out:
+            out.append(int(value))
+    if not out:
+        raise VillaError(f"{what} is empty: give at least one")
+    return out
+
+
+def check_methods(methods: Sequence[str]) -> list[str]:
+    """The sweep's methods asked for, in :data:`METHODS` order; one line for an unknown name or none."""
+    methods = [str(m) for m in methods]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise VillaError(f"unknown method '{unknown[0]}' in methods: use any of {', '.join(METHODS)}")
+    if not methods:
+        raise VillaError(f"methods is empty: give at least one of {', '.join(METHODS)}")
+    return [m for m in METHODS if m in methods]
+
+
 def run_sweep(
     complexities: Sequence[int],
     attribute_budget: int,
     out_dir: str | Path,
     *,
+    seeds: Sequence[int] = (DEFAULT_SEED,),
+    methods: Sequence[str] = METHODS,
     val_attribute_budget: int = 10000,
     test_attribute_budget: int = 10000,
     data_root: str | Path | None = None,
-    seed: int = 23,
     encoder: str = "default",
     clip_weights: str | None = None,
     device: str = "auto",
@@ -138,111 +264,142 @@ def run_sweep(
     stage2: dict | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Run (or resume) the sweep and return the results table (also written to ``out_dir``)."""
+    """Run (or resume) the sweep over ``seeds`` x ``complexities`` for ``methods`` and return the results
+    table of every cell finished under ``out_dir`` (the tables and the plot are written there too)."""
+    from villa.datasets import Dataset
     from villa.evaluation.run import evaluate_from_config
     from villa.hydra_app import compose
     from villa.mapping.run import run_stage1_from_config
     from villa.preprocess import preprocess_dataset
     from villa.vlm.run import run_stage2_from_config
 
-    complexities = [int(c) for c in complexities]
-    if not complexities:
-        raise VillaError("complexities is empty: give at least one target sample complexity")
+    complexities = _distinct_ints(complexities, "complexities", 1)
+    seeds = _distinct_ints(seeds, "seeds", 0)
+    methods = check_methods(methods)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _check_layout(out_dir)
     data_root = Path(data_root) if data_root is not None else out_dir / "data"
     stage1, stage2 = dict(stage1 or {}), dict(stage2 or {})
+    # seeds, complexities and methods are not settings: adding them to an out_dir is how a sweep grows
     _check_settings(
         out_dir,
         {
             "attribute_budget": attribute_budget,
             "val_attribute_budget": val_attribute_budget,
             "test_attribute_budget": test_attribute_budget,
-            "seed": seed,
             "encoder": encoder,
             "clip_weights": clip_weights,
             "stage1": stage1,
             "stage2": stage2,
         },
     )
-    common = {
-        "seed": seed,
-        "device": device,
-        "encoder": encoder,
-        "clip_weights": clip_weights,
-        "progress": progress,
-    }
-    steps = _Steps(out_dir, total=8 * len(complexities))
+    needs_stage1 = any(m in STAGE1_METHODS for m in methods)
+    trained = [m for m in methods if m in TRAINED_METHODS]
+    per_cell = 2 + int(needs_stage1) + len(trained) + len(methods)
+    steps = _Steps(out_dir, total=per_cell * len(seeds) * len(complexities))
+    # the current seed's MNIST digit pools, loaded by its first generate step
+    digit_pools: dict[int, dict] = {}
 
-    for complexity in complexities:
-        run_root = out_dir / f"c{complexity}"
-        record_path = run_root / "dataset.json"
+    for seed in seeds:
+        common = {
+            "seed": seed,
+            "device": device,
+            "encoder": encoder,
+            "clip_weights": clip_weights,
+            "progress": progress,
+        }
+        seed_data_root = data_root / f"s{seed}"  # dataset names carry budget and complexity, not the seed
+        for complexity in complexities:
+            run_root = cell_dir(out_dir, seed, complexity)
+            record_path = run_root / "dataset.json"
 
-        def generate(complexity=complexity, record_path=record_path):
-            result = generate_shared(
-                data_root,
-                attribute_budget=attribute_budget,
-                target_sample_complexity=complexity,
-                seed=seed,
-                val_attribute_budget=val_attribute_budget,
-                test_attribute_budget=test_attribute_budget,
-                progress=progress,
+            def generate(seed=seed, complexity=complexity, record_path=record_path, root=seed_data_root):
+                from villa.docmnist.mnist import load_mnist_pools
+
+                if seed not in digit_pools:  # from data_root's MNIST (torchvision files or cache)
+                    digit_pools.clear()  # one seed's pools at a time (~55 MB each)
+                    digit_pools[seed] = load_mnist_pools(seed, data_root)
+                result = generate_shared(
+                    root,
+                    digit_pools=digit_pools[seed],
+                    attribute_budget=attribute_budget,
+                    target_sample_complexity=complexity,
+                    seed=seed,
+                    val_attribute_budget=val_attribute_budget,
+                    test_attribute_budget=test_attribute_budget,
+                    progress=progress,
+                )
+                record = {
+                    "dataset_dir": str(result.dataset_dir),
+                    "seed": seed,
+                    "avg_train_complexity": result.average_complexity["train"],
+                    "split_sizes": result.split_sizes,
+                    "average_complexity": result.average_complexity,
+                }
+                write_json(record_path, record)
+
+            steps.run(seed, complexity, "generate", record_path.is_file(), generate)
+            record = _read_marker(record_path, out_dir, ("dataset_dir",))
+            dataset_dir = Path(record["dataset_dir"])
+            if not dataset_dir.is_dir():
+                raise VillaError(
+                    f"{record_path} names {dataset_dir}, which is gone: delete {record_path} and rerun"
+                )
+
+            preprocessed = run_root / "preprocessed.json"
+
+            def preprocess(dataset_dir=dataset_dir, marker=preprocessed):
+                preprocess_dataset(
+                    dataset_dir, encoder=encoder, clip_weights=clip_weights, device=device, progress=progress
+                )
+                write_json(marker, {"encoder": encoder, "clip_weights": clip_weights})
+
+            embedded = (
+                preprocessed.is_file() and _read_marker(preprocessed, out_dir).get("encoder") == encoder
             )
-            record = {
-                "dataset_dir": str(result.dataset_dir),
-                "avg_train_complexity": result.average_complexity["train"],
-                "split_sizes": result.split_sizes,
-                "average_complexity": result.average_complexity,
-            }
-            write_json(record_path, record)
+            steps.run(seed, complexity, "preprocess", embedded, preprocess)
 
-        steps.run(complexity, "generate", record_path.is_file(), generate)
-        record = _read_marker(record_path, out_dir, ("dataset_dir",))
-        dataset_dir = Path(record["dataset_dir"])
-        if not dataset_dir.is_dir():
-            raise VillaError(
-                f"{record_path} names {dataset_dir}, which is gone: delete {record_path} and rerun"
-            )
+            stage1_dir = run_root / "docmnist_stage1"
+            if needs_stage1:
+                cfg1 = compose(_stage_overrides("docmnist_stage1", dataset_dir, run_root, common, stage1))
+                steps.run(
+                    seed,
+                    complexity,
+                    "stage1",
+                    (stage1_dir / "mapping_metrics.json").is_file(),
+                    lambda c=cfg1: run_stage1_from_config(c),
+                )
 
-        preprocessed = run_root / "preprocessed.json"
+            cell_methods = list(methods)
+            if "oracle" in cell_methods and not Dataset.open(dataset_dir).has_region_labels:
+                print(f"note: {dataset_dir} has no region labels: oracle skipped", flush=True)
+                cell_methods.remove("oracle")
+                steps.total -= 2
+            for method in (m for m in cell_methods if m in TRAINED_METHODS):
+                experiment = METHOD_EXPERIMENTS[method]
+                overrides = dict(stage2)
+                if method in STAGE1_METHODS:
+                    overrides["stage_1_ckpt_dir"] = str(stage1_dir)
+                cfg2 = compose(_stage_overrides(experiment, dataset_dir, run_root, common, overrides))
+                done_marker = run_root / experiment / TRAINED_MARKER
 
-        def preprocess(dataset_dir=dataset_dir, marker=preprocessed):
-            preprocess_dataset(
-                dataset_dir, encoder=encoder, clip_weights=clip_weights, device=device, progress=progress
-            )
-            write_json(marker, {"encoder": encoder, "clip_weights": clip_weights})
+                def train(c=cfg2, marker=done_marker):
+                    run_stage2_from_config(c)
+                    write_json(marker, {"finished": True})
 
-        embedded = preprocessed.is_file() and _read_marker(preprocessed, out_dir).get("encoder") == encoder
-        steps.run(complexity, "preprocess", embedded, preprocess)
-
-        stage1_dir = run_root / "docmnist_stage1"
-        cfg1 = compose(_stage_overrides("docmnist_stage1", dataset_dir, run_root, common, stage1))
-        steps.run(
-            complexity,
-            "stage1",
-            (stage1_dir / "mapping_metrics.json").is_file(),
-            lambda c=cfg1: run_stage1_from_config(c),
-        )
-
-        for method in ("villa", "clip"):
-            experiment = METHOD_EXPERIMENTS[method]
-            overrides = {**stage2, "stage_1_ckpt_dir": str(stage1_dir)} if method == "villa" else stage2
-            cfg2 = compose(_stage_overrides(experiment, dataset_dir, run_root, common, overrides))
-            done_marker = run_root / experiment / TRAINED_MARKER
-
-            def train(c=cfg2, marker=done_marker):
-                run_stage2_from_config(c)
-                write_json(marker, {"finished": True})
-
-            steps.run(complexity, f"{method} stage2", done_marker.is_file(), train)
-        for method, experiment in METHOD_EXPERIMENTS.items():
-            cfg_eval = compose(_stage_overrides(experiment, dataset_dir, run_root, common, {}))
-            steps.run(
-                complexity,
-                f"{method} evaluate",
-                (run_root / experiment / "metrics.json").is_file(),
-                lambda c=cfg_eval: evaluate_from_config(c),
-            )
+                steps.run(seed, complexity, f"{method} stage2", done_marker.is_file(), train)
+            for method in cell_methods:
+                experiment = METHOD_EXPERIMENTS[method]
+                extra = {"stage_1_ckpt_dir": str(stage1_dir)} if method in STAGE1_METHODS else {}
+                cfg_eval = compose(_stage_overrides(experiment, dataset_dir, run_root, common, extra))
+                steps.run(
+                    seed,
+                    complexity,
+                    f"{method} evaluate",
+                    (run_root / experiment / "metrics.json").is_file(),
+                    lambda c=cfg_eval: evaluate_from_config(c),
+                )
 
     results = collect_results(out_dir)
     write_results(out_dir, results)
@@ -259,12 +416,14 @@ def _read_marker(path: Path, out_dir: Path, required: Sequence[str] = ()) -> dic
     return read_json(path, root=out_dir, fix=_marker_fix(out_dir), required=required)
 
 
-def read_split_metrics(out_dir: str | Path, complexity: int, split: str = "test") -> dict:
-    """Stage-1 ``{precision, recall, f1, ...}`` of one split of complexity ``complexity`` in a sweep."""
+def read_split_metrics(
+    out_dir: str | Path, complexity: int, split: str = "test", *, seed: int = DEFAULT_SEED
+) -> dict:
+    """Stage-1 ``{precision, recall, f1, ...}`` of one split of complexity ``complexity`` and ``seed`` in a sweep."""
     from villa.mapping.schema import read_mapping_metrics
 
     out_dir = Path(out_dir)
-    run_dir = out_dir / f"c{complexity}" / "docmnist_stage1"
+    run_dir = cell_dir(out_dir, seed, complexity) / "docmnist_stage1"
     metrics = read_mapping_metrics(run_dir, fix=_marker_fix(out_dir))
     values = metrics.get(split)
     if not isinstance(values, dict) or not all(k in values for k in ("precision", "recall", "f1")):
@@ -320,8 +479,8 @@ def _annotations_digest(dataset_dir: Path) -> str | None:
 def _check_settings(out_dir: Path, settings: dict) -> None:
     """Refuse to mix runs of different settings in one ``out_dir`` (finished steps would be reused silently).
 
-    Complexities are not part of the settings: adding complexities to an ``out_dir`` (or Hydra multirun jobs
-    over complexities sharing it) is how a sweep grows.
+    Seeds, complexities and methods are not part of the settings: adding them to an ``out_dir`` (or Hydra
+    multirun jobs or concurrent processes over them sharing it) is how a sweep grows.
     """
     path = out_dir / SETTINGS_FILE
     settings = json.loads(json.dumps(settings))  # plain JSON types, as they read back
@@ -343,16 +502,29 @@ def _check_settings(out_dir: Path, settings: dict) -> None:
     write_json(path, settings)
 
 
+# --------------------------------------------------------------------------- tables
+def _detection(metrics: dict, path: Path, out_dir: Path) -> tuple[float | None, float | None]:
+    """``(ap, ap50)`` of a ``metrics.json``'s ``detection`` entry; ``(None, None)`` without one."""
+    entry = metrics.get("detection")
+    if entry is None:
+        return None, None
+    values = (entry.get("ap"), entry.get("ap50")) if isinstance(entry, dict) else ("bad", "bad")
+    if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values):
+        raise damaged(path, out_dir, "has a 'detection' entry without numeric ap/ap50", _marker_fix(out_dir))
+    return values
+
+
 def collect_results(out_dir: str | Path) -> pd.DataFrame:
-    """One row per (complexity, method) for every complexity under ``out_dir`` with all metrics present."""
+    """One row per (seed, complexity, method) for every cell under ``out_dir`` whose method has metrics,
+    by complexity, seed, then :data:`METHODS` order (columns :data:`RESULT_COLUMNS`)."""
     out_dir = Path(out_dir)
     rows = []
-    for record_path in _complexity_dirs(out_dir, "dataset.json"):
+    for seed, complexity, record_path in _cells(out_dir, "dataset.json"):
         run_root = record_path.parent
         record = _read_marker(record_path, out_dir)
         mapping_path = run_root / "docmnist_stage1" / "mapping_metrics.json"
         mapping_f1 = (
-            read_split_metrics(out_dir, int(run_root.name[1:]))["f1"] if mapping_path.is_file() else None
+            read_split_metrics(out_dir, complexity, seed=seed)["f1"] if mapping_path.is_file() else None
         )
         for method, experiment in METHOD_EXPERIMENTS.items():
             metrics_path = run_root / experiment / "metrics.json"
@@ -363,50 +535,152 @@ def collect_results(out_dir: str | Path) -> pd.DataFrame:
                 out_dir,
                 ("text_to_region_r_precision", "region_to_text_r_precision", "zero_shot_auroc"),
             )
+            ap, ap50 = _detection(metrics, metrics_path, out_dir)
             rows.append(
                 {
-                    "target_sample_complexity": int(run_root.name[1:]),
+                    "seed": seed,
+                    "target_sample_complexity": complexity,
                     "avg_sample_complexity": record.get("avg_train_complexity"),
                     "method": method,
                     "text_to_region_r_precision": metrics["text_to_region_r_precision"],
                     "region_to_text_r_precision": metrics["region_to_text_r_precision"],
                     "zero_shot_auroc": metrics["zero_shot_auroc"],
+                    "detection_ap": ap,
+                    "detection_ap50": ap50,
                     "mapping_f1": mapping_f1 if method == "villa" else None,
                 }
             )
-    return pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+    table = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+    # float columns: a metric without a value (None) is NaN, written as an empty CSV cell
+    return table.astype({"avg_sample_complexity": float, **{m: float for m in METRICS}})
 
 
-def write_results(out_dir: str | Path, results: pd.DataFrame) -> tuple[Path, Path]:
-    """Write ``results.csv`` and ``results.png`` (R-Precision against average complexity, a line per method)."""
+def _method_order(methods: pd.Series) -> pd.Series:
+    return methods.map({m: i for i, m in enumerate(METHODS)})
+
+
+def summarize(results: pd.DataFrame) -> pd.DataFrame:
+    """Per complexity, method and metric (:data:`SUMMARY_COLUMNS`): seeds n, mean, std and the 95%
+    Student-t interval of the mean. ``avg_sample_complexity`` is the mean over the seeds' datasets. Metrics
+    without any value (detection on data without boxes, mapping F1 of other methods) have no row."""
+    rows = []
+    frame = results.sort_values(["target_sample_complexity"], kind="stable")
+    for (complexity, method), group in frame.groupby(["target_sample_complexity", "method"], sort=False):
+        for metric in METRICS:
+            stats = t_interval(pd.to_numeric(group[metric], errors="coerce"))
+            if stats["n"]:
+                rows.append(
+                    {
+                        "target_sample_complexity": complexity,
+                        "avg_sample_complexity": float(group["avg_sample_complexity"].mean()),
+                        "method": method,
+                        "metric": metric,
+                        **stats,
+                    }
+                )
+    table = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
+    if table.empty:
+        return table
+    order = table.assign(_m=_method_order(table["method"]), _k=table["metric"].map(METRICS.index))
+    return order.sort_values(["target_sample_complexity", "_m", "_k"], kind="stable").drop(
+        columns=["_m", "_k"]
+    )
+
+
+def differences(results: pd.DataFrame) -> pd.DataFrame:
+    """Per complexity and comparison a - b of :data:`COMPARISONS` and per metric (:data:`DIFFERENCE_COLUMNS`):
+    the seeds' differences paired by seed (each seed shares one dataset and stage 1 between methods), their
+    n, mean, std, 95% t-interval, and ``excludes_zero`` (the interval lies on one side of 0; empty below two
+    seeds). ``avg_sample_complexity``: the mean over the paired seeds' datasets."""
+    keys = ["seed", "target_sample_complexity"]
+    metrics = [m for m in METRICS if m != "mapping_f1"]
+    rows = []
+    for complexity in sorted(results["target_sample_complexity"].unique()):
+        cell = results[results["target_sample_complexity"] == complexity]
+        for a, b in COMPARISONS:
+            paired = cell[cell["method"] == a].merge(
+                cell[cell["method"] == b], on=keys, suffixes=("_a", "_b")
+            )
+            if paired.empty:
+                continue
+            for metric in metrics:
+                diff = pd.to_numeric(paired[f"{metric}_a"], errors="coerce") - pd.to_numeric(
+                    paired[f"{metric}_b"], errors="coerce"
+                )
+                stats = t_interval(diff)
+                if not stats["n"]:
+                    continue
+                excludes = None
+                if stats["n"] >= 2:
+                    excludes = bool(stats["ci95_low"] > 0 or stats["ci95_high"] < 0)
+                rows.append(
+                    {
+                        "target_sample_complexity": int(complexity),
+                        "avg_sample_complexity": float(paired["avg_sample_complexity_a"].mean()),
+                        "comparison": f"{a} - {b}",
+                        "metric": metric,
+                        **stats,
+                        "excludes_zero": excludes,
+                    }
+                )
+    return pd.DataFrame(rows, columns=list(DIFFERENCE_COLUMNS))
+
+
+def write_results(out_dir: str | Path, results: pd.DataFrame) -> dict[str, Path]:
+    """Write ``results.csv``, ``summary.csv``, ``differences.csv`` and ``results.png`` (R-Precision against
+    average complexity: a line per method through the seeds' means, with its 95% interval as a band when
+    there are two seeds or more). Returns ``{"results", "summary", "differences", "plot"}`` -> path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
-    csv_path, png_path = out_dir / "results.csv", out_dir / "results.png"
-    with atomic_path(csv_path) as tmp:
-        results.to_csv(tmp, index=False, float_format="%.2f")
+    paths = {
+        "results": out_dir / RESULTS_FILE,
+        "summary": out_dir / SUMMARY_FILE,
+        "differences": out_dir / DIFFERENCES_FILE,
+        "plot": out_dir / PLOT_FILE,
+    }
+    summary = summarize(results)
+    tables = {"results": results, "summary": summary, "differences": differences(results)}
+    for name, table in tables.items():
+        with atomic_path(paths[name]) as tmp:
+            table.to_csv(tmp, index=False, float_format="%.2f")
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    seeds = results.groupby("target_sample_complexity")["seed"].nunique().max() if len(results) else 0
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), constrained_layout=True)
     panels = (
         ("text_to_region_r_precision", "text -> region"),
         ("region_to_text_r_precision", "region -> text"),
     )
-    for ax, (column, title) in zip(axes, panels):
-        for method, group in results.groupby("method", sort=False):
-            group = group.sort_values("avg_sample_complexity")
-            ax.plot(group["avg_sample_complexity"], group[column], marker="o", label=method)
+    for ax, (metric, title) in zip(axes, panels):
+        rows = summary[summary["metric"] == metric]
+        for method in METHODS:
+            line = rows[rows["method"] == method].sort_values("avg_sample_complexity")
+            if line.empty:
+                continue
+            style = {"linestyle": "--", "color": "grey"} if method == "untrained" else {}  # the floor
+            (drawn,) = ax.plot(line["avg_sample_complexity"], line["mean"], marker="o", label=method, **style)
+            if (line["n"] >= 2).any():
+                ax.fill_between(
+                    line["avg_sample_complexity"],
+                    line["ci95_low"],
+                    line["ci95_high"],
+                    color=drawn.get_color(),
+                    alpha=0.18,
+                    linewidth=0,
+                )
         ax.set_xlabel("average training sample complexity (region-attribute pairs / image)")
         ax.set_ylabel("R-Precision (%)")
-        ax.set_title(f"DocMNIST {title} retrieval (test split)")
+        spread = f"mean of {seeds} seeds, 95% t-interval" if seeds and seeds > 1 else "one seed"
+        ax.set_title(f"DocMNIST {title} retrieval (test split; {spread})", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend()
-    with atomic_path(png_path) as tmp:
+        ax.legend(fontsize=8)
+    with atomic_path(paths["plot"]) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
-    return csv_path, png_path
+    return paths
 
 
 def format_results(results: pd.DataFrame) -> str:
@@ -414,3 +688,38 @@ def format_results(results: pd.DataFrame) -> str:
     if results.empty:
         return "(no finished runs)"
     return results.to_string(index=False, float_format=lambda v: f"{v:.1f}", na_rep="")
+
+
+def format_summary(results: pd.DataFrame, metric: str = "text_to_region_r_precision") -> str:
+    """``metric`` per complexity and method as ``mean [low, high]`` over the seeds, then the paired
+    differences (``*``: the 95% interval excludes 0). Empty when no cell has two seeds."""
+    summary = summarize(results)
+    rows = summary[summary["metric"] == metric]
+    if rows.empty or rows["n"].max() < 2:
+        return ""
+
+    def cell(row) -> str:
+        if row["n"] < 2:
+            return f"{row['mean']:.1f} (n=1)"
+        return f"{row['mean']:.1f} [{row['ci95_low']:.1f}, {row['ci95_high']:.1f}]"
+
+    means = rows.assign(value=rows.apply(cell, axis=1)).pivot(
+        index="target_sample_complexity", columns="method", values="value"
+    )
+    means = means[[m for m in METHODS if m in means.columns]].fillna("")
+    lines = [f"{metric}: mean [95% t-interval] over seeds", means.to_string()]
+    diffs = differences(results)
+    diffs = diffs[diffs["metric"] == metric]
+    if not diffs.empty:
+        marked = diffs.assign(
+            value=diffs.apply(lambda r: cell(r) + (" *" if r["excludes_zero"] is True else ""), axis=1)
+        )
+        table = marked.pivot(index="target_sample_complexity", columns="comparison", values="value").fillna(
+            ""
+        )
+        order = [f"{a} - {b}" for a, b in COMPARISONS]
+        lines += [
+            "paired differences (* : interval excludes 0)",
+            table[[c for c in order if c in table]].to_string(),
+        ]
+    return "\n".join(lines)

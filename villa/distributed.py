@@ -62,6 +62,14 @@ def is_main_process() -> bool:
     return context().is_main
 
 
+def global_rank() -> int:
+    """This process's global rank: from the process group when joined, else torchrun's ``RANK`` (so code
+    that runs before the group is up, e.g. clearing a previous run's outputs, still leaves it to rank 0)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

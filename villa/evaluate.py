@@ -3,7 +3,7 @@
 from villa.hydra_app import hydra_main
 
 
-@hydra_main("docmnist_stage2")
+@hydra_main("docmnist_stage2", generic_experiment="stage2")
 def main(cfg):
     from villa.evaluation.run import evaluate_from_config
 

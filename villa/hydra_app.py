@@ -26,11 +26,15 @@ def register_resolvers() -> None:
 
 
 def hydra_main(
-    default_experiment: str | None = None, config_name: str = "default"
+    default_experiment: str | None = None,
+    config_name: str = "default",
+    generic_experiment: str | None = None,
 ) -> Callable[[Callable[[DictConfig], object]], Callable]:
     """Decorate ``main(cfg)`` as a Hydra app on ``villa/configs/<config_name>.yaml``.
 
-    ``default_experiment`` is used when the command line names none, so ``python -m villa.stage1`` works.
+    When the command line names no experiment: ``generic_experiment`` if it gives ``data_dir=`` (a user's
+    own dataset: ``python -m villa.stage1 data_dir=DATA_DIR`` runs the generic ``stage1``), else
+    ``default_experiment`` (the DocMNIST preset, so the published ``python -m villa.stage1`` works).
     The command line is checked first (:func:`check_command_line`), so that Hydra's own errors (an unknown
     key, an unknown experiment, bad override syntax, a missing ``???`` value) read like ours: one line
     ``error: ...`` and exit code 2. A :class:`VillaError` raised inside does the same.
@@ -40,10 +44,9 @@ def hydra_main(
         @functools.wraps(func)
         def entry() -> None:
             register_resolvers()
-            if default_experiment and not any(
-                a.split("=")[0].lstrip("+~") == "experiment" for a in sys.argv[1:]
-            ):
-                sys.argv.append(f"experiment={default_experiment}")
+            chosen = implied_experiment(sys.argv[1:], default_experiment, generic_experiment)
+            if chosen:
+                sys.argv.append(f"experiment={chosen}")
             sys.argv.extend(_non_main_rank_overrides(sys.argv[1:]))
             run_entry(check_command_line, sys.argv[1:], config_name)
 
@@ -57,6 +60,14 @@ def hydra_main(
         return entry
 
     return decorate
+
+
+def implied_experiment(argv: Sequence[str], default: str | None, generic: str | None) -> str | None:
+    """The experiment a command line runs when it names none (None when it names one)."""
+    keys = {a.split("=")[0].lstrip("+~") for a in argv}
+    if "experiment" in keys:
+        return None
+    return generic if generic and "data_dir" in keys else default
 
 
 def _non_main_rank_overrides(argv: Sequence[str]) -> list[str]:

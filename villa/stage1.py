@@ -1,11 +1,14 @@
-"""Stage 1: ``python -m villa.stage1 experiment=docmnist_stage1 [key=value ...]`` (see villa.mapping.run)."""
+"""Stage 1: ``python -m villa.stage1 experiment=stage1 data_dir=DATA_DIR [key=value ...]`` (see villa.mapping.run).
+
+With no experiment: ``stage1`` when ``data_dir=`` is given, else the DocMNIST preset ``docmnist_stage1``.
+"""
 
 from __future__ import annotations
 
 from villa.hydra_app import hydra_main
 
 
-@hydra_main(default_experiment="docmnist_stage1")
+@hydra_main(default_experiment="docmnist_stage1", generic_experiment="stage1")
 def main(cfg) -> None:
     from villa.mapping.run import run_stage1_from_config
 

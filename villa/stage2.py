@@ -1,9 +1,12 @@
-"""``python -m villa.stage2 experiment=docmnist_stage2 [key=value ...]``: train the stage-2 model."""
+"""``python -m villa.stage2 experiment=stage2|clip|... data_dir=DATA_DIR [key=value ...]``: train the stage-2 model.
+
+With no experiment: ``stage2`` when ``data_dir=`` is given, else the DocMNIST preset ``docmnist_stage2``.
+"""
 
 from villa.hydra_app import hydra_main
 
 
-@hydra_main("docmnist_stage2")
+@hydra_main("docmnist_stage2", generic_experiment="stage2")
 def main(cfg):
     from villa.vlm.run import run_stage2_from_config
 

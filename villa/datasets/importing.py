@@ -53,7 +53,8 @@ def read_json(path: str | os.PathLike, what: str):
         with open(path, "rb") as fh:
             return json.load(fh)
     except json.JSONDecodeError as err:
-        raise VillaError(f"{what} file {path} is not valid JSON: {err.msg} at line {err.lineno}") from None
+        reason = err.msg.removesuffix(" starting at")
+        raise VillaError(f"{what} file {path} is not valid JSON: {reason} at line {err.lineno}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise VillaError(f"cannot read {what} file {path}: {err}") from None
 

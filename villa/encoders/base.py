@@ -36,6 +36,12 @@ class Encoder(abc.ABC):
     #: stage-1 region embeddings written by preprocessing: ``"reference"`` (the SPEC recipe through
     #: ``build_image_model()``) or ``"rich"`` (:mod:`villa.encoders.rich`, for untrained towers)
     default_region_features: str = "reference"
+    #: resize policy applied when images are decoded (never inside the model): upscale so that the
+    #: shorter side is at least this many pixels; None leaves small images as they are
+    image_min_side: int | None = None
+    #: resize policy applied when images are decoded: downscale so that the longer side is at most
+    #: this many pixels; None leaves large images as they are
+    image_max_side: int | None = None
 
     @property
     @abc.abstractmethod
@@ -53,7 +59,11 @@ class Encoder(abc.ABC):
 
     @abc.abstractmethod
     def build_image_model(self) -> RegionImageEncoder:
-        """A fresh region image tower (on CPU, eval mode) holding this encoder's initial weights."""
+        """A fresh region image tower (on CPU, eval mode) holding this encoder's initial weights.
+
+        Any ``nn.Module`` with ``output_dim`` and ``forward(images [B, 3, H, W] in [0, 1], boxes [M, 5])
+        -> [M, D]`` (e.g. :class:`~villa.encoders.clip_resnet.RegionImageEncoder`).
+        """
 
 
 #: name -> factory(name, clip_weights, device) -> Encoder

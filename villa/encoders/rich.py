@@ -10,13 +10,17 @@ and adds cheaper, more local views of the same region, all deterministic and unt
 * ``pixels``: the region's own pixels (RoIAlign 28x28 on the image itself, i.e. stride 1);
 * ``conv_bank``: a fixed seeded bank of 3x3 convolutions (+ bias, ReLU) at full resolution (stride
   1), RoIAligned 28x28 and pooled to a 4x4 grid of means plus a global max: it sees the thin 1-px
-  shape outlines and their extent, which the stride-16 reference map blurs away (linear probe,
-  diagnosis only: shape 58% -> 99.9%, size 52% -> 94%).
+  shape outlines and their extent, which the stride-16 reference map blurs away. A linear probe
+  (diagnosis only; ``python benchmarks/probe_rich.py --data_dir=docmnist_30000_15.2``, val accuracy)
+  reads shape 58.9% and size 53.3% from the reference recipe, 99.9% and 96.5% from this block alone,
+  and 99.2% and 88.5% from the final rich vector.
 
-Each block is first mapped to ``BLOCK_DIM`` by a fixed seeded Gaussian projection, then standardised
-(z-score per dimension) with mean/std of the dataset's TRAIN-split regions only. These statistics are
-unsupervised: no label, caption or ground-truth region assignment is read. The standardised blocks
-are concatenated and projected to the text dimension ``D`` by another fixed seeded Gaussian
+Like every recipe here (and the reference's), the regions are the annotation table's region boxes
+(``region_coord``), which is how the task defines a region. Each block is first mapped to
+``BLOCK_DIM`` by a fixed seeded Gaussian projection, then standardised (z-score per dimension) with
+mean/std of the dataset's TRAIN-split regions only. These statistics are unsupervised: they read no
+attribute label, no caption and no region-attribute ground truth (``reg_to_attr``). The standardised
+blocks are concatenated and projected to the text dimension ``D`` by another fixed seeded Gaussian
 projection, because stage 1 compares projected regions with ``D``-dimensional attribute embeddings.
 
 Scope: this only changes the PRECOMPUTED stage-1 region embeddings. The stage-2 trainable image model
@@ -33,6 +37,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from villa.encoders.clip_resnet import RegionImageEncoder
+from villa.errors import VillaError
 
 REGION_FEATURES = ("rich", "reference")
 BLOCKS = ("reference", "pooled", "pixels", "conv_bank")
@@ -83,6 +88,12 @@ class RichRegionFeatures(nn.Module):
 
     def __init__(self, tower: RegionImageEncoder, out_dim: int, seed: int = DEFAULT_RICH_SEED):
         super().__init__()
+        # the blocks read the ModifiedResNet's stem and layers: other towers (e.g. mobilenet_v2) have none
+        if not isinstance(tower, RegionImageEncoder):
+            raise VillaError(
+                f"region_features=rich needs a CLIP modified-ResNet image tower, not {type(tower).__name__}: "
+                "use --region_features=reference with this encoder"
+            )
         self.tower = tower.eval()
         self.out_dim = int(out_dim)
         self.seed = int(seed)

@@ -89,13 +89,15 @@ def evaluate_model(
     progress: bool = True,
     image_cache_mb: float = DEFAULT_CACHE_MB,
     stage_1_ckpt_dir: str | os.PathLike | None = None,
+    detection: bool = True,
 ) -> dict:
     """Metrics (percent) of an image model on ``split`` of a dataset (see the module docstring).
 
     ``checkpoint``: a stage-2 ``best.pkl``; None evaluates the encoder's freshly built (untrained) image model.
     ``encoder``/``clip_weights`` None: those recorded by preprocessing. Attribute text embeddings are the
     dataset's ``attr_embs.pth``. ``stage_1_ckpt_dir``: a finished stage-1 run whose mapping metrics are added
-    under ``"mapping"``. Writes ``out_path`` (JSON) when given and returns the metrics dict.
+    under ``"mapping"``. ``detection``: also zero-shot detection AP/AP50 (:func:`detection_metrics`) when the
+    dataset has region labels. Writes ``out_path`` (JSON) when given and returns the metrics dict.
     """
     from villa.checkpoints import load_model_state
     from villa.encoders import get_encoder
@@ -143,6 +145,8 @@ def evaluate_model(
     units = RegionTextDataset(store, offsets, boxes, torch.zeros(int(offsets[-1]), 0))
     embs = embed_regions(model, units, resolve_device(device), batch_size, amp, progress)
     metrics = retrieval_metrics(embs, attr_embs, torch.from_numpy(np.asarray(truth)), names)
+    if evaluation == "regions" and detection:
+        metrics["detection"] = detection_metrics(frame, dataset, embs, attr_embs)
     if evaluation == "images":
         metrics = {k.replace("region", "image"): v for k, v in metrics.items()}
         for per in metrics["per_attribute"].values():
@@ -167,6 +171,65 @@ def evaluate_model(
     return metrics
 
 
+def detection_metrics(frame, dataset: Dataset, region_embs: torch.Tensor, attr_embs: torch.Tensor) -> dict:
+    """Zero-shot detection (COCO AP and AP50, percent) of the split's regions, :mod:`villa.evaluation.detection`.
+
+    Detections: every region against every attribute prompt, scored by a softmax over the attributes of the
+    same kind (``kind`` in attributes.yaml; all attributes when there are no kinds: on DocMNIST a cell is at
+    once a digit, a colour, a shape and a size, so digits must not compete with colours). Ground truth: the
+    dataset's labelled objects (``object_boxes``/``object_labels``, e.g. COCO instances under imported
+    proposals), else every region with each of its ``reg_to_attr`` attributes. Overall AP is the mean over
+    attributes with ground truth, as COCO's.
+    """
+    from villa.evaluation.detection import zero_shot_detection
+
+    names = dataset.vocabulary.names
+    image_ids = frame["image_id"].to_numpy(dtype=np.int64)
+    counts = frame["num_regions"].to_numpy(dtype=np.int64)
+    region_image = np.repeat(image_ids, counts)
+    if dataset.has_objects:
+        objects = [o or [] for o in frame["object_boxes"]]
+        labels = [lab or [] for lab in frame["object_labels"]]
+        gt_image = np.repeat(image_ids, [len(o) for o in objects])
+        gt_boxes = np.asarray([b for o in objects for b in o], dtype=np.float64).reshape(-1, 4)
+        gt_names = [n for lab in labels for n in lab]
+    else:
+        region_labels = [attrs for per_image in frame["reg_to_attr"] for attrs in per_image]
+        repeats = [len(a) for a in region_labels]
+        gt_image = np.repeat(region_image, repeats)
+        gt_boxes = np.repeat(region_boxes(frame).astype(np.float64), repeats, axis=0)
+        gt_names = [a for attrs in region_labels for a in attrs]
+    index = {n: k for k, n in enumerate(names)}
+    gt_labels = np.asarray([index[n] for n in gt_names], dtype=np.int64)
+    sizes = {int(i): tuple(int(v) for v in hw) for i, hw in zip(image_ids, frame["image_size"])}
+    kinds = dataset.vocabulary.kinds or {n: "all" for n in names}
+    groups: dict[str, list[int]] = {}
+    for k, name in enumerate(names):
+        groups.setdefault(kinds[name], []).append(k)
+    per_attribute: dict = {}
+    num_detections = 0
+    for members in groups.values():
+        keep = np.isin(gt_labels, members)
+        remap = {k: j for j, k in enumerate(members)}
+        result = zero_shot_detection(
+            region_embs, attr_embs[members], [names[k] for k in members], region_image, region_boxes(frame),
+            gt_image[keep], gt_boxes[keep], np.asarray([remap[k] for k in gt_labels[keep]], dtype=np.int64), sizes,
+        )  # fmt: skip
+        per_attribute.update(result["per_attribute"])
+        num_detections += result["num_detections"]
+    scored = [v for v in per_attribute.values() if v["ap"] is not None]
+    mean = lambda key: float(np.mean([v[key] for v in scored])) if scored else None  # noqa: E731
+    return {
+        "ap": mean("ap"),
+        "ap50": mean("ap50"),
+        "score": "softmax over the attributes of each kind" if dataset.vocabulary.has_kinds else "softmax",
+        "ground_truth": "objects" if dataset.has_objects else "regions",
+        "num_detections": num_detections,
+        "num_gt": len(gt_labels),
+        "per_attribute": {n: per_attribute[n] for n in names if n in per_attribute},
+    }
+
+
 def format_metrics(metrics: dict) -> str:
     """One line per summary metric, e.g. ``text_to_region_r_precision  63.21``, then the mapping F1s."""
     evaluation = metrics.get("evaluation", "regions")
@@ -176,6 +239,10 @@ def format_metrics(metrics: dict) -> str:
         f"({units} {evaluation}{'' if evaluation == 'regions' else ', no region labels: image-level'})"
     ]
     lines += [f"  {key:<28} {metrics[key]:6.2f}" for key in summary_keys(evaluation)]
+    detection = metrics.get("detection")
+    if detection and detection.get("ap") is not None:
+        lines.append(f"  {'zero_shot_detection_ap':<28} {detection['ap']:6.2f}")
+        lines.append(f"  {'zero_shot_detection_ap50':<28} {detection['ap50']:6.2f}")
     for split, m in (metrics.get("mapping") or {}).items():
         kinds = "".join(f"  {k} {v['f1']:.1f}" for k, v in m.get("per_kind", {}).items())
         lines.append(

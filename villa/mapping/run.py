@@ -92,7 +92,7 @@ def run_stage1(
     dataset, run_dir = Dataset.open(data_dir), Path(run_dir)
     data_dir = dataset.root
     device = resolve_device(device)
-    if distributed.context().is_main:
+    if distributed.global_rank() == 0:  # (the process group is not joined yet: fit joins it)
         clear_outputs(run_dir)
 
     frame = dataset.annotations()

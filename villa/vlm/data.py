@@ -15,20 +15,43 @@ import numpy as np
 import pandas as pd
 import torch
 
-from villa.datasets import Dataset, region_boxes
+from villa.datasets import Dataset, Vocabulary, attribute_multi_hot, region_boxes
 from villa.embeddings import TextEmbeddingCache
 from villa.errors import VillaError
 from villa.images import DEFAULT_CACHE_MB, NO_RESIZE, ImageStore, ResizePolicy
 from villa.text import split_sentences
 
-PAIR_MODES = ("villa", "clip")
+PAIR_MODES = ("villa", "clip", "all_regions", "random_mapping", "oracle")
 
 
-def build_pairs(frame: pd.DataFrame, mode: str = "villa") -> tuple[np.ndarray, np.ndarray, list[str]]:
+def build_pairs(
+    frame: pd.DataFrame,
+    mode: str = "villa",
+    *,
+    vocabulary: Vocabulary | None = None,
+    seed: int | Sequence[int] = 0,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """The training pairs of every image of ``frame``, grouped by image (whole image first).
 
-    ``frame``: annotation rows (``image_size``, ``region_coord``, ``num_regions``, ``text``) and, for
-    ``mode="villa"``, the stage-1 column ``assigned_text``. ``mode="clip"``: whole image only.
+    Every mode pairs the whole image with the whole text; the modes differ in the region pairs they add:
+
+    ================ =========================================================================================
+    ``villa``        each region with its stage-1 ``assigned_text`` (regions with an empty text left out)
+    ``clip``         none (the CLIP baseline)
+    ``all_regions``  every region with the whole text: region-level training without any mapping
+    ``random_mapping`` stage 1's (region, attribute) pairs of each image with every attribute moved to as many
+                     distinct regions of the same image, drawn at random (``seed``): the same attributes,
+                     sentences and pair counts as stage 1, at random places
+    ``oracle``       each region with the sentences of its ground-truth attributes (``reg_to_attr``, those
+                     the text mentions), chosen by :func:`villa.mapping.assign.choose_sentences` with
+                     ``seed``: the pairs a perfect stage 1 would write
+    ================ =========================================================================================
+
+    ``frame``: annotation rows (``image_size``, ``region_coord``, ``num_regions``, ``text``); ``villa`` and
+    ``random_mapping`` also need stage 1's ``assigned_attributes``/``assigned_text``, ``oracle`` needs
+    ``reg_to_attr``. ``vocabulary``: the dataset's (``random_mapping``, ``oracle``). ``seed``: an int or a
+    sequence of ints for :func:`numpy.random.default_rng` (the stage-2 runner passes ``[seed, split index]``,
+    the seeds stage 1 chose its sentences with).
     Returns (offsets int64 ``[N+1]``, boxes float32 ``[P, 4]`` as x1, y1, x2, y2 in pixels, texts [P]);
     the pairs of image i are ``offsets[i]:offsets[i+1]``.
     """
@@ -43,10 +66,23 @@ def build_pairs(frame: pd.DataFrame, mode: str = "villa") -> tuple[np.ndarray, n
     if mode == "clip":
         return np.arange(n + 1, dtype=np.int64), whole_boxes, whole_texts.tolist()
 
-    if "assigned_text" not in frame.columns:
-        raise VillaError("the stage-2 frame has no 'assigned_text' column: read it with villa.mapping.schema")
     counts = frame["num_regions"].to_numpy(dtype=np.int64)
-    reg_texts = np.asarray([t for texts in frame["assigned_text"] for t in texts], dtype=object)
+    needed = {"villa": ("assigned_text",), "random_mapping": ("assigned_attributes", "assigned_text")}
+    for column in needed.get(mode, ()):
+        if column not in frame.columns:
+            raise VillaError(f"the stage-2 frame has no '{column}' column: read it with villa.mapping.schema")
+    if mode in ("random_mapping", "oracle") and vocabulary is None:
+        raise ValueError(f"pair mode '{mode}' needs the dataset's vocabulary")
+    if mode == "villa":
+        reg_texts = np.asarray([t for texts in frame["assigned_text"] for t in texts], dtype=object)
+    elif mode == "all_regions":
+        reg_texts = np.repeat(whole_texts, counts)
+    elif mode == "random_mapping":
+        region, attr, sentence = random_mapping_pairs(frame, vocabulary, seed)
+        reg_texts = _join_per_region(int(counts.sum()), region, attr, sentence)
+    else:
+        region, attr, sentence = oracle_pairs(frame, vocabulary, seed)
+        reg_texts = _join_per_region(int(counts.sum()), region, attr, sentence)
     reg_boxes = region_boxes(frame)
     if len(reg_texts) != counts.sum() or len(reg_boxes) != counts.sum():
         raise VillaError("stage-1 mapping does not have one assigned text per region: re-run stage 1")
@@ -59,6 +95,131 @@ def build_pairs(frame: pd.DataFrame, mode: str = "villa") -> tuple[np.ndarray, n
     texts = np.concatenate([whole_texts, reg_texts[keep]])[order].tolist()
     offsets = np.concatenate([[0], np.cumsum(np.bincount(image_of, minlength=n))]).astype(np.int64)
     return offsets, boxes, texts
+
+
+def _join_per_region(
+    num_regions: int, region: np.ndarray, attr: np.ndarray, sentence: np.ndarray
+) -> np.ndarray:
+    """Each region's text from its (region, attribute, sentence) pairs, as stage 1 writes ``assigned_text``:
+    the non-empty sentences in vocabulary order joined with " . " (``""`` for a region without any).
+
+    region, attr: int ``[P]``; sentence: object ``[P]``. Returns object ``[num_regions]``.
+    """
+    from villa.mapping.assign import SENTENCE_SEPARATOR
+
+    order = np.lexsort((attr, region))
+    region, sentence = region[order], sentence[order].tolist()
+    bounds = np.searchsorted(region, np.arange(num_regions + 1)).tolist()
+    joined = [SENTENCE_SEPARATOR.join(filter(None, sentence[s:e])) for s, e in zip(bounds[:-1], bounds[1:])]
+    return np.asarray(joined, dtype=object)
+
+
+def oracle_pairs(
+    frame: pd.DataFrame, vocabulary: Vocabulary, seed: int | Sequence[int] = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ground-truth (region, attribute, sentence) pairs of ``frame``: each region's ``reg_to_attr``
+    attributes that the text mentions, each with the sentence :func:`~villa.mapping.assign.choose_sentences`
+    picks for the image and attribute (``seed``: the same seed as stage 1 gives the same sentences).
+
+    Returns region int64 ``[P]`` (index over the frame's regions, in row order), attr int64 ``[P]``
+    (vocabulary index), sentence object ``[P]`` (``""`` when no sentence of the text matches).
+    """
+    from villa.mapping.assign import choose_sentences
+
+    if "reg_to_attr" not in frame.columns or frame["reg_to_attr"].isna().any():
+        raise VillaError(
+            "pairs=oracle needs ground-truth region labels (reg_to_attr) and this dataset has none: "
+            "use pairs=villa, all_regions or random_mapping"
+        )
+    names = vocabulary.names
+    texts = frame["text"].tolist()
+    present = vocabulary.match_matrix(texts)  # [N, K], as stage 1 reads it
+    truth = attribute_multi_hot([a for regions in frame["reg_to_attr"] for a in regions], names)  # [M, K]
+    counts = frame["num_regions"].to_numpy(dtype=np.int64)
+    image_of_region = np.repeat(np.arange(len(frame)), counts)
+    truth &= present[image_of_region]  # only what the text mentions: the pairs a mapping could find
+    mentioned = [[names[k] for k in np.flatnonzero(row)] for row in present]
+    sentences = choose_sentences(texts, mentioned, vocabulary, seed)  # [N, K]
+    region, attr = np.nonzero(truth)
+    return region, attr, sentences[image_of_region[region], attr]
+
+
+def random_mapping_pairs(
+    frame: pd.DataFrame, vocabulary: Vocabulary, seed: int | Sequence[int] = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stage 1's (region, attribute, sentence) pairs of ``frame`` with the regions drawn at random.
+
+    An attribute that stage 1 gave to ``c`` regions of an image goes to ``c`` distinct regions of that image
+    drawn uniformly (``numpy.random.default_rng(seed)``: same seed, same pairs), with the sentence stage 1
+    gave it. So the images, attributes, sentences and pair counts (per image and per attribute) are stage 1's;
+    only where they land is random. Returns region int64 ``[P]`` (index over the frame's regions), attr
+    int64 ``[P]`` (vocabulary index), sentence object ``[P]``, sorted by image then attribute.
+    """
+    index = {name: k for k, name in enumerate(vocabulary.names)}
+    counts = frame["num_regions"].to_numpy(dtype=np.int64)
+    region_attrs = [attrs for regions in frame["assigned_attributes"] for attrs in regions]
+    region_texts = [t for texts in frame["assigned_text"] for t in texts]
+    if len(region_attrs) != counts.sum() or len(region_texts) != counts.sum():
+        raise VillaError("stage-1 mapping does not have one assigned text per region: re-run stage 1")
+    unknown = {a for attrs in region_attrs for a in attrs} - index.keys()
+    if unknown:
+        raise VillaError(
+            f"the stage-1 mapping assigns attribute {sorted(unknown)[0]!r}, which is not in the dataset's "
+            f"vocabulary: re-run stage 1"
+        )
+    image_of_region = np.repeat(np.arange(len(frame)), counts)
+    per_region = np.fromiter(map(len, region_attrs), dtype=np.int64, count=len(region_attrs))
+    pair_region = np.repeat(np.arange(len(region_attrs)), per_region)
+    pair_attr = np.fromiter(
+        (index[a] for attrs in region_attrs for a in attrs), np.int64, int(per_region.sum())
+    )
+    pair_sentence = _stage1_pair_sentences(frame, region_attrs, region_texts, image_of_region, vocabulary)
+
+    # one group per (image, attribute): stage 1 gave it group_count[g] regions, all with one sentence
+    pair_image = image_of_region[pair_region]
+    k = len(index)
+    groups, first, group_count = np.unique(pair_image * k + pair_attr, return_index=True, return_counts=True)
+    group_image, group_attr = groups // k, groups % k
+    available = counts[group_image]  # [G] regions of the group's image
+    group_count = np.minimum(group_count, available)
+    # c distinct regions uniformly: the c smallest of one uniform key per region (padding keys sort last)
+    keys = np.random.default_rng(seed).random((len(groups), int(counts.max(initial=1))))
+    keys[np.arange(keys.shape[1])[None, :] >= available[:, None]] = 2.0
+    ranks = np.argsort(keys, axis=1, kind="stable")
+    take = np.arange(keys.shape[1])[None, :] < group_count[:, None]  # [G, Rmax]
+    group_of_pair, local = np.nonzero(take)
+    region_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    region = region_start[group_image[group_of_pair]] + ranks[group_of_pair, local]
+    return region, group_attr[group_of_pair], pair_sentence[first][group_of_pair]
+
+
+def _stage1_pair_sentences(frame, region_attrs, region_texts, image_of_region, vocabulary) -> np.ndarray:
+    """The sentence stage 1 gave each of its (region, attribute) pairs (object ``[P]``, region-major).
+
+    Stage 1 writes a region's text as the sentences of its attributes, in vocabulary order, joined with
+    " . ", leaving out an attribute for which no sentence of the image's text matched (the matcher can find
+    an attribute in a sentence of three characters or fewer, which :func:`split_sentences` drops). So a
+    region's sentences line up with its attributes, except those without a sentence; those are found with
+    the matcher, for the (rare) regions whose counts differ.
+    """
+    sentences = [split_sentences(t) for t in region_texts]
+    n_attrs = np.fromiter(map(len, region_attrs), dtype=np.int64, count=len(region_attrs))
+    n_sents = np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences))
+    aligned = n_attrs == n_sents
+    out = np.full(int(n_attrs.sum()), "", dtype=object)
+    pair_aligned = np.repeat(aligned, n_attrs)
+    out[pair_aligned] = [s for sents, ok in zip(sentences, aligned) if ok for s in sents]
+    starts = np.concatenate([[0], np.cumsum(n_attrs)[:-1]])
+    texts = frame["text"].tolist()
+    for r in np.flatnonzero(~aligned).tolist():
+        image_sentences = split_sentences(texts[image_of_region[r]])
+        matched = vocabulary.match_matrix(image_sentences).any(axis=0) if image_sentences else None
+        has = [matched is not None and bool(matched[vocabulary.index(a)]) for a in region_attrs[r]]
+        if sum(has) != n_sents[r]:
+            raise VillaError("a stage-1 assigned text does not match its assigned attributes: re-run stage 1")
+        slots = starts[r] + np.flatnonzero(has)
+        out[slots] = sentences[r]
+    return out
 
 
 def text_embeddings(texts: Sequence[str], cache: TextEmbeddingCache) -> torch.Tensor:
@@ -173,8 +334,10 @@ def build_dataset(
     policy: ResizePolicy = NO_RESIZE,
     cache_mb: float = DEFAULT_CACHE_MB,
     progress: bool = True,
+    seed: int | Sequence[int] = 0,
 ) -> RegionTextDataset:
-    """Stage-2 dataset for the rows of ``frame`` (a stage-1 mapping frame, or annotations for ``clip``)."""
-    offsets, boxes, texts = build_pairs(frame, mode)
+    """Stage-2 dataset for the rows of ``frame`` (a stage-1 mapping frame for ``villa`` and ``random_mapping``,
+    else annotations); ``seed`` goes to :func:`build_pairs`."""
+    offsets, boxes, texts = build_pairs(frame, mode, vocabulary=dataset.vocabulary, seed=seed)
     images = image_store(dataset, frame, policy, cache_mb, progress)
     return RegionTextDataset(images, offsets, boxes, text_embeddings(texts, cache))

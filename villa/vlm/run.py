@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from villa.datasets import Dataset
+from villa.datasets import SPLITS, Dataset
 from villa.device import resolve_device
 from villa.distributed import all_gather_no_grad, all_gather_with_grad
 from villa.embeddings import TextEmbeddingCache, preprocessed_encoder
@@ -49,11 +49,20 @@ class RegionTextLoss:
         return symmetric_info_nce(region_embs, text, self.tau), int(region_embs.shape[0])
 
 
+#: pair modes built from stage 1's mapping (the others read the dataset's annotations)
+STAGE1_PAIR_MODES = ("villa", "random_mapping")
+
+
 def stage2_frames(dataset: Dataset, pairs: str, stage_1_ckpt_dir: str | os.PathLike | None):
-    """(train, val) frames: stage-1 mappings for ViLLA, plain annotations for the CLIP baseline."""
+    """(train, val) frames: stage-1 mappings for ViLLA and the random mapping, annotations for the others."""
     if pairs not in PAIR_MODES:
         raise VillaError(f"unknown pairs '{pairs}': use one of {', '.join(PAIR_MODES)}")
-    if pairs == "clip":
+    if pairs == "oracle" and not dataset.has_region_labels:
+        raise VillaError(
+            f"pairs=oracle needs ground-truth region labels and {dataset.root} has none "
+            f"(dataset.json: region_labels false): use pairs=villa, all_regions or random_mapping"
+        )
+    if pairs not in STAGE1_PAIR_MODES:
         return dataset.annotations("train"), dataset.annotations("val")
     from villa.mapping.schema import read_mapping
 
@@ -79,15 +88,22 @@ def build_stage2_datasets(
     progress: bool = True,
     policy: ResizePolicy | None = None,
     image_cache_mb: float = DEFAULT_CACHE_MB,
+    seed: int = 23,
 ) -> tuple[RegionTextDataset, RegionTextDataset]:
-    """Train and val datasets (images resized by ``policy``, pair text embeddings precomputed from the cache)."""
+    """Train and val datasets (images resized by ``policy``, pair text embeddings precomputed from the cache).
+
+    ``seed``: the random mapping's regions and the oracle's sentence choice draw from ``[seed, split index]``,
+    the seeds stage 1 chooses its sentences with (same seed as stage 1: the oracle's sentences are its).
+    """
     dataset = Dataset.open(data_dir)
     train_frame, val_frame = stage2_frames(dataset, pairs, stage_1_ckpt_dir)
     cache = TextEmbeddingCache.open(dataset.root, expected_encoder=encoder_name)
     policy = policy or ResizePolicy()
-    return (
-        build_dataset(dataset, train_frame, cache, pairs, policy, image_cache_mb, progress),
-        build_dataset(dataset, val_frame, cache, pairs, policy, image_cache_mb, progress),
+    return tuple(
+        build_dataset(
+            dataset, frame, cache, pairs, policy, image_cache_mb, progress, seed=[seed, SPLITS.index(split)]
+        )
+        for split, frame in (("train", train_frame), ("val", val_frame))
     )
 
 
@@ -116,7 +132,8 @@ def run_stage2(
     image_cache_mb: float = DEFAULT_CACHE_MB,
     config: dict | None = None,
 ):
-    """Train the image model on region-text pairs (``pairs="villa"``) or whole pairs (``"clip"``).
+    """Train the image model on region-text pairs: ``pairs`` is a mode of :func:`villa.vlm.data.build_pairs`
+    (``villa``, the ``clip`` baseline, or the ablations ``all_regions``, ``random_mapping``, ``oracle``).
 
     ``encoder``/``clip_weights`` None: those preprocessing recorded in the dataset's embeddings. Images keep
     decoded in memory when they fit ``image_cache_mb``, else are decoded per batch.
@@ -129,7 +146,7 @@ def run_stage2(
     encoder, clip_weights = preprocessed_encoder(Dataset.open(data_dir).root, encoder, clip_weights)
     enc = get_encoder(encoder, clip_weights=clip_weights, device="cpu")
     train_set, val_set = build_stage2_datasets(
-        data_dir, enc.name, pairs, stage_1_ckpt_dir, progress, ResizePolicy.of(enc), image_cache_mb
+        data_dir, enc.name, pairs, stage_1_ckpt_dir, progress, ResizePolicy.of(enc), image_cache_mb, seed
     )
     torch.manual_seed(seed)
     model = enc.build_image_model()

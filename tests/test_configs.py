@@ -1,0 +1,53 @@
+"""Every config composes and instantiates (a typo fails CI, not a user's run), as lightning-hydra-template does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from villa.hydra_app import CONFIG_DIR, compose, implied_experiment
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_instantiates(experiment, tmp_path):
+    cfg = compose(
+        [f"experiment={experiment}", f"data_dir={tmp_path / 'my_data'}", f"checkpoint_dir={tmp_path}"]
+    )
+    assert cfg.stage in ("stage1", "stage2", "evaluate") and cfg.task_name
+    assert Path(cfg.run_dir).is_relative_to(tmp_path)
+    if not experiment.startswith("docmnist_"):  # generic experiments keep each dataset's runs apart
+        assert Path(cfg.run_dir).parent.name == "my_data"
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    if cfg.get("optimizer") is not None:
+        optimizer = instantiate(cfg.optimizer)(params)
+        assert isinstance(optimizer, torch.optim.Optimizer)
+        if cfg.get("scheduler") is not None:
+            instantiate(cfg.scheduler)(optimizer)
+
+
+def test_docmnist_presets_are_the_generic_experiments_on_docmnist():
+    for preset, generic in (
+        ("docmnist_stage1", "stage1"),
+        ("docmnist_stage2", "stage2"),
+        ("docmnist_clip", "clip"),
+    ):
+        a, b = compose([f"experiment={preset}"]), compose([f"experiment={generic}", "data_dir=x"])
+        for key in ("epochs", "batch_size", "optimizer", "scheduler", "pairs", "model", "loss", "mapping"):
+            assert a.get(key) == b.get(key), (preset, key)
+        assert Path(a.data_dir).name == "docmnist_30000_15.2"
+
+
+def test_sweep_config_composes():
+    cfg = compose(config_name="sweep")
+    assert list(cfg.complexities) and cfg.stage1.epochs > 0
+
+
+def test_the_experiment_a_command_line_implies():
+    assert implied_experiment(["epochs=3"], "docmnist_stage1", "stage1") == "docmnist_stage1"
+    assert implied_experiment(["data_dir=/x"], "docmnist_stage1", "stage1") == "stage1"
+    assert implied_experiment(["experiment=clip", "data_dir=/x"], "docmnist_stage1", "stage1") is None
