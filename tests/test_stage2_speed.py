@@ -154,6 +154,24 @@ def test_large_feature_maps_fall_back_to_the_reference_path(default_encoder):
         )
 
 
+def test_layer4_that_does_not_start_with_pointwise_convs_falls_back(default_encoder, monkeypatch):
+    """The reordering is only taken when layer4's first block is open_clip's Bottleneck read through
+    bias-free 1x1 convolutions; any other layer4 (here conv1 with a bias) runs the reference recipe."""
+    model = default_encoder.build_image_model().eval()
+    block = model.visual.layer4[0]
+    conv = block.conv1
+    block.conv1 = torch.nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=True)
+    images, boxes = tiny_batch()
+    assert not model._fast_head_applies(model.feature_map(images), len(boxes) * 64)
+    called = []
+    monkeypatch.setattr(model, "_fast_head", lambda *a: called.append(a))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(images, boxes), reference_embed(model, images, boxes), atol=1e-5, rtol=1e-4
+        )
+    assert not called
+
+
 LARGE_TENSOR_IN_HEAP = """
 import sys, torch
 from villa.device import keep_cpu_memory
