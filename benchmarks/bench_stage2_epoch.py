@@ -1,7 +1,7 @@
 """Stage-2 epoch time on the CPU: this tree's code against the baseline commit, in one run, on the same data.
 
     python benchmarks/bench_stage2_epoch.py --data-dir DIR --stage-1-ckpt-dir DIR [--batch-size 64]
-        [--repeats 3] [--threads 0] [--baseline-rev main] [--profile] [--eval-split test]
+        [--repeats 3] [--threads 0] [--baseline-rev 7dcfd81] [--profile] [--eval-split test]
 
 One *epoch* is what ``python -m villa.stage2`` does for an epoch: :func:`villa.vlm.run.run_stage2` with
 ``epochs=1`` (training pass over every train image, then the validation pass), timed by the training loop's
@@ -13,7 +13,7 @@ metrics must agree to float tolerance: the script prints the differences and exi
 **How the baseline runs.** Each measurement runs in a fresh worker process (this file with ``--worker``):
 ``current`` imports ``villa`` from a copy of this tree's package taken at the start (uncommitted changes
 included), ``baseline`` from ``git archive <baseline-rev> villa`` unpacked into a temporary folder
-(``<baseline-rev>`` resolved to its commit once at the start; default ``main``), so the baseline is that
+(``<baseline-rev>`` resolved to its commit once at the start; default ``7dcfd81``, the last main before the fast region head), so the baseline is that
 commit's code doing its real work its real way (same batch size, schedule, data and seed), not a copy or a
 flag. Separate processes are
 needed because one of the levers (``villa.device.keep_cpu_memory``) is a process-wide allocator setting that
@@ -361,7 +361,11 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=0, help="torch threads in each worker; 0: torch's default"
     )
-    parser.add_argument("--baseline-rev", default="main", help="git revision of the baseline (default main)")
+    parser.add_argument(
+        "--baseline-rev",
+        default="7dcfd81",
+        help="git revision of the baseline (default 7dcfd81: the last main before the fast region head)",
+    )
     parser.add_argument("--eval-split", default="test", help="split of the short eval; '' skips it")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-steps", type=int, default=4)
