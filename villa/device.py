@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
 
 import torch
 
@@ -51,3 +53,35 @@ def autocast(device: torch.device, enabled: bool = True):
 def needs_grad_scaler(device: torch.device, enabled: bool = True) -> bool:
     """fp16 autocast needs a gradient scaler; bf16 and fp32 do not."""
     return enabled and amp_dtype(device) == torch.float16
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_cpu_memory_kept = False
+
+
+def keep_cpu_memory() -> bool:
+    """Let this process reuse freed host memory for its large CPU tensors instead of returning it to the OS.
+
+    glibc serves every allocation above its mmap threshold (128 KiB, raised dynamically up to 32 MiB) with
+    a fresh ``mmap`` and unmaps it on free, so each large activation of a CPU training step is faulted in
+    and zero-filled by the kernel page by page, every step: a fresh 35 MB tensor (one stage-2 layer4
+    activation at batch 64) took ~38 ms to fill against ~2 ms for reused memory, and a stage-2 step at
+    batch 64 took 230,000 page faults. With ``M_MMAP_MAX=0`` every block comes from the heap and
+    ``M_TRIM_THRESHOLD=-1`` never shrinks it: from the third step on a training step took ~20 page faults
+    and ran ~1.5x faster. The process keeps its peak footprint. Numerics are untouched.
+
+    Process-wide and idempotent; a no-op off Linux/glibc. Returns whether the setting is in effect.
+    """
+    global _cpu_memory_kept
+    if _cpu_memory_kept:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        _cpu_memory_kept = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    return _cpu_memory_kept

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from villa import distributed
 from villa.artifacts import one_line
 from villa.checkpoints import BEST, LAST, load_checkpoint, save_checkpoint, unwrap
-from villa.device import autocast, needs_grad_scaler
+from villa.device import autocast, keep_cpu_memory, needs_grad_scaler
 from villa.errors import VillaError
 from villa.io import atomic_path
 
@@ -209,6 +209,8 @@ def fit(
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
 
+    if device.type == "cpu":
+        keep_cpu_memory()  # large activations reuse resident memory instead of page-faulting every step
     channels_last = channels_last and device.type == "cuda"
     if channels_last:
         model.to(device, memory_format=torch.channels_last)

@@ -4,15 +4,25 @@ Reference recipe (SPEC section 3): images (float in [0, 1], no mean/std normalis
 the stem and layer1-3; every region box is RoIAligned (14x14, ``spatial_scale = feat_w / img_w``,
 ``sampling_ratio=0``, ``aligned=True``) from that feature map; the crops go through layer4 (stride 2
 -> 7x7) and the attention pool (built for ``image_size=224``, i.e. a 7x7 grid).
+
+``RegionImageEncoder.forward`` computes exactly that function (to float32 rounding) in a cheaper order
+when the feature map is small (DocMNIST: 5x5 maps, 14x14 crops): RoIAlign is linear in the feature map
+and separable in y and x, so it is a per-region matrix ``[196, H*W]`` applied with one batched matmul
+(no per-sample CPU loop, and its backward is a matmul too); and because it is linear, layer4's first
+1x1 convolutions (``conv1`` and the downsample's conv) commute with it and run on the small per-image
+map instead of on 196 (or 49) positions per region. See :func:`roi_align_matrices` and
+:meth:`RegionImageEncoder.forward`; ``tests/test_stage2_speed.py`` checks outputs, gradients and BatchNorm
+statistics against the reference recipe.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from open_clip.modified_resnet import AttentionPool2d, ModifiedResNet
+from open_clip.modified_resnet import AttentionPool2d, Bottleneck, ModifiedResNet
 from torch import nn
 from torchvision.ops import roi_align
 
@@ -39,6 +49,9 @@ def attention_pool_first_token(pool: AttentionPool2d, x: torch.Tensor) -> torch.
     needed. We fold the key projection into the query (``q . (W_k x + b_k) = (W_k^T q) . x + const``;
     the constant cancels in the softmax) and apply the value projection after the attention-weighted
     sum (the weights sum to 1), which avoids projecting all HW+1 tokens: ~15x fewer FLOPs for RN50.
+    The token sequence ``[mean, x_1..x_HW] + positional`` is never built either: scores and the weighted
+    sum are split into their spatial, mean-token and positional parts, so the only ``[M, HW, C]`` tensor
+    read is ``x`` itself (a view when it is channels-last) and no copy of it is made.
 
     Args:
         pool: the attention pool whose parameters are used.
@@ -49,19 +62,117 @@ def attention_pool_first_token(pool: AttentionPool2d, x: torch.Tensor) -> torch.
     m, c, h, w = x.shape
     heads = pool.num_heads
     head_dim = c // heads
-    tokens = x.reshape(m, c, h * w).transpose(1, 2)  # [M, HW, C]
-    tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)  # [M, L, C]
-    tokens = tokens + pool.positional_embedding[None].to(tokens.dtype)
-    query = F.linear(tokens[:, 0], pool.q_proj.weight, pool.q_proj.bias) * head_dim**-0.5  # [M, C]
+    spatial = x.permute(0, 2, 3, 1).reshape(m, h * w, c)  # [M, HW, C]
+    pos = pool.positional_embedding.to(x.dtype)  # [1 + HW, C]
+    first = spatial.mean(dim=1) + pos[0]  # the mean token [M, C]
+    query = F.linear(first, pool.q_proj.weight, pool.q_proj.bias) * head_dim**-0.5  # [M, C]
     query = query.reshape(m, heads, head_dim)
     k_weight = pool.k_proj.weight.reshape(heads, head_dim, c).to(query.dtype)
     folded = torch.einsum("mhd,hdc->mhc", query, k_weight)  # [M, heads, C]
-    scores = torch.bmm(folded, tokens.transpose(1, 2))  # [M, heads, L]
-    attn = scores.float().softmax(dim=-1).to(tokens.dtype)
-    pooled = torch.bmm(attn, tokens)  # [M, heads, C]
+    score_first = torch.einsum("mhc,mc->mh", folded, first)[..., None]  # [M, heads, 1]
+    score_rest = torch.bmm(folded, spatial.transpose(1, 2)) + folded @ pos[1:].T  # [M, heads, HW]
+    # softmax in at least float32 (bf16/fp16 under autocast), float64 stays float64
+    scores = torch.cat([score_first, score_rest], dim=-1)
+    attn = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(x.dtype)
+    attn_first, attn_rest = attn[..., :1], attn[..., 1:]
+    pooled = (
+        attn_first * first[:, None] + torch.bmm(attn_rest, spatial) + attn_rest @ pos[1:]
+    )  # [M, heads, C]
     v_weight = pool.v_proj.weight.reshape(heads, head_dim, c).to(pooled.dtype)
     values = torch.einsum("mhc,hdc->mhd", pooled, v_weight) + pool.v_proj.bias.reshape(heads, head_dim)
     return F.linear(values.reshape(m, c), pool.c_proj.weight, pool.c_proj.bias)
+
+
+def _axis_weights(start: torch.Tensor, length: torch.Tensor, size: int, bins: int) -> torch.Tensor:
+    """RoIAlign's bilinear weights along one axis, averaged over each bin's samples: ``[M, bins, size]``.
+
+    Mirrors torchvision's CPU/CUDA kernel for ``aligned=True, sampling_ratio=0``: ``ceil(length / bins)``
+    samples per bin at ``start + bin * b + (i + 0.5) * b / grid``; a sample outside ``[-1, size]`` counts
+    zero, one below 0 is clamped to 0, one at or past ``size - 1`` reads the last row only.
+    ``start``/``length``: ``[M]`` in feature-map pixels.
+    """
+    bin_size = length / bins  # [M]
+    grid = torch.ceil(length / bins).clamp(min=0)  # samples per bin; 0 for an empty box (output 0)
+    samples = max(int(grid.max()), 1) if len(grid) else 1
+    i = torch.arange(samples, dtype=start.dtype, device=start.device)
+    b = torch.arange(bins, dtype=start.dtype, device=start.device)
+    # same operation order as the kernel: start + bin * bin_size + (i + .5) * bin_size / grid
+    pos = (
+        start[:, None, None]
+        + b[None, :, None] * bin_size[:, None, None]
+        + (i + 0.5)[None, None, :] * bin_size[:, None, None] / grid.clamp(min=1)[:, None, None]
+    )  # [M, bins, samples]
+    used = (i[None, None, :] < grid[:, None, None]) & (pos >= -1.0) & (pos <= size)
+    pos = pos.clamp(min=0)
+    low = pos.floor().clamp(max=size - 1)
+    pos = torch.where(low >= size - 1, low, pos)
+    frac = pos - low
+    high = (low + 1).clamp(max=size - 1)
+    scale = used.to(start.dtype) / grid.clamp(min=1)[:, None, None]
+    weights = start.new_zeros((len(start), bins, size))
+    weights.scatter_add_(2, low.long(), (1 - frac) * scale)
+    weights.scatter_add_(2, high.long(), frac * scale)
+    return weights
+
+
+def roi_align_axis_weights(
+    boxes: torch.Tensor, spatial_scale: float, height: int, width: int, output_size: int = ROI_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoIAlign's (``aligned=True``, ``sampling_ratio=0``) y and x weights ``([M, S, H], [M, S, W])``.
+
+    Every output bin of RoIAlign averages bilinear samples on a grid, and both the grid and the bilinear
+    weights factor into a y part and an x part, so crop ``m`` is ``Wy[m] @ features[b_m, c] @ Wx[m].T``
+    for every channel ``c`` (:func:`roi_align_matrices` makes that one matrix per region).
+
+    Args:
+        boxes: ``[M, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` in image pixels.
+        spatial_scale: feature pixels per image pixel.
+        height, width: the feature map's size.
+    """
+    # aligned=True: pixel centres at +0.5; at least float32, like the RoIAlign kernels (float64 stays float64)
+    coords = boxes[:, 1:].to(torch.promote_types(boxes.dtype, torch.float32)) * spatial_scale - 0.5
+    wy = _axis_weights(coords[:, 1], coords[:, 3] - coords[:, 1], height, output_size)
+    wx = _axis_weights(coords[:, 0], coords[:, 2] - coords[:, 0], width, output_size)
+    return wy, wx
+
+
+def _kron(wy: torch.Tensor, wx: torch.Tensor) -> torch.Tensor:
+    """Per-region Kronecker product ``[M, Sy, H] x [M, Sx, W] -> [M, Sy * Sx, H * W]``."""
+    m, sy, h = wy.shape
+    sx, w = wx.shape[1:]
+    return (wy[:, :, None, :, None] * wx[:, None, :, None, :]).reshape(m, sy * sx, h * w)
+
+
+def roi_align_matrices(
+    boxes: torch.Tensor, spatial_scale: float, height: int, width: int, output_size: int = ROI_SIZE
+) -> torch.Tensor:
+    """RoIAlign (``aligned=True``, ``sampling_ratio=0``) as one linear map per region ``[M, S * S, H * W]``.
+
+    ``roi_align(features, boxes, output_size, spatial_scale, 0, True)`` equals
+    ``apply_roi_matrices(features, boxes[:, 0].long(), roi_align_matrices(boxes, spatial_scale, H, W))``
+    up to float rounding; row ``i * S + j`` of a matrix is output bin (i, j). Arguments as
+    :func:`roi_align_axis_weights`.
+    """
+    return _kron(*roi_align_axis_weights(boxes, spatial_scale, height, width, output_size))
+
+
+def apply_roi_matrices(
+    features: torch.Tensor, batch_index: torch.Tensor, matrices: torch.Tensor
+) -> torch.Tensor:
+    """Crops ``[M, C, S, S]`` (channels-last memory) = ``matrices[m]`` applied to ``features[batch_index[m]]``.
+
+    features ``[B, C, H, W]``; batch_index int64 ``[M]``; matrices ``[M, S * S, H * W]``. Like torchvision's
+    RoIAlign under autocast, the interpolation runs in (at least) float32 and the crops come back in
+    ``features.dtype``.
+    """
+    b, c, h, w = features.shape
+    m, ss = matrices.shape[:2]
+    s = math.isqrt(ss)
+    per_image = features.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view when channels-last
+    dtype = torch.promote_types(features.dtype, torch.float32)
+    with torch.autocast(features.device.type, enabled=False):
+        crops = torch.bmm(matrices.to(dtype), per_image[batch_index].to(dtype))  # [M, S*S, C]
+    return crops.to(features.dtype).reshape(m, s, s, c).permute(0, 3, 1, 2)
 
 
 def boxes_with_batch_index(boxes_per_image: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -70,6 +181,28 @@ def boxes_with_batch_index(boxes_per_image: Sequence[torch.Tensor]) -> torch.Ten
     index = torch.repeat_interleave(torch.arange(len(boxes_per_image)), counts)
     flat = torch.cat([torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4) for b in boxes_per_image])
     return torch.cat([index[:, None].to(flat.dtype), flat], dim=1)
+
+
+def _is_pointwise(conv: nn.Module) -> bool:
+    """A bias-free 1x1 convolution: a linear map over channels only, so it commutes with RoIAlign."""
+    return (
+        isinstance(conv, nn.Conv2d)
+        and conv.bias is None
+        and conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.groups == 1
+    )
+
+
+def _is_pool2(module: nn.Module) -> bool:
+    """open_clip's stride-2 average pool (kernel 2, stride 2, no padding, floor mode)."""
+    return (
+        isinstance(module, nn.AvgPool2d)
+        and module.kernel_size in (2, (2, 2))
+        and module.stride in (2, (2, 2))
+        and module.padding in (0, (0, 0))
+        and not module.ceil_mode
+    )
 
 
 class RegionImageEncoder(nn.Module):
@@ -113,7 +246,7 @@ class RegionImageEncoder(nn.Module):
         return attention_pool_first_token(self.visual.attnpool, x)
 
     def forward(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """Embed regions.
+        """Embed regions: ``head(region_features(feature_map(images), boxes))``, computed cheaply.
 
         Args:
             images: float ``[B, 3, H, W]`` in [0, 1].
@@ -124,7 +257,69 @@ class RegionImageEncoder(nn.Module):
         if len(boxes) == 0:
             return images.new_zeros((0, self.output_dim))
         features = self.feature_map(images)
-        return self.head(self.region_features(features, boxes, images.shape[-1]))
+        if not self._fast_head_applies(features, len(boxes)):
+            return self.head(self.region_features(features, boxes, images.shape[-1]))
+        return self._fast_head(features, boxes, images.shape[-1])
+
+    def _fast_head_applies(self, features: torch.Tensor, num_boxes: int) -> bool:
+        """The reordered head pays (and its per-region matrices stay small) when the map is small."""
+        b, _, h, w = features.shape
+        first = self.visual.layer4[0]
+        return (
+            isinstance(first, Bottleneck)
+            and first.downsample is not None
+            and len(first.downsample) == 3
+            and _is_pool2(first.avgpool)
+            and _is_pool2(first.downsample[0])
+            and _is_pointwise(first.conv1)
+            and _is_pointwise(first.downsample[1])
+            and h * w <= ROI_SIZE * ROI_SIZE  # K [M, 196, HW] no larger than the crops themselves
+            and b * h * w <= num_boxes * (ROI_SIZE // 2) ** 2  # 1x1 convs on maps cost less than on crops
+        )
+
+    def _fast_head(self, features: torch.Tensor, boxes: torch.Tensor, image_width: int) -> torch.Tensor:
+        """``head(region_features(features, boxes, image_width))`` with layer4's first block reordered.
+
+        Block 0 of layer4 (open_clip's ``Bottleneck``, stride 2) reads the crops only through 1x1
+        convolutions: ``conv1`` (C -> P) and the downsample's ``avgpool(2) -> conv (C -> 4P)``. RoIAlign is a
+        linear map over positions (:func:`roi_align_matrices`) and a 1x1 convolution a linear map over
+        channels, so they commute: run both 1x1 convolutions on the ``[B, C, h, w]`` map (h * w = 25 positions
+        per image on DocMNIST instead of 196 per region) and interpolate their outputs, the downsample's with
+        the 2x2 average pool folded into its matrix. Everything after (BatchNorm in train or eval mode,
+        ReLU, the 3x3 conv, the other blocks, the attention pool) sees the same tensors as the reference.
+        """
+        return attention_pool_first_token(
+            self.visual.attnpool, self._fast_layer4(*self._fast_crops(features, boxes, image_width))
+        )
+
+    def _fast_crops(
+        self, features: torch.Tensor, boxes: torch.Tensor, image_width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer4 block 0's two 1x1 convolutions, on the maps, then RoIAlign'd (see :meth:`_fast_head`).
+
+        Returns ``conv1(crops)`` ``[M, P, 14, 14]`` and ``downsample_conv(avgpool(crops))`` ``[M, 4P, 7, 7]``.
+        """
+        block = self.visual.layer4[0]
+        _, _, h, w = features.shape
+        # float64 features get float64 weights: float32 boxes would round them
+        boxes = boxes.to(device=features.device, dtype=torch.promote_types(features.dtype, boxes.dtype))
+        index = boxes[:, 0].long()
+        wy, wx = roi_align_axis_weights(boxes, w / image_width, h, w)  # [M, 14, h], [M, 14, w]
+        m, half = len(boxes), ROI_SIZE // 2
+        # avgpool(2) of the crops, itself separable: average adjacent rows of Wy and of Wx
+        pooled = _kron(wy.reshape(m, half, 2, h).mean(2), wx.reshape(m, half, 2, w).mean(2))  # [M, 49, hw]
+        return (
+            apply_roi_matrices(block.conv1(features), index, _kron(wy, wx)),
+            apply_roi_matrices(block.downsample[1](features), index, pooled),
+        )
+
+    def _fast_layer4(self, conv1_crops: torch.Tensor, downsample_crops: torch.Tensor) -> torch.Tensor:
+        """The rest of layer4 from :meth:`_fast_crops`' outputs: ``[M, 32 * width, 7, 7]``."""
+        block = self.visual.layer4[0]
+        out = block.act1(block.bn1(conv1_crops))
+        out = block.avgpool(block.act2(block.bn2(block.conv2(out))))
+        out = block.bn3(block.conv3(out)) + block.downsample[2](downsample_crops)
+        return self.visual.layer4[1:](block.act3(out))
 
 
 def seeded_modified_resnet(
