@@ -255,12 +255,6 @@ def worker(args) -> None:
         train_set, _ = build_stage2_datasets(
             args.data_dir, enc.name, "villa", args.stage_1_ckpt_dir, False, ResizePolicy.of(enc)
         )
-        try:  # fit() already did this in the current tree; the baseline has no such setting
-            from villa.device import keep_cpu_memory
-        except ImportError:
-            pass
-        else:
-            keep_cpu_memory()
         out["profile"] = profile_sections(
             train_set, enc, args.batch_size, args.profile_repeats, args.profile_steps
         )

@@ -103,3 +103,27 @@ def test_bad_inputs(tmp_path):
     run(tmp_path, epochs=1)
     with pytest.raises(VillaError, match="does not fit"):
         load_model_state(tmp_path / "last.pkl", torch.nn.Linear(2, 1))
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_cpu_keep_freed_memory_is_a_choice(tmp_path, monkeypatch, keep):
+    # the allocator setting trades peak memory for speed: fit applies it only when asked
+    import villa.training
+
+    calls = []
+    monkeypatch.setattr(villa.training, "keep_cpu_memory", lambda: calls.append(1) or True)
+    fit(
+        make_model(),
+        Points(16, 1),
+        None,
+        mse,
+        collate_fn=lambda b: b,
+        batch_size=8,
+        epochs=1,
+        optimizer_factory=functools.partial(torch.optim.SGD, lr=0.1),
+        run_dir=tmp_path,
+        device=torch.device("cpu"),
+        progress=False,
+        cpu_keep_freed_memory=keep,
+    )
+    assert len(calls) == (1 if keep else 0)

@@ -69,6 +69,7 @@ def run_stage1(
     num_workers: int = 0,
     pin_memory: bool = False,
     progress: bool = True,
+    cpu_keep_freed_memory: bool = False,
     config: dict | None = None,
 ) -> Stage1Result:
     """Train the mapping model on ``data_dir``'s train split and write the mapping of every split.
@@ -150,6 +151,7 @@ def run_stage1(
         extra={"model": model_config, "vocabulary": vocabulary.names, "encoder": embeddings.encoder},
         desc="stage1",
         progress=progress,
+        cpu_keep_freed_memory=cpu_keep_freed_memory,
     )
 
     if not distributed.context().is_main:
@@ -230,5 +232,6 @@ def run_stage1_from_config(cfg) -> Stage1Result:
         num_workers=int(cfg.num_workers),
         pin_memory=bool(cfg.pin_memory),
         progress=bool(cfg.get("progress", True)),
+        cpu_keep_freed_memory=bool(cfg.get("cpu_keep_freed_memory", False)),
         config=to_container(cfg),
     )

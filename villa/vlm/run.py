@@ -130,6 +130,7 @@ def run_stage2(
     pin_memory: bool = False,
     progress: bool = True,
     image_cache_mb: float = DEFAULT_CACHE_MB,
+    cpu_keep_freed_memory: bool = False,
     config: dict | None = None,
 ):
     """Train the image model on region-text pairs: ``pairs`` is a mode of :func:`villa.vlm.data.build_pairs`
@@ -178,6 +179,7 @@ def run_stage2(
         extra={"encoder": enc.name, "encoder_config": enc.config, "pairs": pairs},
         desc=f"stage2-{pairs}",
         progress=progress,
+        cpu_keep_freed_memory=cpu_keep_freed_memory,
     )
 
 
@@ -210,5 +212,6 @@ def run_stage2_from_config(cfg):
         pin_memory=bool(cfg.pin_memory),
         progress=bool(cfg.get("progress", True)),
         image_cache_mb=float(cfg.get("image_cache_mb", DEFAULT_CACHE_MB)),
+        cpu_keep_freed_memory=bool(cfg.get("cpu_keep_freed_memory", False)),
         config=to_container(cfg),
     )
