@@ -187,7 +187,7 @@ def test_hub_fallback_writes_and_uses_cache(tmp_path, monkeypatch):
     (tmp_path / "hub").mkdir()
     hub = _write_gz(tmp_path / "hub" / "mnist.pkl.gz", payload)
     monkeypatch.setattr(mnist, "hub_file", lambda: hub)
-    monkeypatch.setattr(mnist, "HUB_SHA256", mnist._sha256(hub))
+    monkeypatch.setattr(mnist, "HUB_SHA256", mnist.file_sha256(hub))
     root = tmp_path / "data"
     first = mnist.load_mnist(root)
     np.testing.assert_array_equal(first.train.images, arrays[0])

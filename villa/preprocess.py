@@ -41,9 +41,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import ctypes
-import ctypes.util
-import functools
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -57,7 +54,7 @@ from tqdm.auto import tqdm
 from villa import distributed
 from villa.datasets import Dataset, Vocabulary, region_boxes, region_offsets
 from villa.datasets.contract import annotations_path
-from villa.device import autocast, resolve_device
+from villa.device import amp_dtype, autocast, release_freed_memory, resolve_device
 from villa.embeddings import (
     RegionEmbeddingWriter,
     RegionWork,
@@ -147,27 +144,6 @@ def iter_region_batches(
 
 
 # --------------------------------------------------------------------------- region embeddings
-@functools.cache
-def _malloc_trim():
-    """glibc's ``malloc_trim``, or None (another C library)."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def release_freed_memory() -> None:
-    """Return the memory freed by the last forward pass to the OS.
-
-    Batches of images of varying sizes leave glibc's heap fragmented: its free pages stay in the process, and
-    the resident size between batches crept from 1.2 to 2.7 GB over 5,000 images of about 200x150 (rich
-    features, 34 images a batch). ``malloc_trim(0)`` after every batch keeps the resident size at the live set
-    (1.2 GB) and the peak at one batch above it, for no measurable CPU time (the batch's pages are faulted in
-    again; a forward pass takes seconds). A no-op where the C library is not glibc.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def _sync(device: torch.device) -> None:
@@ -399,10 +375,11 @@ def _preprocess(
         stats_images, stats_split = rich_stats_images(frame)
     row_dim = rich.raw_dim if rich is not None else enc.dim
     # everything the stored rows depend on: other values discard the partial work of an earlier run
+    autocast_dtype = amp_dtype(device) if amp else None  # what autocast really runs in (None: float32)
     key = {
         "encoder": enc.name,
         "dim": row_dim,
-        "amp": bool(amp and device.type == "cuda"),
+        "amp": None if autocast_dtype is None else str(autocast_dtype),
         "stats_split": stats_split,
         **{k: extra[k] for k in ("encoder_config", "annotations_sha256", "region_features", "image_policy")},
         "region_features_config": extra.get("region_features_config"),

@@ -16,7 +16,6 @@ torch is never imported here: generation must start fast.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import importlib.util
 import os
 import pickle
@@ -26,6 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from villa.artifacts import file_sha256
 from villa.errors import VillaError
 
 HUB_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
@@ -236,14 +236,6 @@ def hub_file() -> Path | None:
     return None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _to_uint8(pixels: np.ndarray, out: np.ndarray, what: str) -> None:
     """float32 ``k / 256`` -> uint8 ``k`` into ``out`` ``[n, 784]``, exactly; VillaError on any other value."""
     flat = pixels.reshape(len(pixels), -1)
@@ -268,7 +260,7 @@ def read_hub_pickle(path: str | os.PathLike, expected_sha256: str | None = HUB_S
     if not path.is_file():
         raise VillaError(f"MNIST pickle {path} does not exist")
     if expected_sha256 is not None:
-        actual = _sha256(path)
+        actual = file_sha256(path)
         if actual != expected_sha256:
             raise VillaError(
                 f"MNIST pickle {path} has sha256 {actual[:12]}..., expected {expected_sha256[:12]}...: "

@@ -13,11 +13,30 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
+from torchvision.ops import roi_align
 
 from villa.errors import VillaError
 
 if TYPE_CHECKING:
     from villa.encoders.clip_resnet import RegionImageEncoder
+
+#: RoI output size of the reference region recipe (RoIAlign to 14x14 on the stride-16 map)
+ROI_SIZE = 14
+
+
+def roi_align_boxes(
+    features: torch.Tensor, boxes: torch.Tensor, image_width: int, size: int = ROI_SIZE
+) -> torch.Tensor:
+    """The recipe's RoIAlign: ``[B, C, h, w]`` maps and ``[M, 5]`` pixel boxes ``(batch index, x0, y0, x1, y1)`` of
+    images ``image_width`` wide -> ``[M, C, size, size]`` (adaptive sampling, half-pixel aligned)."""
+    return roi_align(
+        features,
+        boxes.to(device=features.device, dtype=features.dtype),
+        output_size=(size, size),
+        spatial_scale=features.shape[-1] / image_width,
+        sampling_ratio=0,
+        aligned=True,
+    )
 
 
 class Encoder(abc.ABC):

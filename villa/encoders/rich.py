@@ -35,8 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import roi_align
 
+from villa.encoders.base import roi_align_boxes
 from villa.encoders.clip_resnet import RegionImageEncoder
 from villa.errors import VillaError
 
@@ -53,19 +53,6 @@ DEFAULT_RICH_SEED = 0
 def _gaussian(generator: torch.Generator, rows: int, cols: int) -> torch.Tensor:
     """``[rows, cols]`` N(0, 1/rows): a random projection that roughly preserves norms."""
     return torch.randn(rows, cols, generator=generator, dtype=torch.float32) / rows**0.5
-
-
-def _roi(
-    features: torch.Tensor, boxes: torch.Tensor, size: int, image_width: int, sampling_ratio: int = 0
-) -> torch.Tensor:
-    return roi_align(
-        features,
-        boxes.to(device=features.device, dtype=features.dtype),
-        output_size=(size, size),
-        spatial_scale=features.shape[-1] / image_width,
-        sampling_ratio=sampling_ratio,
-        aligned=True,
-    )
 
 
 def _exact_convolutions():
@@ -159,13 +146,13 @@ class RichRegionFeatures(nn.Module):
         reference = tower.head(tower.region_features(maps[-1], boxes, width))
         pooled = []
         for fmap in maps:
-            r = _roi(fmap, boxes, POOL_SIZE, width)
+            r = roi_align_boxes(fmap, boxes, width, POOL_SIZE)
             pooled += [r.mean((2, 3)), r.amax((2, 3))]
-        pixels = _roi(images, boxes, PIXEL_SIZE, width).flatten(1)
+        pixels = roi_align_boxes(images, boxes, width, PIXEL_SIZE).flatten(1)
         bank = F.relu(
             F.conv2d(images, self.bank_weight.to(images.dtype), self.bank_bias.to(images.dtype), padding=1)
         )
-        bank = _roi(bank, boxes, PIXEL_SIZE, width)  # [M, F, 28, 28]
+        bank = roi_align_boxes(bank, boxes, width, PIXEL_SIZE)  # [M, F, 28, 28]
         bank = torch.cat([F.adaptive_avg_pool2d(bank, BANK_GRID).flatten(1), bank.amax((2, 3))], 1)
         blocks = {
             "reference": reference,

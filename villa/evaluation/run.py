@@ -187,6 +187,7 @@ def detection_metrics(frame, dataset: Dataset, region_embs: torch.Tensor, attr_e
     image_ids = frame["image_id"].to_numpy(dtype=np.int64)
     counts = frame["num_regions"].to_numpy(dtype=np.int64)
     region_image = np.repeat(image_ids, counts)
+    boxes = region_boxes(frame)  # [R, 4], computed once for every kind's scoring
     if dataset.has_objects:
         objects = [o or [] for o in frame["object_boxes"]]
         labels = [lab or [] for lab in frame["object_labels"]]
@@ -197,7 +198,7 @@ def detection_metrics(frame, dataset: Dataset, region_embs: torch.Tensor, attr_e
         region_labels = [attrs for per_image in frame["reg_to_attr"] for attrs in per_image]
         repeats = [len(a) for a in region_labels]
         gt_image = np.repeat(region_image, repeats)
-        gt_boxes = np.repeat(region_boxes(frame).astype(np.float64), repeats, axis=0)
+        gt_boxes = np.repeat(boxes.astype(np.float64), repeats, axis=0)
         gt_names = [a for attrs in region_labels for a in attrs]
     index = {n: k for k, n in enumerate(names)}
     gt_labels = np.asarray([index[n] for n in gt_names], dtype=np.int64)
@@ -212,7 +213,7 @@ def detection_metrics(frame, dataset: Dataset, region_embs: torch.Tensor, attr_e
         keep = np.isin(gt_labels, members)
         remap = {k: j for j, k in enumerate(members)}
         result = zero_shot_detection(
-            region_embs, attr_embs[members], [names[k] for k in members], region_image, region_boxes(frame),
+            region_embs, attr_embs[members], [names[k] for k in members], region_image, boxes,
             gt_image[keep], gt_boxes[keep], np.asarray([remap[k] for k in gt_labels[keep]], dtype=np.int64), sizes,
         )  # fmt: skip
         per_attribute.update(result["per_attribute"])
