@@ -155,6 +155,38 @@ def main() -> int:
         all(v.device.type == "cpu" for v in ckpt["model"].values()),
     )
     check("stage 1: val F1 GPU ~ CPU", abs(f1["gpu"] - f1["cpu"]) < 10, f"{f1['gpu']:.1f} vs {f1['cpu']:.1f}")
+    if device.type == "cuda":
+        # 2b. the three GPU step paths in float32 (no autocast): CUDA graph, resident eager, DataLoader
+        paths = {"cuda_graph": {}, "resident": {"cuda_graphs": False}, "loader": {"resident_data_mb": 0}}
+        runs = {}
+        for name, kwargs in paths.items():
+            t = time.perf_counter()
+            res = run_stage1(
+                gpu_dir, work / f"stage1_{name}", epochs=3, device=device, amp=False, progress=False, seed=23,
+                **kwargs,
+            )  # fmt: skip
+            weights = load_checkpoint(work / f"stage1_{name}" / "last.pkl")["model"]["W1"]
+            runs[name] = (res, weights, time.perf_counter() - t)
+            print(f"stage 1 {name}: {runs[name][2]:.1f}s, mode {res.fit.step_mode}", flush=True)
+        for name, (res, _, _) in runs.items():
+            check(f"stage 1: {name} path taken", res.fit.step_mode == name, res.fit.step_mode)
+        ref_res, ref_w, _ = runs["loader"]
+        for name in ("cuda_graph", "resident"):
+            res, w, _ = runs[name]
+            gaps = [
+                abs(a[k] - b[k]) / abs(b[k])
+                for a, b in zip(res.fit.history, ref_res.fit.history)
+                for k in ("train_loss", "val_loss")
+            ]
+            err = relative_error(w, ref_w)
+            check(
+                f"stage 1: {name} = DataLoader path (float32, 3 epochs)",
+                max(gaps) < 1e-4
+                and err < 1e-3
+                and abs(res.metrics["val"]["f1"] - ref_res.metrics["val"]["f1"]) < 0.5,
+                f"loss rel diff {max(gaps):.1e}, weights rel err {err:.1e}, val F1 {res.metrics['val']['f1']:.2f} vs "
+                f"{ref_res.metrics['val']['f1']:.2f}",
+            )
 
     # 3. stage 2 through the shared loop: bf16 autocast, placement, channels-last
     stage1_dir = work / "stage1_gpu"

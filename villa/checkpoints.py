@@ -15,6 +15,7 @@ A checkpoint is a ``torch.save`` dict (loadable with ``weights_only=True``)::
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -39,8 +40,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def save_checkpoint(
-    path: str | os.PathLike,
+def checkpoint_payload(
     model: torch.nn.Module,
     optimizer=None,
     scheduler=None,
@@ -48,9 +48,9 @@ def save_checkpoint(
     config: dict | None = None,
     extra: dict | None = None,
     **state,
-) -> Path:
-    """Write a checkpoint atomically; ``state`` adds top-level entries (history, best_val_loss, ...)."""
-    payload = {
+) -> dict:
+    """The dict a checkpoint file holds (its tensors are the live ones: save or copy it at once)."""
+    return {
         "format": FORMAT_VERSION,
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -60,8 +60,73 @@ def save_checkpoint(
         "extra": extra or {},
         **state,
     }
-    save_torch(path, payload)
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *args, **kwargs) -> Path:
+    """Write a checkpoint atomically; arguments as :func:`checkpoint_payload` (``state`` adds top-level
+    entries: history, best_val_loss, ...)."""
+    save_torch(path, checkpoint_payload(model, *args, **kwargs))
     return Path(path)
+
+
+def _host_copy(obj):
+    """``obj`` with every tensor copied to host memory and every dict / list / tuple rebuilt, so that
+    training can go on changing the originals."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: _host_copy(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_host_copy(value) for value in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints from a background thread, so the next epoch trains while the file is written.
+
+    :meth:`save` copies the checkpoint to host memory at once (the state at that moment), waits for the
+    previous write, then hands the copy to a writer thread (``torch.save`` to a temporary name, then
+    rename, as :func:`save_checkpoint`). :meth:`wait` blocks until everything handed over is on disk and
+    re-raises a write's error; call it before reading the files (``with CheckpointWriter() as w:`` does).
+    Writes happen in the order of the ``save`` calls.
+    """
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, path: str | os.PathLike, model: torch.nn.Module, *args, **kwargs) -> Path:
+        payload = _host_copy(checkpoint_payload(model, *args, **kwargs))
+        self.wait()
+        self._thread = threading.Thread(target=self._write, args=(Path(path), payload), name="checkpoint")
+        self._thread.start()
+        return Path(path)
+
+    def _write(self, path: Path, payload: dict) -> None:
+        try:
+            save_torch(path, payload)
+        except BaseException as err:  # handed to the training thread by wait()
+            self._error = err
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.wait()
+        else:  # finish the write, but let the exception in flight be the one reported
+            try:
+                self.wait()
+            except BaseException:
+                pass
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:

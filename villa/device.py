@@ -44,12 +44,15 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def autocast(device: torch.device, enabled: bool = True):
-    """Autocast context for mixed precision on CUDA; a no-op elsewhere."""
+def autocast(device: torch.device, enabled: bool = True, cache_enabled: bool = True):
+    """Autocast context for mixed precision on CUDA; a no-op elsewhere.
+
+    ``cache_enabled=False`` for code captured into a CUDA graph: the weight-cast cache would be freed when
+    the context exits, under the graph's feet."""
     dtype = amp_dtype(device)
     if not enabled or dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 def needs_grad_scaler(device: torch.device, enabled: bool = True) -> bool:

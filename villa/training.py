@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from villa import distributed
 from villa.artifacts import one_line
-from villa.checkpoints import BEST, LAST, load_checkpoint, save_checkpoint, unwrap
+from villa.checkpoints import BEST, LAST, CheckpointWriter, load_checkpoint, unwrap
 from villa.device import autocast, keep_cpu_memory, needs_grad_scaler
 from villa.errors import VillaError
 from villa.io import atomic_path
@@ -39,6 +39,7 @@ class FitResult:
     best_val_loss: float | None = None
     run_dir: Path | None = None
     stopped_early: bool = False
+    step_mode: str = "loader"  # how training batches ran: loader | resident | cuda_graph
 
     @property
     def last_checkpoint(self) -> Path:
@@ -65,10 +66,48 @@ def move_to_device(batch, device: torch.device, non_blocking: bool = False, chan
     return batch
 
 
-def _unpack(out) -> tuple[torch.Tensor, int]:
+def _unpack(out) -> tuple[torch.Tensor, torch.Tensor | int]:
+    """``(loss, number of items)``: a loss function returns the loss, or the loss and its item count
+    (an int, or a 0-d tensor left on the device: reading it would wait for the device every step)."""
     if isinstance(out, tuple):
-        return out[0], int(out[1])
+        return out[0], out[1]
     return out, 1
+
+
+class _EpochTotals:
+    """Sum of ``loss * items`` and of items over an epoch, kept on the device: one host sync an epoch."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(2, dtype=torch.float64, device=device)
+
+    def add(self, loss: torch.Tensor, n_items) -> None:
+        if torch.is_tensor(n_items):
+            n = n_items.to(torch.float64)
+            self.sums += torch.stack([loss.detach().double() * n, n])
+        else:  # (a Python count: no host-to-device copy)
+            self.sums[0] += loss.detach().double() * n_items
+            self.sums[1] += n_items
+
+    def mean(self, desc: str) -> float:
+        sums = self.sums.cpu()
+        distributed.all_reduce_sum(sums)
+        value = float(sums[0] / max(float(sums[1]), 1.0))
+        if not math.isfinite(value):
+            raise VillaError(f"{desc}: the loss became {value}; lower the learning rate or disable amp")
+        return value
+
+
+class _Postfix:
+    """The progress bar's loss, read from the device at most every ``every`` seconds (each read syncs)."""
+
+    def __init__(self, bar, enabled: bool, every: float = 0.5):
+        self.bar, self.every, self.last = bar, every, -math.inf
+        self.enabled = enabled and hasattr(bar, "set_postfix")
+
+    def __call__(self, loss: torch.Tensor) -> None:
+        if self.enabled and time.perf_counter() - self.last >= self.every:
+            self.bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+            self.last = time.perf_counter()
 
 
 def _make_loader(dataset, batch_size, shuffle, seed, ctx, collate_fn, num_workers, pin_memory) -> DataLoader:
@@ -127,11 +166,15 @@ def _run_epoch(
     grad_clip_norm,
     channels_last,
 ):
-    """One pass over ``loader``; returns (mean loss over items, seconds waiting for data)."""
-    totals = torch.zeros(2, dtype=torch.float64)  # [sum of loss * items, items]
+    """One pass over ``loader``; returns (mean loss over items, seconds waiting for data).
+
+    The losses are summed on the device and read once at the end (a non-finite mean stops the run then).
+    """
+    totals = _EpochTotals(device)
     data_seconds = 0.0
     non_blocking = device.type == "cuda"  # pinned host memory -> asynchronous copies
     bar = _progress(loader, len(loader), desc, progress)
+    postfix = _Postfix(bar, progress)
     tick = time.perf_counter()
     for batch in bar:
         batch = move_to_device(batch, device, non_blocking, channels_last)
@@ -139,28 +182,134 @@ def _run_epoch(
         with torch.set_grad_enabled(train), autocast(device, amp):
             loss, n_items = _unpack(loss_fn(model, batch))
         if train:
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                if grad_clip_norm:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                if grad_clip_norm:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-                optimizer.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise VillaError(f"{desc}: the loss became {value}; lower the learning rate or disable amp")
-        totals += torch.tensor([value * n_items, n_items], dtype=torch.float64)
-        if progress and hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{value:.4f}")
+            _backward_and_step(model, loss, optimizer, scaler, grad_clip_norm)
+        totals.add(loss, n_items)
+        postfix(loss)
         tick = time.perf_counter()
-    distributed.all_reduce_sum(totals)
-    return float(totals[0] / max(totals[1], 1)), data_seconds
+    return totals.mean(desc), data_seconds
+
+
+def _backward_and_step(model, loss, optimizer, scaler, grad_clip_norm) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if grad_clip_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+        optimizer.step()
+
+
+def _run_resident_epoch(model, data, order, loss_fn, optimizer, scaler, device, amp, batch_size, desc,
+                        progress, grad_clip_norm, captured):  # fmt: skip
+    """One training pass over a device-resident dataset: ``order [N]`` (long, on the device) in batches of
+    ``batch_size`` gathered by ``data.batch``; no DataLoader, no host sync per step. Full batches go
+    through ``captured`` (a :class:`CapturedStep`) when given; the short last batch runs eagerly.
+    Returns the mean loss over items."""
+    totals = _EpochTotals(device)
+    starts = range(0, len(order), batch_size)
+    bar = _progress(starts, len(starts), desc, progress)
+    postfix = _Postfix(bar, progress)
+    for start in bar:
+        index = order[start : start + batch_size]
+        if captured is not None and len(index) == batch_size:
+            loss, n_items = captured(index)
+        else:
+            with autocast(device, amp):
+                loss, n_items = _unpack(loss_fn(model, data.batch(index)))
+            _backward_and_step(model, loss, optimizer, scaler, grad_clip_norm)
+        totals.add(loss, n_items)
+        postfix(loss)
+    return totals.mean(desc)
+
+
+class CapturedStep:
+    """One training step (gather the batch, forward, backward, optimiser update) of a full batch of a
+    device-resident dataset, captured once as a CUDA graph and replayed: the step costs one launch
+    instead of a hundred small kernel launches from Python.
+
+    The capture follows PyTorch's whole-network recipe: a few warm-up steps on a side stream, gradients
+    set to None so that backward allocates them in the graph's memory, the optimiser in ``capturable``
+    mode (its step count stays on the device). The warm-up's updates are undone afterwards (parameters
+    and optimiser state restored in place, as the graph refers to these very tensors), so training starts
+    from exactly the state it was given. The learning rate is frozen into the graph: no scheduler.
+    """
+
+    def __init__(self, model, data, loss_fn, optimizer, device: torch.device, amp: bool, batch_size: int,
+                 warmup_steps: int = 3):  # fmt: skip
+        self.model, self.data, self.loss_fn, self.optimizer = model, data, loss_fn, optimizer
+        self.device, self.amp = device, amp
+        # (warm-up batch: the first images; what it trains is undone below)
+        self.index = torch.arange(batch_size, device=device) % len(data)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        saved_params = [p.detach().clone() for p in params]
+        saved_state = {
+            p: {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)}
+            for p in params
+            if p in optimizer.state
+        }
+        for group in optimizer.param_groups:
+            group["capturable"] = True
+        try:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(warmup_steps):
+                    optimizer.zero_grad(set_to_none=True)
+                    self._step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.cuda.graph(self.graph):
+                self.loss, self.n_items = self._step()
+        finally:
+            with torch.no_grad():
+                for p, saved in zip(params, saved_params):
+                    p.copy_(saved)
+                for p in params:
+                    for key, value in optimizer.state.get(p, {}).items():
+                        if torch.is_tensor(value):
+                            before = saved_state.get(p, {}).get(key)
+                            value.copy_(before) if before is not None else value.zero_()
+            if not hasattr(self, "loss"):  # capture failed: eager steps need the usual optimiser
+                for group in optimizer.param_groups:
+                    group["capturable"] = False
+                optimizer.zero_grad(set_to_none=True)
+
+    def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(self.device, self.amp, cache_enabled=False):
+            loss, n_items = _unpack(self.loss_fn(self.model, self.data.batch(self.index)))
+        loss.backward()
+        self.optimizer.step()
+        if not torch.is_tensor(n_items):  # (a fill kernel: a host-to-device copy cannot be captured)
+            n_items = torch.full((), n_items, device=self.device)
+        return loss.detach(), n_items
+
+    def __call__(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Train on the batch ``data.batch(index)``; returns the graph's ``(loss, items)`` (overwritten by the
+        next call: add them up before calling again)."""
+        self.index.copy_(index)
+        self.graph.replay()
+        return self.loss, self.n_items
+
+
+def _graph_blocker(device, ctx, scaler, scheduler, compile, grad_clip_norm, resident) -> str | None:
+    """Why a CUDA graph cannot capture this run's training step (None: it can)."""
+    reasons = (
+        (device.type != "cuda", "not on CUDA"),
+        (not resident, "the data is not resident on the device"),
+        (ctx.enabled, "torchrun (several processes)"),
+        (scaler is not None, "fp16 gradient scaling"),
+        (scheduler is not None, "a learning-rate scheduler"),
+        (compile, "torch.compile"),
+        (bool(grad_clip_norm), "gradient clipping"),
+    )
+    return next((why for blocked, why in reasons if blocked), None)
 
 
 def fit(
@@ -191,6 +340,9 @@ def fit(
     find_unused_parameters: bool = False,
     progress: bool = True,
     cpu_keep_freed_memory: bool = False,
+    resident: bool = False,
+    cuda_graphs: bool = False,
+    val_loss_fn: Callable | None = None,
 ) -> FitResult:
     """Train ``model`` with ``loss_fn(model, batch)`` and return the per-epoch history.
 
@@ -201,6 +353,15 @@ def fit(
     On the CPU, ``cpu_keep_freed_memory`` makes the process keep freed heap memory for reuse (off by default)
     (:func:`villa.device.keep_cpu_memory`, process-wide, not undone): stage-2 steps run faster but the peak
     RSS is higher (on 4,000 images of 200x150, batch 256: 7.5 GB instead of 4.8 GB; see the README).
+
+    Small datasets can live on the device: with ``resident=True`` ``train_set`` and ``val_set`` are already
+    there and give a whole batch with ``batch(index)`` (``index [B]`` long on the device; fixed shapes,
+    e.g. :meth:`villa.mapping.data.Stage1Dataset.batch`); the epoch's batches then come from the same
+    seeded order as the DataLoader's, gathered on the device, with no per-step host sync. ``cuda_graphs``
+    then replays each full training batch as one captured CUDA graph (:class:`CapturedStep`) where the run
+    allows it (single process, no scheduler, no gradient scaling, compile or clipping; else a note and
+    eager steps). ``val_loss_fn(model, val_set) -> (sum of losses * items, items)`` computes the
+    validation loss of the whole set at once, equal to the loader's batch-by-batch mean (single process).
     """
     if epochs < 0:
         raise VillaError(f"epochs must be >= 0, got {epochs}")
@@ -232,7 +393,12 @@ def fit(
         ckpt = load_checkpoint(run_dir / LAST)
         try:
             unwrap(model).load_state_dict(ckpt["model"])
+            # (a run that trained with CUDA graphs saved its optimiser in capturable mode: not this one's choice)
+            capturable = [group.get("capturable") for group in optimizer.param_groups]
             optimizer.load_state_dict(ckpt["optimizer"])
+            for group, value in zip(optimizer.param_groups, capturable):
+                if value is not None:
+                    group["capturable"] = value
             if scheduler is not None and ckpt.get("scheduler") is not None:
                 scheduler.load_state_dict(ckpt["scheduler"])
             if scaler is not None and ckpt.get("scaler") is not None:
@@ -271,77 +437,121 @@ def fit(
     if compile:
         train_model = torch.compile(train_model)
 
+    if resident and ctx.enabled:
+        raise ValueError(
+            "resident data is for a single process: under torchrun each rank loads its own batches"
+        )
+    has_val = val_set is not None and len(val_set) > 0
     pin_memory = pin_memory and device.type == "cuda"
-    train_loader = _make_loader(train_set, batch_size, True, seed, ctx, collate_fn, num_workers, pin_memory)
+    if resident:  # the loader's seeded order, without the loader
+        train_loader = None
+        order_sampler = DistributedSampler(train_set, num_replicas=1, rank=0, shuffle=True, seed=seed)
+    else:
+        train_loader = _make_loader(
+            train_set, batch_size, True, seed, ctx, collate_fn, num_workers, pin_memory
+        )  # fmt: skip
+        order_sampler = train_loader.sampler
     val_loader = None
-    if val_set is not None and len(val_set) > 0:
+    if has_val and (val_loss_fn is None or ctx.enabled):
+        if resident:
+            raise ValueError("resident data needs val_loss_fn")
         val_loader = _make_loader(val_set, batch_size, False, seed, ctx, collate_fn, num_workers, pin_memory)
     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     show = progress and ctx.is_main
-
-    for epoch in range(start_epoch, epochs):
-        started = time.perf_counter()
-        torch.manual_seed(seed + epoch)  # stochastic layers draw the same numbers on resume
-        train_loader.sampler.set_epoch(epoch)
-        train_model.train()
-        train_loss, data_seconds = _run_epoch(
-            train_model, train_loader, loss_fn, optimizer, scaler, device, amp, True,
-            f"{desc} epoch {epoch + 1}/{epochs}", show, grad_clip_norm, channels_last,
-        )  # fmt: skip
-        val_loss = None
-        if val_loader is not None:
-            train_model.eval()
-            val_loss, _ = _run_epoch(
-                train_model, val_loader, loss_fn, None, None, device, amp, False, f"{desc} val", show, None,
-                channels_last,
-            )  # fmt: skip
-        monitored = val_loss if val_loss is not None else train_loss
-        lr = optimizer.param_groups[0]["lr"]
-        if plateau:
-            scheduler.step(monitored)
-        elif scheduler is not None:
-            scheduler.step()
-        improved = result.best_val_loss is None or monitored < result.best_val_loss
-        if improved:
-            result.best_val_loss, result.best_epoch = monitored, epoch + 1
-            epochs_without_improvement = 0
-        else:
-            epochs_without_improvement += 1
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            "lr": lr,
-            "seconds": round(time.perf_counter() - started, 3),
-            "data_seconds": round(data_seconds, 3),
-            "improved": improved,
-        }
-        result.history.append(row)
-        result.stopped_early = (
-            early_stopping_patience is not None and epochs_without_improvement >= early_stopping_patience
-        )
-        if ctx.is_main:
-            state = {
-                "history": result.history,
-                "best_epoch": result.best_epoch,
-                "best_val_loss": result.best_val_loss,
-                "epochs_without_improvement": epochs_without_improvement,
-                "stopped_early": result.stopped_early,
-                "scaler": scaler.state_dict() if scaler is not None else None,
-            }
-            save_checkpoint(run_dir / LAST, model, optimizer, scheduler, epoch + 1, config, extra, **state)
+    captured = None
+    if cuda_graphs and start_epoch < epochs:
+        blocker = _graph_blocker(device, ctx, scaler, scheduler, compile, grad_clip_norm, resident)
+        if blocker is None and len(train_set) >= batch_size:
+            try:
+                captured = CapturedStep(train_model, train_set, loss_fn, optimizer, device, amp, batch_size)
+            except RuntimeError as err:  # (state restored by CapturedStep: eager steps from the same point)
+                print(f"note: {desc}: CUDA graph capture failed ({one_line(err)}); training with eager steps")
+        elif blocker is not None and device.type == "cuda" and ctx.is_main:
+            print(f"note: {desc}: no CUDA graph ({blocker}); training with eager steps")
+    result.step_mode = "cuda_graph" if captured is not None else "resident" if resident else "loader"
+    with CheckpointWriter() as writer:  # (waits for the last write before fit returns or raises)
+        for epoch in range(start_epoch, epochs):
+            started = time.perf_counter()
+            torch.manual_seed(seed + epoch)  # stochastic layers draw the same numbers on resume
+            order_sampler.set_epoch(epoch)
+            train_model.train()
+            epoch_desc = f"{desc} epoch {epoch + 1}/{epochs}"
+            if resident:
+                order = torch.tensor(list(order_sampler), dtype=torch.long).to(device, non_blocking=True)
+                train_loss = _run_resident_epoch(
+                    train_model, train_set, order, loss_fn, optimizer, scaler, device, amp, batch_size, epoch_desc,
+                    show, grad_clip_norm, captured,
+                )  # fmt: skip
+                data_seconds = 0.0
+            else:
+                train_loss, data_seconds = _run_epoch(
+                    train_model, train_loader, loss_fn, optimizer, scaler, device, amp, True, epoch_desc, show,
+                    grad_clip_norm, channels_last,
+                )  # fmt: skip
+            val_loss = None
+            if val_loader is not None:
+                train_model.eval()
+                val_loss, _ = _run_epoch(
+                    train_model, val_loader, loss_fn, None, None, device, amp, False, f"{desc} val", show, None,
+                    channels_last,
+                )  # fmt: skip
+            elif has_val:
+                train_model.eval()
+                with torch.no_grad(), autocast(device, amp):
+                    totals = _EpochTotals(device)
+                    total, items = val_loss_fn(train_model, val_set)
+                    totals.sums += torch.stack([total.double(), items.double()]).to(device)
+                val_loss = totals.mean(f"{desc} val")
+            monitored = val_loss if val_loss is not None else train_loss
+            lr = optimizer.param_groups[0]["lr"]
+            if plateau:
+                scheduler.step(monitored)
+            elif scheduler is not None:
+                scheduler.step()
+            improved = result.best_val_loss is None or monitored < result.best_val_loss
             if improved:
-                save_checkpoint(run_dir / BEST, model, None, None, epoch + 1, config, extra, **state)
-            _write_metrics(run_dir, result.history)
-            val_text = f" val_loss {val_loss:.4f}" if val_loss is not None else ""
-            print(
-                f"{desc} epoch {epoch + 1}/{epochs}: train_loss {train_loss:.4f}{val_text} "
-                f"lr {lr:.2e} ({row['seconds']:.1f}s){' *' if improved else ''}",
-                flush=True,
+                result.best_val_loss, result.best_epoch = monitored, epoch + 1
+                epochs_without_improvement = 0
+            else:
+                epochs_without_improvement += 1
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "lr": lr,
+                "seconds": round(time.perf_counter() - started, 3),
+                "data_seconds": round(data_seconds, 3),
+                "improved": improved,
+            }
+            result.history.append(row)
+            result.stopped_early = (
+                early_stopping_patience is not None and epochs_without_improvement >= early_stopping_patience
             )
-        distributed.barrier()
-        if result.stopped_early:
             if ctx.is_main:
-                print(f"{desc}: early stop, no val-loss improvement for {epochs_without_improvement} epochs")
-            break
+                state = {
+                    "history": result.history,
+                    "best_epoch": result.best_epoch,
+                    "best_val_loss": result.best_val_loss,
+                    "epochs_without_improvement": epochs_without_improvement,
+                    "stopped_early": result.stopped_early,
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                }
+                # (written while the next epoch trains; finished before fit returns or raises)
+                writer.save(run_dir / LAST, model, optimizer, scheduler, epoch + 1, config, extra, **state)
+                if improved:
+                    writer.save(run_dir / BEST, model, None, None, epoch + 1, config, extra, **state)
+                _write_metrics(run_dir, result.history)
+                val_text = f" val_loss {val_loss:.4f}" if val_loss is not None else ""
+                print(
+                    f"{desc} epoch {epoch + 1}/{epochs}: train_loss {train_loss:.4f}{val_text} "
+                    f"lr {lr:.2e} ({row['seconds']:.1f}s){' *' if improved else ''}",
+                    flush=True,
+                )
+            distributed.barrier()
+            if result.stopped_early:
+                if ctx.is_main:
+                    print(
+                        f"{desc}: early stop, no val-loss improvement for {epochs_without_improvement} epochs"
+                    )
+                break
     return result

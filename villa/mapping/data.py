@@ -34,6 +34,24 @@ class Stage1Dataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.regions)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.regions, self.mask, self.multi_hot))
+
+    def to(self, device: torch.device | str) -> Stage1Dataset:
+        """This split with its tensors on ``device`` (for :meth:`batch`: device-resident training)."""
+        return Stage1Dataset(*(t.to(device) for t in (self.regions, self.mask, self.multi_hot)))
+
+    def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The batch of ``index [B]`` (long, on this dataset's device) gathered where the data lives, with
+        fixed shapes: ``regions [B, R_max, D]``, ``mask [B, R_max]``, ``multi_hot [B, K]`` (no trimming,
+        which would read the batch's region count back to the host)."""
+        return {
+            "regions": self.regions.index_select(0, index),
+            "mask": self.mask.index_select(0, index),
+            "multi_hot": self.multi_hot.index_select(0, index),
+        }
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {"regions": self.regions[index], "mask": self.mask[index], "multi_hot": self.multi_hot[index]}
 

@@ -38,18 +38,20 @@ def contrastive_terms(
     the bracket is the reference code's quirk: every image that HAS ``a`` (``i`` included) adds exp(0) = 1.
 
     Args:
-        scores: ``[B, Kp]`` image scores S; present: ``[B, Kp]`` bool, attribute in the image's text.
+        scores: ``[..., B, Kp]`` image scores S; present: ``[..., B, Kp]`` bool, attribute in the image's
+            text. Leading dimensions are independent batches (the negatives of an image are those of its
+            own batch of B).
 
     Returns:
-        ``terms [B, Kp]`` (zero where not present) and the number of terms (a 0-d long tensor).
+        ``terms [..., B, Kp]`` (zero where not present) and the number of terms (a 0-d long tensor).
     """
-    neg_inf = torch.tensor(float("-inf"), device=scores.device, dtype=scores.dtype)
-    # log of the sum over negatives, per attribute: [Kp]; -inf when no image lacks a (term is then 0)
-    neg_lse = torch.logsumexp(torch.where(present, neg_inf, scores), dim=0)
+    neg_inf = scores.new_full((), float("-inf"))  # (a fill kernel, not a host copy: CUDA-graph safe)
+    # log of the sum over negatives, per attribute: [..., Kp]; -inf when no image lacks a (term is then 0)
+    neg_lse = torch.logsumexp(torch.where(present, neg_inf, scores), dim=-2)
     if reference_quirk:
-        n_pos = present.sum(0).to(scores.dtype)
+        n_pos = present.sum(-2).to(scores.dtype)
         neg_lse = torch.logaddexp(neg_lse, torch.log(n_pos))
-    log_denominator = torch.logaddexp(scores, neg_lse.unsqueeze(0))
+    log_denominator = torch.logaddexp(scores, neg_lse.unsqueeze(-2))
     # positive S can be -inf only for an image without regions; keep those out of the loss
     valid = present & torch.isfinite(scores)
     terms = torch.where(valid, log_denominator - scores, torch.zeros_like(scores))
@@ -104,7 +106,13 @@ class MappingLoss:
 
     ``batch``: ``regions [B, R, D]``, ``mask [B, R]``, ``multi_hot [B, K]`` (see :mod:`villa.mapping.data`).
     Only the heads of attributes present in the batch run, and only on real regions (padding is packed
-    away). Returns ``(loss, number of terms)`` so epoch losses are averaged over terms.
+    away). Returns ``(loss, number of terms)`` so epoch losses are averaged over terms; the number of
+    terms is a 0-d tensor on the batch's device (reading it would wait for the device).
+
+    ``static_shapes=True`` (for device-resident data and CUDA graphs): every head runs on every region
+    slot of the padded batch, padding masked out, so no step depends on the batch's content for a
+    tensor's shape and nothing waits for the device. Same loss and gradients: absent attributes have no
+    terms, and padding never wins a max.
 
     Training shortcut (exact): ``S(i, a)`` is a max over regions, so its gradient flows through the
     arg-max region alone. With a plain :class:`MappingModel` (no active dropout) all regions are scored
@@ -121,12 +129,14 @@ class MappingLoss:
         tau: float = TEMPERATURE,
         reference_quirk: bool = False,
         argmax_backward: bool = True,
+        static_shapes: bool = False,
     ):
         if not tau > 0 or not math.isfinite(tau):
             raise ValueError(f"temperature must be positive, got {tau}")
         self.attr_embs = F.normalize(attr_embs.detach().float(), dim=-1)
         self.tau, self.reference_quirk = float(tau), bool(reference_quirk)
         self.argmax_backward = bool(argmax_backward)
+        self.static_shapes = bool(static_shapes)
         self._on_device: dict[torch.device, torch.Tensor] = {}
 
     def embeddings_on(self, device: torch.device) -> torch.Tensor:
@@ -146,7 +156,10 @@ class MappingLoss:
         )
 
     def scores(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image scores ``S [B, Kp]`` and the present mask ``[B, Kp]`` over the batch's attributes."""
+        """Image scores ``S [B, Kp]`` and the present mask ``[B, Kp]`` over the batch's attributes
+        (all K attributes with ``static_shapes``)."""
+        if self.static_shapes:
+            return self._static_scores(model, batch)
         regions, mask, multi_hot = batch["regions"], batch["mask"].bool(), batch["multi_hot"].bool()
         # under torchrun every rank scores the attributes present anywhere in the global batch
         head_index = any_across_ranks(multi_hot.any(0)).nonzero().squeeze(1)  # [Kp]
@@ -185,11 +198,81 @@ class MappingLoss:
         # an image without real regions has no score (region_scores gives -inf there too)
         return scores.masked_fill(~mask.any(1, keepdim=True), float("-inf")), present
 
-    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, int]:
+    def _static_scores(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`scores` over all K heads and all ``B * R`` region slots: shapes fixed by the batch's
+        shape alone, no boolean indexing, no host sync (the padded twin of the packed path)."""
+        regions, mask, present = batch["regions"], batch["mask"].bool(), batch["multi_hot"].bool()
+        b, r, d = regions.shape
+        embs = self.embeddings_on(regions.device)  # [K, D]
+        flat = regions.reshape(b * r, d)
+        if not self._can_shortcut(model):
+            sim = (
+                torch.einsum("brkd,kd->brk", F.normalize(model(regions).float(), dim=-1), embs) / self.tau
+            )  # [B, R, K]
+            return sim.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1), present
+        xs, hidden, out = model.project_cached(flat, None)  # [BR, D], [K or 1, BR, D] x 2
+        k = len(embs)
+        with torch.no_grad():
+            proj = model.adapt(out, flat).float()  # [K, BR, D]
+            dots = torch.linalg.vecdot(proj, embs.unsqueeze(1))  # [K, BR]
+            cos = (dots / torch.linalg.vector_norm(proj, dim=-1).clamp_min(1e-12)).view(k, b, r)
+            best = cos.masked_fill(~mask, float("-inf")).argmax(dim=2)  # [K, B] region slot
+            rows = (best + torch.arange(b, device=best.device) * r).reshape(-1)  # [K * B] rows of flat
+            # where head k's rows start in hidden / out flattened to [K * BR] (one shared block: one_proj)
+            head_start = torch.arange(k, device=rows.device) * (b * r) * (len(hidden) > 1)
+            at = (rows.view(k, b) + head_start.unsqueeze(1)).reshape(-1)
+            shape = (k, b, d)
+            chosen = [xs.index_select(0, rows).view(shape)]
+            chosen += [t.flatten(0, 1).index_select(0, at).view(shape) for t in (hidden, out)]  # [K, B, D]
+        raw = flat.index_select(0, rows).view(shape) if model.adapter else None
+        proj = F.normalize(model.replay(*chosen, None, raw).float(), dim=-1)  # [K, B, D]
+        scores = torch.einsum("kbd,kd->bk", proj, embs) / self.tau
+        return scores.masked_fill(~mask.any(1, keepdim=True), float("-inf")), present
+
+    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         scores, present = self.scores(model, batch)
         # under torchrun the negatives of an attribute are the images of the GLOBAL batch, as in one process
         scores, _ = all_gather_with_grad(scores)
         present = all_gather_no_grad(present)
         terms, n = contrastive_terms(scores, present, self.reference_quirk)
-        n_terms = int(n)
-        return terms.sum() / max(n_terms, 1), n_terms
+        return terms.sum() / n.clamp_min(1), n
+
+    @torch.no_grad()
+    def dataset_loss(
+        self, model, regions: torch.Tensor, mask: torch.Tensor, multi_hot: torch.Tensor, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss of a whole split as unshuffled batches of ``batch_size`` would give it, in a few large steps.
+
+        An image's score ``S(i, a)`` does not depend on its batch, so all images are scored at once (in
+        chunks), then the contrastive terms are taken per consecutive group of ``batch_size`` images, each
+        group with its own negatives. Equals the sum over the batches of ``loss * n_terms`` (up to float
+        rounding) with a few large kernels instead of one small step per batch.
+
+        Args:
+            regions: ``[N, R, D]``; mask: ``[N, R]`` bool; multi_hot: ``[N, K]`` bool (any device).
+
+        Returns:
+            ``(sum of terms, number of terms)``, 0-d tensors on the model's device.
+        """
+        device = next(model.parameters()).device
+        embs = self.embeddings_on(device)
+        n, r, d = regions.shape
+        k = len(embs)
+        # images per scoring chunk: a whole number of batches, about 32M projected floats
+        per_chunk = max(1, (1 << 25) // max(r * k * d, 1) // batch_size) * batch_size
+        scores = torch.full((n, k), float("-inf"), device=device)
+        for start in range(0, n, per_chunk):
+            chunk = slice(start, start + per_chunk)
+            x = regions[chunk].to(device, non_blocking=True).float()
+            m = mask[chunk].to(device, non_blocking=True).bool()
+            sim = torch.einsum("brkd,kd->brk", F.normalize(model(x).float(), dim=-1), embs) / self.tau
+            scores[chunk] = sim.masked_fill(~m.unsqueeze(-1), float("-inf")).amax(dim=1)
+        present = multi_hot.to(device).bool()
+        pad = -n % batch_size  # the last, short batch: padded with images that have no attribute and no score
+        if pad:
+            scores = torch.cat([scores, scores.new_full((pad, k), float("-inf"))])
+            present = torch.cat([present, present.new_zeros((pad, k))])
+        terms, count = contrastive_terms(
+            scores.view(-1, batch_size, k), present.view(-1, batch_size, k), self.reference_quirk
+        )
+        return terms.sum(), count

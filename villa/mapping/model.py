@@ -74,12 +74,10 @@ class MappingModel(nn.Module):
         Returns:
             ``[B, R, Kp, D]`` projections (not normalised).
         """
-        if head_index is None:
-            head_index = torch.arange(self.num_attributes, device=regions.device)
-        kp = head_index.numel()
+        kp = self.num_attributes if head_index is None else head_index.numel()
         if self.one_proj:
             # one shared head: project once, then broadcast to the Kp attributes (a view, no copy)
-            out = self._heads(regions, torch.zeros(1, dtype=torch.long, device=regions.device))
+            out = self._heads(regions, None)
             return out.expand(*out.shape[:2], kp, out.shape[-1])
         return self._heads(regions, head_index)
 
@@ -121,18 +119,19 @@ class MappingModel(nn.Module):
         """Project every row with every head of ``head_index``, keeping what :meth:`replay` needs.
 
         Args:
-            x: ``[M, D]`` regions; head_index: ``[Kp]`` long.
+            x: ``[M, D]`` regions; head_index: ``[Kp]`` long, or None for all K heads in order (no
+                selection and no device sync: what a captured CUDA graph needs).
 
         Returns:
             ``(xs [M, D], hidden [Kp, M, D], out [Kp, M, D])``: standardised input, hidden layer after
             the ReLU, and the heads' output before the adapter (:meth:`adapt` gives the projections).
             With ``one_proj`` the shared head runs once: ``hidden`` and ``out`` are ``[1, M, D]``.
         """
-        idx = torch.zeros_like(head_index[:1]) if self.one_proj else head_index
+        idx = None if self.one_proj else head_index  # (one_proj: its single head is all heads)
         w1, b1, w2, b2 = self._weights(idx)
         xs = self._standardize(x)
         m, d = xs.shape
-        hidden = torch.baddbmm(b1.unsqueeze(1), xs.expand(len(idx), m, d), w1).relu_()  # [Kp, M, D]
+        hidden = torch.baddbmm(b1.unsqueeze(1), xs.expand(len(w1), m, d), w1).relu_()  # [Kp, M, D]
         return xs, hidden, torch.baddbmm(b2.unsqueeze(1), hidden, w2)
 
     def replay(
@@ -150,13 +149,18 @@ class MappingModel(nn.Module):
 
         Args:
             xs, hidden, out: ``[Kp, B, D]`` rows gathered from :meth:`project_cached` (standardised input,
-                hidden after ReLU, output); head_index: ``[Kp]`` long; raw: ``[Kp, B, D]`` the
+                hidden after ReLU, output); head_index: ``[Kp]`` long, or None for all K heads in order;
+                raw: ``[Kp, B, D]`` the
                 unstandardised input rows, needed for the adapter's residual.
 
         Returns:
             ``[Kp, B, D]`` projections; gradients reach ``W1, b1, W2, b2`` (not the inputs).
         """
-        idx = torch.zeros_like(head_index) if self.one_proj else head_index
+        if self.one_proj:  # every column trains the one shared head
+            kp = len(out)
+            idx = None if kp == 1 else torch.zeros(kp, dtype=torch.long, device=out.device)
+        else:
+            idx = head_index
         return self.adapt(_ReplayHeads.apply(out, xs, hidden, idx, self.W1, self.b1, self.W2, self.b2), raw)
 
     def adapt(self, out: torch.Tensor, raw: torch.Tensor | None) -> torch.Tensor:
@@ -168,13 +172,13 @@ class MappingModel(nn.Module):
     def _standardize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.in_mean) / self.in_std
 
-    def _weights(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _weights(self, idx: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         params = (self.W1, self.b1, self.W2, self.b2)
-        if _is_all_heads(idx, self.W1.shape[0]):
+        if idx is None or _is_all_heads(idx, self.W1.shape[0]):
             return params  # all heads in order: skip the copy that index_select would make
         return tuple(p.index_select(0, idx) for p in params)
 
-    def _heads(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def _heads(self, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
         b, r, d = x.shape
         w1, b1, w2, b2 = self._weights(idx)  # [Kp, D, D], [Kp, D], [Kp, D, D], [Kp, D]
         flat = self._standardize(x).reshape(1, b * r, d)
@@ -201,6 +205,7 @@ class _ReplayHeads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out, xs, hidden, idx, w1, b1, w2, b2):
+        # (idx None: column k is head k, all heads)
         ctx.save_for_backward(xs, hidden, idx, w2)
         return out.view_as(out)
 
@@ -211,16 +216,18 @@ class _ReplayHeads(torch.autograd.Function):
         # too, as autograd's would; the engine casts the weight gradients back to the weights' dtype
         dtype = hidden.dtype
         grad, xs = grad.to(dtype).contiguous(), xs.to(dtype)
-        w2_sel = (w2 if _is_all_heads(idx, len(w2)) else w2.index_select(0, idx)).to(dtype)
+        all_heads = idx is None or _is_all_heads(idx, len(w2))
+        w2_sel = (w2 if all_heads else w2.index_select(0, idx)).to(dtype)
         g_w2 = torch.bmm(hidden.transpose(1, 2), grad)  # [Kp, D, D]
         # ReLU's backward as autograd runs it (masked_fill with a bool mask is ~30x slower on CPU)
         g_hidden = torch.ops.aten.threshold_backward(torch.bmm(grad, w2_sel.transpose(1, 2)), hidden, 0.0)
         g_w1 = torch.bmm(xs.transpose(1, 2), g_hidden)
         grads = (g_w1, g_hidden.sum(1), g_w2, grad.sum(1))
-        if not _is_all_heads(idx, len(w2)):
+        if not all_heads:
             grads = tuple(g.new_zeros((len(w2), *g.shape[1:])).index_add_(0, idx, g) for g in grads)
         return None, None, None, None, *grads
 
 
 def _is_all_heads(idx: torch.Tensor, heads: int) -> bool:
+    # (torch.equal waits for the device; the None spelling of "all heads" does not)
     return idx.numel() == heads and torch.equal(idx, torch.arange(heads, device=idx.device))

@@ -1,0 +1,185 @@
+"""Stage 1 as a user runs it (training + mapping of every split), this tree against a baseline, on one dataset.
+
+    python benchmarks/bench_stage1_run.py --data-dir DIR --device cuda [--seeds 23 24] [--baseline-rev 3c02482]
+        [--baseline-src DIR] [--variants default,no_graphs,loader] [--epochs 30]
+
+Each run is a fresh process (this file with ``--worker``) that imports ``villa`` from one tree and calls
+:func:`villa.mapping.run.run_stage1_from_config` on the composed ``experiment=stage1`` config (all its
+defaults: 30 epochs, batch 48, AdamW 1e-4, mapping with the last weights), as ``python -m villa.stage1`` does.
+``baseline`` imports the package of ``git archive <baseline-rev> villa`` (or of ``--baseline-src``, a folder
+holding a ``villa`` package, for machines without the git history); ``current`` a copy of this tree's
+package (uncommitted changes included). Variants of the current tree (``--variants``):
+
+* ``default``: the defaults (on CUDA: data resident on the device, each training step one CUDA graph);
+* ``no_graphs``: ``cuda_graphs=false`` (resident data, eager steps);
+* ``loader``: ``resident_data_mb=0`` (the DataLoader path the baseline also takes).
+
+Reported per run: the process wall time (start to exit, imports included), the ``run_stage1`` call
+(dataset load, training, checkpoints, mapping of every split), the training loop alone (sum of
+``metrics.csv`` seconds: train + validation passes, checkpoint writes excluded), and val/test mapping F1.
+Same seed, same data, same hyper-parameters on every side: the F1s must agree within seed noise (the
+seed-to-seed spread is printed when several seeds run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = {
+    "default": [],
+    "no_graphs": ["cuda_graphs=false"],
+    "loader": ["resident_data_mb=0"],
+}
+
+
+def worker(args) -> None:
+    started = time.perf_counter()
+    import torch
+
+    import villa
+    from villa.hydra_app import compose
+    from villa.mapping.run import run_stage1_from_config
+
+    overrides = [
+        "experiment=stage1",
+        f"data_dir={args.data_dir}",
+        f"run_dir={args.run_dir}",
+        f"device={args.device}",
+        f"seed={args.seed}",
+        f"epochs={args.epochs}",
+        "progress=false",
+        *args.override,
+    ]
+    cfg = compose(overrides)
+    imported = time.perf_counter() - started
+    t = time.perf_counter()
+    result = run_stage1_from_config(cfg)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    call = time.perf_counter() - t
+    with open(Path(args.run_dir) / "metrics.csv") as fh:
+        epochs = sum(float(row["seconds"]) for row in csv.DictReader(fh))
+    out = {
+        "imports_s": imported,
+        "run_stage1_s": call,
+        "epochs_s": epochs,
+        "val_f1": result.metrics.get("val", {}).get("f1"),
+        "test_f1": result.metrics.get("test", {}).get("f1"),
+        "villa_file": villa.__file__,
+    }
+    Path(args.out).write_text(json.dumps(out))
+
+
+def baseline_tree(args, dest: Path) -> Path:
+    if args.baseline_src:
+        shutil.copytree(Path(args.baseline_src) / "villa", dest / "villa")
+        return dest
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", "--format=tar", args.baseline_rev, "villa"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+def run(label: str, tree: Path, overrides: list[str], seed: int, args, tmp: Path) -> dict:
+    out, run_dir = tmp / f"{label}_{seed}.json", tmp / f"run_{label}_{seed}"
+    cmd = [
+        sys.executable, str(Path(__file__).resolve()), "--worker", "--out", str(out), "--run-dir", str(run_dir),
+        "--data-dir", str(args.data_dir), "--device", args.device, "--seed", str(seed), "--epochs", str(args.epochs),
+    ] + [f"--override={o}" for o in overrides]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]))
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        print(f"{label} seed {seed} FAILED:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}", flush=True)
+        return {}
+    notes = [line for line in proc.stdout.splitlines() if line.startswith("note:")]
+    result = json.loads(out.read_text()) | {"wall_s": wall, "notes": notes}
+    print(
+        f"{label:10s} seed {seed}: process {wall:6.1f} s | run_stage1 {result['run_stage1_s']:6.1f} s | "
+        f"training epochs {result['epochs_s']:6.1f} s | val F1 {result['val_f1']:.2f} test F1 "
+        f"{result['test_f1']:.2f}" + (f" | {'; '.join(notes)}" if notes else ""),
+        flush=True,
+    )
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[23])
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--baseline-rev", default="3c02482", help="'' skips the baseline")
+    parser.add_argument("--baseline-src", default=None, help="a folder with the baseline's villa package")
+    parser.add_argument("--variants", default="default,no_graphs,loader")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--override", action="append", default=[], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        sys.exit(f"unknown variant {unknown[0]}: use any of {', '.join(VARIANTS)}")
+    print(
+        f"data {args.data_dir}, device {args.device}, seeds {args.seeds}, load {os.getloadavg()}", flush=True
+    )
+    results: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_stage1_run_") as tmp:
+        tmp = Path(tmp)
+        (tmp / "base").mkdir()
+        (tmp / "cur").mkdir()
+        trees = {"current": tmp / "cur"}
+        shutil.copytree(
+            REPO / "villa", trees["current"] / "villa", ignore=shutil.ignore_patterns("__pycache__")
+        )
+        if args.baseline_rev or args.baseline_src:
+            trees["baseline"] = baseline_tree(args, tmp / "base")
+        for seed in args.seeds:
+            if "baseline" in trees:
+                results.setdefault("baseline", []).append(
+                    run("baseline", trees["baseline"], [], seed, args, tmp)
+                )
+            for variant in variants:
+                label = variant if variant != "default" else "current"
+                results.setdefault(label, []).append(
+                    run(label, trees["current"], VARIANTS[variant], seed, args, tmp)
+                )
+    print(f"\nload after: {os.getloadavg()}")
+    print("| side | seeds | process wall (s) | run_stage1 (s) | training epochs (s) | val F1 | test F1 |")
+    print("|---|---|---|---|---|---|---|")
+    for label, runs in results.items():
+        runs = [r for r in runs if r]
+        if not runs:
+            continue
+
+        def col(key, fmt, runs=runs):
+            return " / ".join(format(r[key], fmt) for r in runs)
+
+        print(
+            f"| {label} | {len(runs)} | {col('wall_s', '.1f')} | {col('run_stage1_s', '.1f')} | "
+            f"{col('epochs_s', '.1f')} | {col('val_f1', '.2f')} | {col('test_f1', '.2f')} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
