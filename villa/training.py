@@ -464,7 +464,7 @@ def fit(
         if blocker is None and len(train_set) >= batch_size:
             try:
                 captured = CapturedStep(train_model, train_set, loss_fn, optimizer, device, amp, batch_size)
-            except RuntimeError as err:  # (state restored by CapturedStep: eager steps from the same point)
+            except Exception as err:  # (state restored by CapturedStep: eager steps from the same point)
                 print(f"note: {desc}: CUDA graph capture failed ({one_line(err)}); training with eager steps")
         elif blocker is not None and device.type == "cuda" and ctx.is_main:
             print(f"note: {desc}: no CUDA graph ({blocker}); training with eager steps")
