@@ -127,3 +127,40 @@ def test_cpu_keep_freed_memory_is_a_choice(tmp_path, monkeypatch, keep):
         cpu_keep_freed_memory=keep,
     )
     assert len(calls) == (1 if keep else 0)
+
+
+@pytest.mark.parametrize("every_s,expected_last", [(0.0, 2), (1e9, None)])
+def test_checkpoints_are_written_every_epoch_or_when_due(tmp_path, every_s, expected_last):
+    """With checkpoint_every_s=0 every finished epoch is on disk when a later one fails; with a long interval
+    nothing is written before the last epoch (the failed run leaves no checkpoint)."""
+
+    def failing_at_epoch_3(model, batch, calls=[0]):  # noqa: B006 (a counter shared by the calls)
+        calls[0] += 1
+        if calls[0] > 2 * 5:  # 5 batches of 8 an epoch
+            raise RuntimeError("boom")
+        return mse(model, batch)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(
+            make_model(), Points(40, 1), None, failing_at_epoch_3, collate_fn=lambda b: b, batch_size=8, epochs=4,
+            optimizer_factory=functools.partial(torch.optim.SGD, lr=0.1), run_dir=tmp_path, device=torch.device("cpu"),
+            progress=False, checkpoint_every_s=every_s,
+        )  # fmt: skip
+    if expected_last is None:
+        assert not (tmp_path / "last.pkl").exists() and not (tmp_path / "best.pkl").exists()
+    else:
+        assert load_checkpoint(tmp_path / "last.pkl")["epoch"] == expected_last
+
+
+def test_a_pending_best_model_is_written_before_the_last_checkpoint(tmp_path):
+    # a long interval: the best epoch's weights wait in memory until the final write, then both files agree
+    model = make_model()
+    result = fit(
+        model, Points(40, 1), Points(16, 2), mse, collate_fn=lambda b: b, batch_size=8, epochs=5,
+        optimizer_factory=functools.partial(torch.optim.SGD, lr=0.5), run_dir=tmp_path, device=torch.device("cpu"),
+        progress=False, checkpoint_every_s=1e9,
+    )  # fmt: skip
+    best, last = load_checkpoint(tmp_path / "best.pkl"), load_checkpoint(tmp_path / "last.pkl")
+    assert best["epoch"] == result.best_epoch == last["best_epoch"]
+    assert last["epoch"] == 5 and result.best_epoch == 4  # (this seed's val loss rises in epoch 5)
+    assert not torch.equal(best["model"]["weight"], last["model"]["weight"])

@@ -95,8 +95,14 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def save(self, path: str | os.PathLike, model: torch.nn.Module, *args, **kwargs) -> Path:
-        payload = _host_copy(checkpoint_payload(model, *args, **kwargs))
+    @staticmethod
+    def snapshot(model: torch.nn.Module, *args, **kwargs) -> dict:
+        """A checkpoint as of now in host memory (arguments as :func:`checkpoint_payload`), for a later :meth:`save`."""
+        return _host_copy(checkpoint_payload(model, *args, **kwargs))
+
+    def save(self, path: str | os.PathLike, model: torch.nn.Module | dict, *args, **kwargs) -> Path:
+        """Write the checkpoint of ``model`` (arguments as :func:`checkpoint_payload`), or a :meth:`snapshot`."""
+        payload = model if isinstance(model, dict) else self.snapshot(model, *args, **kwargs)
         self.wait()
         self._thread = threading.Thread(target=self._write, args=(Path(path), payload), name="checkpoint")
         self._thread.start()

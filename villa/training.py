@@ -343,6 +343,7 @@ def fit(
     resident: bool = False,
     cuda_graphs: bool = False,
     val_loss_fn: Callable | None = None,
+    checkpoint_every_s: float = 0.0,
 ) -> FitResult:
     """Train ``model`` with ``loss_fn(model, batch)`` and return the per-epoch history.
 
@@ -362,6 +363,12 @@ def fit(
     allows it (single process, no scheduler, no gradient scaling, compile or clipping; else a note and
     eager steps). ``val_loss_fn(model, val_set) -> (sum of losses * items, items)`` computes the
     validation loss of the whole set at once, equal to the loader's batch-by-batch mean (single process).
+
+    Checkpoints are written by a background thread (:class:`villa.checkpoints.CheckpointWriter`) after the
+    last epoch, on an early stop, and after any epoch that ends ``checkpoint_every_s`` seconds or more
+    after the previous write (0: after every epoch). An improved model waiting for its write is held in
+    host memory and written as ``best.pkl`` before the next ``last.pkl``, so the files on disk always agree
+    with each other; a resumed run repeats at most ``checkpoint_every_s`` seconds of training.
     """
     if epochs < 0:
         raise VillaError(f"epochs must be >= 0, got {epochs}")
@@ -469,6 +476,8 @@ def fit(
         elif blocker is not None and device.type == "cuda" and ctx.is_main:
             print(f"note: {desc}: no CUDA graph ({blocker}); training with eager steps")
     result.step_mode = "cuda_graph" if captured is not None else "resident" if resident else "loader"
+    last_written = time.perf_counter()
+    pending_best = None  # a host snapshot of the best model, not yet on disk
     with CheckpointWriter() as writer:  # (waits for the last write before fit returns or raises)
         for epoch in range(start_epoch, epochs):
             started = time.perf_counter()
@@ -536,10 +545,21 @@ def fit(
                     "stopped_early": result.stopped_early,
                     "scaler": scaler.state_dict() if scaler is not None else None,
                 }
-                # (written while the next epoch trains; finished before fit returns or raises)
-                writer.save(run_dir / LAST, model, optimizer, scheduler, epoch + 1, config, extra, **state)
                 if improved:
-                    writer.save(run_dir / BEST, model, None, None, epoch + 1, config, extra, **state)
+                    pending_best = writer.snapshot(model, None, None, epoch + 1, config, extra, **state)
+                due = (
+                    epoch + 1 == epochs
+                    or result.stopped_early
+                    or time.perf_counter() - last_written >= checkpoint_every_s
+                )
+                if due:  # (written while the next epoch trains; finished before fit returns or raises)
+                    if pending_best is not None:
+                        writer.save(run_dir / BEST, pending_best)
+                        pending_best = None
+                    writer.save(
+                        run_dir / LAST, model, optimizer, scheduler, epoch + 1, config, extra, **state
+                    )
+                    last_written = time.perf_counter()
                 _write_metrics(run_dir, result.history)
                 val_text = f" val_loss {val_loss:.4f}" if val_loss is not None else ""
                 print(

@@ -70,6 +70,7 @@ def run_stage1(
     pin_memory: bool = False,
     progress: bool = True,
     cpu_keep_freed_memory: bool = False,
+    checkpoint_every_s: float = 30.0,
     resident_data_mb: float = 2048,
     cuda_graphs: bool = True,
     config: dict | None = None,
@@ -169,6 +170,7 @@ def run_stage1(
         desc="stage1",
         progress=progress,
         cpu_keep_freed_memory=cpu_keep_freed_memory,
+        checkpoint_every_s=checkpoint_every_s,
         resident=resident,
         cuda_graphs=cuda_graphs,
         val_loss_fn=(
@@ -264,6 +266,7 @@ def run_stage1_from_config(cfg) -> Stage1Result:
         pin_memory=bool(cfg.pin_memory),
         progress=bool(cfg.get("progress", True)),
         cpu_keep_freed_memory=bool(cfg.get("cpu_keep_freed_memory", False)),
+        checkpoint_every_s=float(cfg.get("checkpoint_every_s", 30.0)),
         resident_data_mb=float(cfg.get("resident_data_mb", 2048)),
         cuda_graphs=bool(cfg.get("cuda_graphs", True)),
         config=to_container(cfg),

@@ -131,6 +131,7 @@ def run_stage2(
     progress: bool = True,
     image_cache_mb: float = DEFAULT_CACHE_MB,
     cpu_keep_freed_memory: bool = False,
+    checkpoint_every_s: float = 30.0,
     config: dict | None = None,
 ):
     """Train the image model on region-text pairs: ``pairs`` is a mode of :func:`villa.vlm.data.build_pairs`
@@ -180,6 +181,7 @@ def run_stage2(
         desc=f"stage2-{pairs}",
         progress=progress,
         cpu_keep_freed_memory=cpu_keep_freed_memory,
+        checkpoint_every_s=checkpoint_every_s,
     )
 
 
@@ -213,5 +215,6 @@ def run_stage2_from_config(cfg):
         progress=bool(cfg.get("progress", True)),
         image_cache_mb=float(cfg.get("image_cache_mb", DEFAULT_CACHE_MB)),
         cpu_keep_freed_memory=bool(cfg.get("cpu_keep_freed_memory", False)),
+        checkpoint_every_s=float(cfg.get("checkpoint_every_s", 30.0)),
         config=to_container(cfg),
     )
