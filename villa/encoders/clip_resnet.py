@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from open_clip.modified_resnet import AttentionPool2d, Bottleneck, ModifiedResNet
 from torch import nn
 
-from villa.encoders.base import ROI_SIZE, roi_align_boxes
+from villa.encoders.base import ROI_SIZE, checkpointed, roi_align_boxes
 
 #: the attention pool's positional embedding is 7x7 (+1): RoIAlign 14x14 -> layer4 stride 2 -> 7x7
 POOL_IMAGE_SIZE = 224
@@ -213,6 +213,10 @@ class RegionImageEncoder(nn.Module):
     like the reference.
     """
 
+    #: recompute activations in the backward pass instead of keeping them (:func:`villa.encoders.base.checkpointed`):
+    #: the stem, layer1-3 and the region head each one segment
+    activation_checkpointing: bool = False
+
     def __init__(self, visual: ModifiedResNet):
         super().__init__()
         self.visual = visual
@@ -227,7 +231,9 @@ class RegionImageEncoder(nn.Module):
         v = self.visual
         # channels_last makes the CPU convolutions ~1.5x faster and suits tensor cores on CUDA
         x = images.to(dtype=v.conv1.weight.dtype).contiguous(memory_format=torch.channels_last)
-        return v.layer3(v.layer2(v.layer1(v.stem(x))))
+        for segment in (v.stem, v.layer1, v.layer2, v.layer3):
+            x = checkpointed(self, segment, x)
+        return x
 
     def region_features(self, features: torch.Tensor, boxes: torch.Tensor, image_width: int) -> torch.Tensor:
         """RoIAlign ``[M, 5]`` boxes on ``features`` -> ``[M, C, 14, 14]``."""
@@ -250,9 +256,12 @@ class RegionImageEncoder(nn.Module):
         if len(boxes) == 0:
             return images.new_zeros((0, self.output_dim))
         features = self.feature_map(images)
+        width = images.shape[-1]
         if not self._fast_head_applies(features, len(boxes)):
-            return self.head(self.region_features(features, boxes, images.shape[-1]))
-        return self._fast_head(features, boxes, images.shape[-1])
+            return checkpointed(
+                self, lambda f, b: self.head(self.region_features(f, b, width)), features, boxes
+            )
+        return self._fast_head(features, boxes, width)
 
     def _fast_head_applies(self, features: torch.Tensor, num_boxes: int) -> bool:
         """The reordered head pays (and its per-region matrices stay small) when the map is small."""
@@ -281,9 +290,12 @@ class RegionImageEncoder(nn.Module):
         the 2x2 average pool folded into its matrix. Everything after (BatchNorm in train or eval mode,
         ReLU, the 3x3 conv, the other blocks, the attention pool) sees the same tensors as the reference.
         """
-        return attention_pool_first_token(
-            self.visual.attnpool, self._fast_layer4(*self._fast_crops(features, boxes, image_width))
-        )
+        # (with activation checkpointing, each step is its own segment: the crops are the largest tensors)
+        crops = checkpointed(self, self._fast_crops, features, boxes, image_width)
+        x = checkpointed(self, self._fast_block0, *crops)
+        for block in self.visual.layer4[1:]:
+            x = checkpointed(self, block, x)
+        return checkpointed(self, attention_pool_first_token, self.visual.attnpool, x)
 
     def _fast_crops(
         self, features: torch.Tensor, boxes: torch.Tensor, image_width: int
@@ -308,11 +320,15 @@ class RegionImageEncoder(nn.Module):
 
     def _fast_layer4(self, conv1_crops: torch.Tensor, downsample_crops: torch.Tensor) -> torch.Tensor:
         """The rest of layer4 from :meth:`_fast_crops`' outputs: ``[M, 32 * width, 7, 7]``."""
+        return self.visual.layer4[1:](self._fast_block0(conv1_crops, downsample_crops))
+
+    def _fast_block0(self, conv1_crops: torch.Tensor, downsample_crops: torch.Tensor) -> torch.Tensor:
+        """Layer4's first block after its two 1x1 convolutions: ``[M, 32 * width, 7, 7]``."""
         block = self.visual.layer4[0]
         out = block.act1(block.bn1(conv1_crops))
         out = block.avgpool(block.act2(block.bn2(block.conv2(out))))
         out = block.bn3(block.conv3(out)) + block.downsample[2](downsample_crops)
-        return self.visual.layer4[1:](block.act3(out))
+        return block.act3(out)
 
 
 def seeded_modified_resnet(

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from villa.artifacts import file_sha256
-from villa.encoders.base import Encoder, register_encoder, roi_align_boxes
+from villa.encoders.base import Encoder, checkpointed, register_encoder, roi_align_boxes
 from villa.encoders.text import HFTextTower, minilm_folder
 from villa.errors import VillaError
 
@@ -131,6 +131,10 @@ class MobileNetV2RegionEncoder(nn.Module):
     train/eval mismatch.
     """
 
+    #: recompute activations in the backward pass instead of keeping them (:func:`villa.encoders.base.checkpointed`):
+    #: the stride-16 trunk and the region head each one segment
+    activation_checkpointing: bool = False
+
     def __init__(self, features: nn.Sequential, output_dim: int, head_seed: int = DEFAULT_HEAD_SEED):
         super().__init__()
         self.features = features
@@ -187,8 +191,9 @@ class MobileNetV2RegionEncoder(nn.Module):
         """
         if len(boxes) == 0:
             return images.new_zeros((0, self.output_dim))
-        features = self.feature_map(images)
-        return self.head(self.region_features(features, boxes, images.shape[-1]))
+        features = checkpointed(self, self.feature_map, images)
+        width = images.shape[-1]
+        return checkpointed(self, lambda f, b: self.head(self.region_features(f, b, width)), features, boxes)
 
 
 class MobileNetV2Encoder(Encoder):

@@ -132,13 +132,16 @@ def run_stage2(
     image_cache_mb: float = DEFAULT_CACHE_MB,
     cpu_keep_freed_memory: bool = False,
     checkpoint_every_s: float = 30.0,
+    activation_checkpointing: bool = False,
     config: dict | None = None,
 ):
     """Train the image model on region-text pairs: ``pairs`` is a mode of :func:`villa.vlm.data.build_pairs`
     (``villa``, the ``clip`` baseline, or the ablations ``all_regions``, ``random_mapping``, ``oracle``).
 
     ``encoder``/``clip_weights`` None: those preprocessing recorded in the dataset's embeddings. Images keep
-    decoded in memory when they fit ``image_cache_mb``, else are decoded per batch.
+    decoded in memory when they fit ``image_cache_mb``, else are decoded per batch. ``activation_checkpointing``
+    recomputes the tower's activations in the backward pass instead of keeping them (less memory, one more
+    forward a step; same results).
     Writes ``run_dir/{metrics.csv,last.pkl,best.pkl}`` through :func:`villa.training.fit`; returns its FitResult.
     """
     from villa.encoders import get_encoder
@@ -152,6 +155,12 @@ def run_stage2(
     )
     torch.manual_seed(seed)
     model = enc.build_image_model()
+    if activation_checkpointing:
+        if not hasattr(model, "activation_checkpointing"):
+            raise VillaError(
+                f"encoder {enc.name}'s image tower has no activation_checkpointing: set it to false"
+            )
+        model.activation_checkpointing = True
     print(
         f"stage 2 ({pairs}): {len(train_set)} train images / {train_set.num_pairs} pairs, "
         f"{len(val_set)} val images / {val_set.num_pairs} pairs, encoder {enc.name}, device {dev}",
@@ -216,5 +225,6 @@ def run_stage2_from_config(cfg):
         image_cache_mb=float(cfg.get("image_cache_mb", DEFAULT_CACHE_MB)),
         cpu_keep_freed_memory=bool(cfg.get("cpu_keep_freed_memory", False)),
         checkpoint_every_s=float(cfg.get("checkpoint_every_s", 30.0)),
+        activation_checkpointing=bool(cfg.get("activation_checkpointing", False)),
         config=to_container(cfg),
     )
