@@ -110,12 +110,16 @@ def run(label: str, tree: Path, overrides: list[str], seed: int, args, tmp: Path
     result = json.loads(out.read_text()) | {"wall_s": wall, "notes": notes}
     print(
         f"{label:10s} seed {seed}: process {wall:6.1f} s | run_stage1 {result['run_stage1_s']:6.1f} s | "
-        f"training epochs {result['epochs_s']:6.1f} s | val F1 {result['val_f1']:.2f} test F1 "
-        f"{result['test_f1']:.2f}" + (f" | {'; '.join(notes)}" if notes else ""),
+        f"training epochs {result['epochs_s']:6.1f} s | val F1 {_f1(result['val_f1'])} test F1 "
+        f"{_f1(result['test_f1'])}" + (f" | {'; '.join(notes)}" if notes else ""),
         flush=True,
     )
     shutil.rmtree(run_dir, ignore_errors=True)
     return result
+
+
+def _f1(value) -> str:
+    return "-" if value is None else f"{value:.2f}"  # (None: a dataset without region labels)
 
 
 def main() -> None:
@@ -173,7 +177,7 @@ def main() -> None:
             continue
 
         def col(key, fmt, runs=runs):
-            return " / ".join(format(r[key], fmt) for r in runs)
+            return " / ".join("-" if r[key] is None else format(r[key], fmt) for r in runs)
 
         print(
             f"| {label} | {len(runs)} | {col('wall_s', '.1f')} | {col('run_stage1_s', '.1f')} | "

@@ -4,7 +4,7 @@
     python benchmarks/profile_stage2_step.py --data-dir DIR --stage-1-ckpt-dir DIR --device cuda [--batch-size 64]
 
 Uses the package's own pieces as ``python -m villa.stage2`` runs them (``build_stage2_datasets`` with ViLLA
-pairs, the encoder's image model in channels-last, ``RegionTextLoss``, AdamW as configured, autocast): a
+pairs, the encoder's image model in channels-last, ``RegionTextLoss``, stage 2's default Adam, autocast): a
 diagnosis for choosing speed levers, not a before/after benchmark. Prints milliseconds per step.
 """
 

@@ -183,3 +183,10 @@ def test_run_stage1_with_resident_data_maps_as_the_dataloader_path(tmp_path, mon
     small = run_stage1(data_dir, tmp_path / "budget", resident_data_mb=0, **common)
     losses = [[(r["train_loss"], r["val_loss"]) for r in run.fit.history] for run in (small, loader)]
     assert losses[0] == losses[1]
+
+
+def test_checkpoint_snapshots_keep_the_state_dict_metadata():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    payload = CheckpointWriter.snapshot(model)
+    assert payload["model"]._metadata == model.state_dict()._metadata  # module versions, for load_state_dict
+    torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)).load_state_dict(payload["model"])

@@ -164,3 +164,20 @@ def test_a_pending_best_model_is_written_before_the_last_checkpoint(tmp_path):
     assert best["epoch"] == result.best_epoch == last["best_epoch"]
     assert last["epoch"] == 5 and result.best_epoch == 4  # (this seed's val loss rises in epoch 5)
     assert not torch.equal(best["model"]["weight"], last["model"]["weight"])
+
+
+def test_a_non_finite_loss_stops_a_cpu_run_at_its_step(tmp_path):
+    calls = []
+
+    def diverging(model, batch):
+        calls.append(1)
+        loss, n = mse(model, batch)
+        return (loss * float("nan") if len(calls) == 2 else loss), n
+
+    with pytest.raises(VillaError, match="the loss became nan"):
+        fit(
+            make_model(), Points(40, 1), None, diverging, collate_fn=lambda b: b, batch_size=8, epochs=1,
+            optimizer_factory=functools.partial(torch.optim.SGD, lr=0.1), run_dir=tmp_path,
+            device=torch.device("cpu"), progress=False,
+        )  # fmt: skip
+    assert len(calls) == 2  # not the whole epoch of 5 steps

@@ -75,7 +75,10 @@ def _host_copy(obj):
     if torch.is_tensor(obj):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        return {key: _host_copy(value) for key, value in obj.items()}
+        out = type(obj)((key, _host_copy(value)) for key, value in obj.items())
+        if hasattr(obj, "_metadata"):  # (a state dict's module versions, read by load_state_dict)
+            out._metadata = obj._metadata
+        return out
     if isinstance(obj, (list, tuple)):
         return type(obj)(_host_copy(value) for value in obj)
     return obj
@@ -100,17 +103,21 @@ class CheckpointWriter:
         """A checkpoint as of now in host memory (arguments as :func:`checkpoint_payload`), for a later :meth:`save`."""
         return _host_copy(checkpoint_payload(model, *args, **kwargs))
 
-    def save(self, path: str | os.PathLike, model: torch.nn.Module | dict, *args, **kwargs) -> Path:
-        """Write the checkpoint of ``model`` (arguments as :func:`checkpoint_payload`), or a :meth:`snapshot`."""
-        payload = model if isinstance(model, dict) else self.snapshot(model, *args, **kwargs)
-        self.wait()
-        self._thread = threading.Thread(target=self._write, args=(Path(path), payload), name="checkpoint")
-        self._thread.start()
+    def save(self, path: str | os.PathLike, model: torch.nn.Module, *args, **kwargs) -> Path:
+        """Write the checkpoint of ``model`` (arguments as :func:`checkpoint_payload`) as of now."""
+        self.submit([(Path(path), self.snapshot(model, *args, **kwargs))])
         return Path(path)
 
-    def _write(self, path: Path, payload: dict) -> None:
+    def submit(self, files: list[tuple[str | os.PathLike, dict]]) -> None:
+        """Write :meth:`snapshot` payloads, in this order, as one background job (after the previous job)."""
+        self.wait()
+        self._thread = threading.Thread(target=self._write, args=(files,), name="checkpoint")
+        self._thread.start()
+
+    def _write(self, files: list[tuple[str | os.PathLike, dict]]) -> None:
         try:
-            save_torch(path, payload)
+            for path, payload in files:
+                save_torch(path, payload)
         except BaseException as err:  # handed to the training thread by wait()
             self._error = err
 

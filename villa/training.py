@@ -75,26 +75,39 @@ def _unpack(out) -> tuple[torch.Tensor, torch.Tensor | int]:
 
 
 class _EpochTotals:
-    """Sum of ``loss * items`` and of items over an epoch, kept on the device: one host sync an epoch."""
+    """Sum of ``loss * items`` and of items over an epoch, kept on the device: one host sync an epoch on an
+    accelerator. On the CPU reading a loss costs nothing, so each step's loss is checked at once there and a
+    non-finite one stops the run at the step it appeared."""
 
-    def __init__(self, device: torch.device):
-        self.sums = torch.zeros(2, dtype=torch.float64, device=device)
+    def __init__(self, device: torch.device, desc: str):
+        # (MPS has no float64)
+        self.sums = torch.zeros(
+            2, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device
+        )
+        self.desc, self.check_each_step = desc, device.type == "cpu"
 
     def add(self, loss: torch.Tensor, n_items) -> None:
+        if self.check_each_step:
+            _check_finite(float(loss.detach()), self.desc)
+        loss = loss.detach().to(self.sums.dtype)
         if torch.is_tensor(n_items):
-            n = n_items.to(torch.float64)
-            self.sums += torch.stack([loss.detach().double() * n, n])
+            n = n_items.to(self.sums.dtype)
+            self.sums += torch.stack([loss * n, n])
         else:  # (a Python count: no host-to-device copy)
-            self.sums[0] += loss.detach().double() * n_items
+            self.sums[0] += loss * n_items
             self.sums[1] += n_items
 
-    def mean(self, desc: str) -> float:
-        sums = self.sums.cpu()
-        distributed.all_reduce_sum(sums)
+    def mean(self) -> float:
+        # (reduced where the sums live: NCCL reduces CUDA tensors only)
+        sums = distributed.all_reduce_sum(self.sums.clone()).cpu()
         value = float(sums[0] / max(float(sums[1]), 1.0))
-        if not math.isfinite(value):
-            raise VillaError(f"{desc}: the loss became {value}; lower the learning rate or disable amp")
+        _check_finite(value, self.desc)
         return value
+
+
+def _check_finite(value: float, desc: str) -> None:
+    if not math.isfinite(value):
+        raise VillaError(f"{desc}: the loss became {value}; lower the learning rate or disable amp")
 
 
 class _Postfix:
@@ -170,7 +183,7 @@ def _run_epoch(
 
     The losses are summed on the device and read once at the end (a non-finite mean stops the run then).
     """
-    totals = _EpochTotals(device)
+    totals = _EpochTotals(device, desc)
     data_seconds = 0.0
     non_blocking = device.type == "cuda"  # pinned host memory -> asynchronous copies
     bar = _progress(loader, len(loader), desc, progress)
@@ -186,7 +199,7 @@ def _run_epoch(
         totals.add(loss, n_items)
         postfix(loss)
         tick = time.perf_counter()
-    return totals.mean(desc), data_seconds
+    return totals.mean(), data_seconds
 
 
 def _backward_and_step(model, loss, optimizer, scaler, grad_clip_norm) -> None:
@@ -211,7 +224,7 @@ def _run_resident_epoch(model, data, order, loss_fn, optimizer, scaler, device, 
     ``batch_size`` gathered by ``data.batch``; no DataLoader, no host sync per step. Full batches go
     through ``captured`` (a :class:`CapturedStep`) when given; the short last batch runs eagerly.
     Returns the mean loss over items."""
-    totals = _EpochTotals(device)
+    totals = _EpochTotals(device, desc)
     starts = range(0, len(order), batch_size)
     bar = _progress(starts, len(starts), desc, progress)
     postfix = _Postfix(bar, progress)
@@ -225,7 +238,7 @@ def _run_resident_epoch(model, data, order, loss_fn, optimizer, scaler, device, 
             _backward_and_step(model, loss, optimizer, scaler, grad_clip_norm)
         totals.add(loss, n_items)
         postfix(loss)
-    return totals.mean(desc)
+    return totals.mean()
 
 
 class CapturedStep:
@@ -237,7 +250,8 @@ class CapturedStep:
     set to None so that backward allocates them in the graph's memory, the optimiser in ``capturable``
     mode (its step count stays on the device). The warm-up's updates are undone afterwards (parameters
     and optimiser state restored in place, as the graph refers to these very tensors), so training starts
-    from exactly the state it was given. The learning rate is frozen into the graph: no scheduler.
+    from exactly the state it was given (parameters, buffers and Adam's state, whose fresh values are zeros:
+    hence Adam / AdamW only). The learning rate is frozen into the graph: no scheduler.
     """
 
     def __init__(self, model, data, loss_fn, optimizer, device: torch.device, amp: bool, batch_size: int,
@@ -248,6 +262,14 @@ class CapturedStep:
         self.index = torch.arange(batch_size, device=device) % len(data)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         saved_params = [p.detach().clone() for p in params]
+        buffers = list(model.buffers())  # (e.g. BatchNorm statistics: the warm-up would move them)
+        saved_buffers = [b.clone() for b in buffers]
+        for p in (
+            params
+        ):  # capturable Adam keeps its step count on the device (an eager run's resumed state may not)
+            step = optimizer.state.get(p, {}).get("step")
+            if torch.is_tensor(step) and step.device != p.device:
+                optimizer.state[p]["step"] = step.to(p.device, torch.float32)
         saved_state = {
             p: {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)}
             for p in params
@@ -269,8 +291,8 @@ class CapturedStep:
                 self.loss, self.n_items = self._step()
         finally:
             with torch.no_grad():
-                for p, saved in zip(params, saved_params):
-                    p.copy_(saved)
+                for t, saved in zip(params + buffers, saved_params + saved_buffers):
+                    t.copy_(saved)
                 for p in params:
                     for key, value in optimizer.state.get(p, {}).items():
                         if torch.is_tensor(value):
@@ -280,6 +302,9 @@ class CapturedStep:
                 for group in optimizer.param_groups:
                     group["capturable"] = False
                 optimizer.zero_grad(set_to_none=True)
+            else:
+                # the short last batch of an epoch steps eagerly: torch would warn about capturable mode each run
+                optimizer._warned_capturable_if_run_uncaptured = True
 
     def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast(self.device, self.amp, cache_enabled=False):
@@ -298,9 +323,15 @@ class CapturedStep:
         return self.loss, self.n_items
 
 
-def _graph_blocker(device, ctx, scaler, scheduler, compile, grad_clip_norm, resident) -> str | None:
+def _graph_blocker(
+    device, ctx, optimizer, scaler, scheduler, compile, grad_clip_norm, resident
+) -> str | None:
     """Why a CUDA graph cannot capture this run's training step (None: it can)."""
     reasons = (
+        (
+            not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)),
+            "an optimiser other than Adam / AdamW",
+        ),
         (device.type != "cuda", "not on CUDA"),
         (not resident, "the data is not resident on the device"),
         (ctx.enabled, "torchrun (several processes)"),
@@ -367,8 +398,9 @@ def fit(
     Checkpoints are written by a background thread (:class:`villa.checkpoints.CheckpointWriter`) after the
     last epoch, on an early stop, and after any epoch that ends ``checkpoint_every_s`` seconds or more
     after the previous write (0: after every epoch). An improved model waiting for its write is held in
-    host memory and written as ``best.pkl`` before the next ``last.pkl``, so the files on disk always agree
-    with each other; a resumed run repeats at most ``checkpoint_every_s`` seconds of training.
+    host memory and written as ``best.pkl`` before the next ``last.pkl``, so the two files always agree with
+    each other (``metrics.csv`` is rewritten every epoch and may run ahead of them); a resumed run repeats at
+    most about ``checkpoint_every_s`` seconds plus one epoch of training.
     """
     if epochs < 0:
         raise VillaError(f"epochs must be >= 0, got {epochs}")
@@ -467,7 +499,7 @@ def fit(
     show = progress and ctx.is_main
     captured = None
     if cuda_graphs and start_epoch < epochs:
-        blocker = _graph_blocker(device, ctx, scaler, scheduler, compile, grad_clip_norm, resident)
+        blocker = _graph_blocker(device, ctx, optimizer, scaler, scheduler, compile, grad_clip_norm, resident)
         if blocker is None and len(train_set) >= batch_size:
             try:
                 captured = CapturedStep(train_model, train_set, loss_fn, optimizer, device, amp, batch_size)
@@ -507,10 +539,10 @@ def fit(
             elif has_val:
                 train_model.eval()
                 with torch.no_grad(), autocast(device, amp):
-                    totals = _EpochTotals(device)
+                    totals = _EpochTotals(device, f"{desc} val")
                     total, items = val_loss_fn(train_model, val_set)
-                    totals.sums += torch.stack([total.double(), items.double()]).to(device)
-                val_loss = totals.mean(f"{desc} val")
+                    totals.sums += torch.stack([total, items]).to(device, totals.sums.dtype)
+                val_loss = totals.mean()
             monitored = val_loss if val_loss is not None else train_loss
             lr = optimizer.param_groups[0]["lr"]
             if plateau:
@@ -553,13 +585,12 @@ def fit(
                     or time.perf_counter() - last_written >= checkpoint_every_s
                 )
                 if due:  # (written while the next epoch trains; finished before fit returns or raises)
-                    if pending_best is not None:
-                        writer.save(run_dir / BEST, pending_best)
-                        pending_best = None
-                    writer.save(
-                        run_dir / LAST, model, optimizer, scheduler, epoch + 1, config, extra, **state
-                    )
-                    last_written = time.perf_counter()
+                    files = [(run_dir / BEST, pending_best)] if pending_best is not None else []
+                    last = writer.snapshot(model, optimizer, scheduler, epoch + 1, config, extra, **state)
+                    writer.submit(
+                        files + [(run_dir / LAST, last)]
+                    )  # best first: last.pkl never names a newer best
+                    pending_best, last_written = None, time.perf_counter()
                 _write_metrics(run_dir, result.history)
                 val_text = f" val_loss {val_loss:.4f}" if val_loss is not None else ""
                 print(

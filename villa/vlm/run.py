@@ -156,6 +156,8 @@ def run_stage2(
     torch.manual_seed(seed)
     model = enc.build_image_model()
     if activation_checkpointing:
+        if compile:  # (torch.compile traces the recomputation without the frozen BatchNorm statistics)
+            raise VillaError("activation_checkpointing=true and compile=true cannot be combined: choose one")
         if not hasattr(model, "activation_checkpointing"):
             raise VillaError(
                 f"encoder {enc.name}'s image tower has no activation_checkpointing: set it to false"
