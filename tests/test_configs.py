@@ -47,6 +47,23 @@ def test_sweep_config_composes():
     assert list(cfg.complexities) and cfg.stage1.epochs > 0
 
 
+def test_nested_stage_settings_of_the_sweep_change_one_key():
+    """``+stage1.optimizer.lr=1e-3`` on the sweep's command line reaches stage 1 as ``optimizer.lr=0.001``: the
+    optimiser keeps its target and other settings (a dict literal would not parse, or would replace the node)."""
+    from omegaconf import OmegaConf
+
+    from villa.complexity_sweep import _stage_overrides
+
+    sweep = compose(["+stage1.optimizer.lr=1e-3", "+stage2.optimizer.weight_decay=0.1"], config_name="sweep")
+    for stage, experiment in (("stage1", "docmnist_stage1"), ("stage2", "docmnist_stage2")):
+        extra = OmegaConf.to_container(sweep[stage])
+        cfg = compose(_stage_overrides(experiment, Path("/d"), Path("/r"), {"seed": 1}, extra))
+        default = compose([f"experiment={experiment}"])
+        changed = {k for k in default.optimizer if cfg.optimizer[k] != default.optimizer[k]}
+        assert changed == ({"lr"} if stage == "stage1" else {"weight_decay"}), stage
+        assert cfg.epochs == sweep[stage].epochs
+
+
 def test_the_experiment_a_command_line_implies():
     assert implied_experiment(["epochs=3"], "docmnist_stage1", "stage1") == "docmnist_stage1"
     assert implied_experiment(["data_dir=/x"], "docmnist_stage1", "stage1") == "stage1"

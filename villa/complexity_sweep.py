@@ -220,7 +220,20 @@ def _stage_overrides(
         **common,
         **extra,
     }
-    return [f"{key}={'null' if value is None else value}" for key, value in values.items()]
+    return [f"{key}={'null' if value is None else value}" for key, value in _dotted(values).items()]
+
+
+def _dotted(values: dict, prefix: str = "") -> dict:
+    """Nested settings as Hydra's dotted keys: ``{"optimizer": {"lr": 1e-3}}`` -> ``{"optimizer.lr": 1e-3}``, so
+    that ``+stage1.optimizer.lr=1e-3`` on the sweep's command line changes one key of the stage's optimiser
+    instead of replacing the whole node (Hydra's override grammar has no dict literal)."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _distinct_ints(values: Sequence, what: str, minimum: int) -> list[int]:
