@@ -17,14 +17,15 @@ package (uncommitted changes included). Variants of the current tree (``--varian
 Reported per run: the process wall time (start to exit, imports included), the ``run_stage1`` call
 (dataset load, training, checkpoints, mapping of every split), the training loop alone (sum of
 ``metrics.csv`` seconds: train + validation passes, checkpoint writes excluded), and val/test mapping F1.
-Same seed, same data, same hyper-parameters on every side: the F1s must agree within seed noise (the
+The sides run one after the other, their order reversed from one seed to the next (so no side always
+meets a cold machine first); the header names the GPU, the CPU cores and the load. Same seed, same data, same
+hyper-parameters on every side: the F1s must agree within seed noise (the
 seed-to-seed spread is printed when several seeds run).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -34,7 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _trees import baseline_tree, current_tree, worker_env
+
 VARIANTS = {
     "default": [],
     "no_graphs": ["cuda_graphs=false"],
@@ -67,8 +69,7 @@ def worker(args) -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     call = time.perf_counter() - t
-    with open(Path(args.run_dir) / "metrics.csv") as fh:
-        epochs = sum(float(row["seconds"]) for row in csv.DictReader(fh))
+    epochs = sum(row["seconds"] for row in result.fit.history)  # (the run's metrics.csv rows)
     out = {
         "imports_s": imported,
         "run_stage1_s": call,
@@ -80,17 +81,13 @@ def worker(args) -> None:
     Path(args.out).write_text(json.dumps(out))
 
 
-def baseline_tree(args, dest: Path) -> Path:
-    if args.baseline_src:
-        shutil.copytree(Path(args.baseline_src) / "villa", dest / "villa")
-        return dest
-    archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", "--format=tar", args.baseline_rev, "villa"],
-        capture_output=True,
-        check=True,
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    return dest
+def baseline(args, dest: Path) -> Path:
+    """The baseline package: a copy of ``--baseline-src``'s, or ``git archive <--baseline-rev> villa``."""
+    return (
+        current_tree(dest, Path(args.baseline_src))
+        if args.baseline_src
+        else baseline_tree(args.baseline_rev, dest)
+    )
 
 
 def run(label: str, tree: Path, overrides: list[str], seed: int, args, tmp: Path) -> dict:
@@ -99,9 +96,8 @@ def run(label: str, tree: Path, overrides: list[str], seed: int, args, tmp: Path
         sys.executable, str(Path(__file__).resolve()), "--worker", "--out", str(out), "--run-dir", str(run_dir),
         "--data-dir", str(args.data_dir), "--device", args.device, "--seed", str(seed), "--epochs", str(args.epochs),
     ] + [f"--override={o}" for o in overrides]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]))
     t = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=worker_env(tree), cwd=tmp, capture_output=True, text=True)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         print(f"{label} seed {seed} FAILED:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}", flush=True)
@@ -111,7 +107,7 @@ def run(label: str, tree: Path, overrides: list[str], seed: int, args, tmp: Path
     print(
         f"{label:10s} seed {seed}: process {wall:6.1f} s | run_stage1 {result['run_stage1_s']:6.1f} s | "
         f"training epochs {result['epochs_s']:6.1f} s | val F1 {_f1(result['val_f1'])} test F1 "
-        f"{_f1(result['test_f1'])}" + (f" | {'; '.join(notes)}" if notes else ""),
+        f"{_f1(result['test_f1'])} [{result['villa_file']}]" + (f" | {'; '.join(notes)}" if notes else ""),
         flush=True,
     )
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -144,30 +140,28 @@ def main() -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         sys.exit(f"unknown variant {unknown[0]}: use any of {', '.join(VARIANTS)}")
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     print(
-        f"data {args.data_dir}, device {args.device}, seeds {args.seeds}, load {os.getloadavg()}", flush=True
+        f"data {args.data_dir}, device {args.device} ({gpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}), "
+        f"seeds {args.seeds}, load {os.getloadavg()}",
+        flush=True,
     )
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_stage1_run_") as tmp:
         tmp = Path(tmp)
         (tmp / "base").mkdir()
         (tmp / "cur").mkdir()
-        trees = {"current": tmp / "cur"}
-        shutil.copytree(
-            REPO / "villa", trees["current"] / "villa", ignore=shutil.ignore_patterns("__pycache__")
-        )
+        trees = {"current": current_tree(tmp / "cur")}
         if args.baseline_rev or args.baseline_src:
-            trees["baseline"] = baseline_tree(args, tmp / "base")
-        for seed in args.seeds:
-            if "baseline" in trees:
-                results.setdefault("baseline", []).append(
-                    run("baseline", trees["baseline"], [], seed, args, tmp)
-                )
-            for variant in variants:
-                label = variant if variant != "default" else "current"
-                results.setdefault(label, []).append(
-                    run(label, trees["current"], VARIANTS[variant], seed, args, tmp)
-                )
+            trees["baseline"] = baseline(args, tmp / "base")
+        sides = [("baseline", "baseline", [])] if "baseline" in trees else []
+        sides += [(v if v != "default" else "current", "current", VARIANTS[v]) for v in variants]
+        for i, seed in enumerate(args.seeds):
+            # (the order flips from seed to seed, so no side always runs first on a cold machine)
+            for label, tree, overrides in sides if i % 2 == 0 else sides[::-1]:
+                results.setdefault(label, []).append(run(label, trees[tree], overrides, seed, args, tmp))
     print(f"\nload after: {os.getloadavg()}")
     print("| side | seeds | process wall (s) | run_stage1 (s) | training epochs (s) | val F1 | test F1 |")
     print("|---|---|---|---|---|---|---|")

@@ -42,13 +42,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _trees import baseline_tree, current_tree, worker_env
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_KEYS = ("train_loss", "val_loss")
@@ -262,21 +263,6 @@ def worker(args) -> None:
 
 
 # --------------------------------------------------------------------------- parent
-def baseline_tree(rev: str, dest: Path) -> Path:
-    """``git archive <rev> villa`` unpacked under ``dest``: the baseline package, importable from there."""
-    archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", "--format=tar", rev, "villa"], capture_output=True, check=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    return dest
-
-
-def current_tree(dest: Path) -> Path:
-    """A copy of this tree's ``villa`` package (uncommitted changes included) under ``dest``."""
-    shutil.copytree(REPO / "villa", dest / "villa", ignore=shutil.ignore_patterns("__pycache__"))
-    return dest
-
-
 def run_worker(label: str, tree: Path, args, tmp: Path, i: int, profile: bool) -> dict:
     out = tmp / f"{label}_{i}.json"
     cmd = [
@@ -288,8 +274,7 @@ def run_worker(label: str, tree: Path, args, tmp: Path, i: int, profile: bool) -
     ]  # fmt: skip
     if profile:
         cmd.append("--profile")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]))
-    subprocess.run(cmd, env=env, check=True, cwd=tmp)
+    subprocess.run(cmd, env=worker_env(tree), check=True, cwd=tmp)
     result = json.loads(out.read_text())
     print(
         f"  {label:8s} epoch {result['epoch_s']:7.1f} s  (data {result['data_s']:.1f} s)  "

@@ -11,6 +11,7 @@ diagnosis for choosing speed levers, not a before/after benchmark. Prints millis
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -40,6 +41,10 @@ def main() -> None:
     from villa.vlm.run import DEFAULT_OPTIMIZER, RegionTextLoss, build_stage2_datasets
 
     device = resolve_device(args.device)
+    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    print(
+        f"device {device}{gpu}; {os.cpu_count()} CPU cores; torch {torch.__version__}; load {os.getloadavg()}"
+    )
     name, weights = preprocessed_encoder(Dataset.open(args.data_dir).root, None, None)
     enc = get_encoder(name, clip_weights=weights, device="cpu")
     t = time.perf_counter()

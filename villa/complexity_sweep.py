@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import json
 import math
 import os
@@ -37,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from villa.artifacts import damaged, one_line, read_json
+from villa.artifacts import damaged, file_sha256, one_line, read_json
 from villa.errors import VillaError
 from villa.io import atomic_path, write_json
 
@@ -486,7 +485,7 @@ def generate_shared(data_root: str | Path, digit_pools=None, **params):
 
 def _annotations_digest(dataset_dir: Path) -> str | None:
     path = dataset_dir / "annotations.feather"
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return file_sha256(path) if path.is_file() else None
 
 
 def _check_settings(out_dir: Path, settings: dict) -> None:

@@ -182,8 +182,8 @@ def embed_regions(
                 embs = model(images, boxes)
             embs = embs.float().cpu().numpy()
             del images, boxes
-            release_freed_memory()
             forward += time.perf_counter() - start
+            release_freed_memory()
             bar.update(len(embs))
             yield batch.image_ids, batch.counts, embs
     if timings is not None:
@@ -519,7 +519,8 @@ def _publish(work: RegionWork, dataset_dir: Path, enc, extra: dict, rich, stats_
 
     def finished():
         for ids, counts, rows, _ in work.shards():
-            yield ids, counts, np.array(rows) if finish is None else finish(rows)
+            # (the memory-mapped rows as they are: regrouping into shards copies them once)
+            yield ids, counts, rows if finish is None else finish(rows)
 
     with RegionEmbeddingWriter(dataset_dir, encoder=enc.name, dim=enc.dim, extra=extra) as writer:
         _stream_into(writer, finished(), enc.dim)

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from villa import distributed
 from villa.artifacts import one_line
-from villa.checkpoints import BEST, LAST, CheckpointWriter, load_checkpoint, unwrap
+from villa.checkpoints import BEST, LAST, CheckpointWriter, host_copy, load_checkpoint, unwrap
 from villa.device import autocast, keep_cpu_memory, needs_grad_scaler
 from villa.errors import VillaError
 from villa.io import atomic_path
@@ -133,20 +133,23 @@ def _make_loader(dataset, batch_size, shuffle, seed, ctx, collate_fn, num_worker
     with persistent workers, every epoch without, which would shift the dropout of every epoch after the first).
     Workers run one torch thread each (PyTorch's default), so they take little CPU from the training step.
     """
-    # DistributedSampler with one replica is an ordinary seeded, per-epoch reshuffling sampler, so one code
-    # path serves single-process and torchrun runs, and a resumed run sees the same order as an uninterrupted one.
-    sampler = DistributedSampler(
-        dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed, drop_last=False
-    )
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=sampler,
+        sampler=_sampler(dataset, shuffle, seed, ctx),
         collate_fn=collate_fn,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def _sampler(dataset, shuffle: bool, seed: int, ctx) -> DistributedSampler:
+    # DistributedSampler with one replica is an ordinary seeded, per-epoch reshuffling sampler, so one code
+    # path serves single-process and torchrun runs, and a resumed run sees the same order as an uninterrupted one.
+    return DistributedSampler(
+        dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed, drop_last=False
     )
 
 
@@ -181,7 +184,7 @@ def _run_epoch(
 ):
     """One pass over ``loader``; returns (mean loss over items, seconds waiting for data).
 
-    The losses are summed on the device and read once at the end (a non-finite mean stops the run then).
+    The losses are summed on the device (:class:`_EpochTotals`).
     """
     totals = _EpochTotals(device, desc)
     data_seconds = 0.0
@@ -264,9 +267,8 @@ class CapturedStep:
         saved_params = [p.detach().clone() for p in params]
         buffers = list(model.buffers())  # (e.g. BatchNorm statistics: the warm-up would move them)
         saved_buffers = [b.clone() for b in buffers]
-        for p in (
-            params
-        ):  # capturable Adam keeps its step count on the device (an eager run's resumed state may not)
+        # capturable Adam keeps its step count on the device (an eager run's resumed state may not)
+        for p in params:
             step = optimizer.state.get(p, {}).get("step")
             if torch.is_tensor(step) and step.device != p.device:
                 optimizer.state[p]["step"] = step.to(p.device, torch.float32)
@@ -484,7 +486,7 @@ def fit(
     pin_memory = pin_memory and device.type == "cuda"
     if resident:  # the loader's seeded order, without the loader
         train_loader = None
-        order_sampler = DistributedSampler(train_set, num_replicas=1, rank=0, shuffle=True, seed=seed)
+        order_sampler = _sampler(train_set, True, seed, ctx)
     else:
         train_loader = _make_loader(
             train_set, batch_size, True, seed, ctx, collate_fn, num_workers, pin_memory
@@ -577,19 +579,20 @@ def fit(
                     "stopped_early": result.stopped_early,
                     "scaler": scaler.state_dict() if scaler is not None else None,
                 }
-                if improved:
-                    pending_best = writer.snapshot(model, None, None, epoch + 1, config, extra, **state)
+                if improved:  # (a copy where the model lives: to host memory only when written)
+                    pending_best = writer.snapshot(
+                        model, None, None, epoch + 1, config, extra, to_host=False, **state
+                    )
                 due = (
                     epoch + 1 == epochs
                     or result.stopped_early
                     or time.perf_counter() - last_written >= checkpoint_every_s
                 )
                 if due:  # (written while the next epoch trains; finished before fit returns or raises)
-                    files = [(run_dir / BEST, pending_best)] if pending_best is not None else []
+                    files = [(run_dir / BEST, host_copy(pending_best))] if pending_best is not None else []
                     last = writer.snapshot(model, optimizer, scheduler, epoch + 1, config, extra, **state)
-                    writer.submit(
-                        files + [(run_dir / LAST, last)]
-                    )  # best first: last.pkl never names a newer best
+                    # best first: last.pkl never names a newer best.pkl than the one on disk
+                    writer.submit(files + [(run_dir / LAST, last)])
                     pending_best, last_written = None, time.perf_counter()
                 _write_metrics(run_dir, result.history)
                 val_text = f" val_loss {val_loss:.4f}" if val_loss is not None else ""

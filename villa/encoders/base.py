@@ -56,7 +56,9 @@ def _stats_frozen(model: torch.nn.Module):
         for m in norms
     ]
     for m in norms:
-        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged, exactly
+        # running = (1 - 0) * running + 0 * batch: unchanged (track_running_stats=False would make the
+        # recomputation save other tensors than the forward did, which torch.utils.checkpoint refuses)
+        m.momentum = 0.0
     try:
         yield
     finally:

@@ -146,7 +146,7 @@ def evaluate_model(
     embs = embed_regions(model, units, resolve_device(device), batch_size, amp, progress)
     metrics = retrieval_metrics(embs, attr_embs, torch.from_numpy(np.asarray(truth)), names)
     if evaluation == "regions" and detection:
-        metrics["detection"] = detection_metrics(frame, dataset, embs, attr_embs)
+        metrics["detection"] = detection_metrics(frame, dataset, embs, attr_embs, boxes=boxes)
     if evaluation == "images":
         metrics = {k.replace("region", "image"): v for k, v in metrics.items()}
         for per in metrics["per_attribute"].values():
@@ -171,7 +171,13 @@ def evaluate_model(
     return metrics
 
 
-def detection_metrics(frame, dataset: Dataset, region_embs: torch.Tensor, attr_embs: torch.Tensor) -> dict:
+def detection_metrics(
+    frame,
+    dataset: Dataset,
+    region_embs: torch.Tensor,
+    attr_embs: torch.Tensor,
+    boxes: np.ndarray | None = None,
+) -> dict:
     """Zero-shot detection (COCO AP and AP50, percent) of the split's regions, :mod:`villa.evaluation.detection`.
 
     Detections: every region against every attribute prompt, scored by a softmax over the attributes of the
@@ -179,7 +185,7 @@ def detection_metrics(frame, dataset: Dataset, region_embs: torch.Tensor, attr_e
     once a digit, a colour, a shape and a size, so digits must not compete with colours). Ground truth: the
     dataset's labelled objects (``object_boxes``/``object_labels``, e.g. COCO instances under imported
     proposals), else every region with each of its ``reg_to_attr`` attributes. Overall AP is the mean over
-    attributes with ground truth, as COCO's.
+    attributes with ground truth, as COCO's. ``boxes``: the split's :func:`region_boxes`, when the caller has them.
     """
     from villa.evaluation.detection import zero_shot_detection
 
@@ -187,7 +193,7 @@ def detection_metrics(frame, dataset: Dataset, region_embs: torch.Tensor, attr_e
     image_ids = frame["image_id"].to_numpy(dtype=np.int64)
     counts = frame["num_regions"].to_numpy(dtype=np.int64)
     region_image = np.repeat(image_ids, counts)
-    boxes = region_boxes(frame)  # [R, 4], computed once for every kind's scoring
+    boxes = region_boxes(frame) if boxes is None else boxes  # [R, 4], once for every kind's scoring
     if dataset.has_objects:
         objects = [o or [] for o in frame["object_boxes"]]
         labels = [lab or [] for lab in frame["object_labels"]]

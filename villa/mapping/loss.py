@@ -172,31 +172,16 @@ class MappingLoss:
             return sim.amax(dim=1), present
         # one pass without autograd over every real region and present head finds each image's arg-max
         # region; its cached hidden layer and output are then reused for the backward (no second forward)
-        xs, hidden, out = model.project_cached(packed[0], head_index)  # [M, D], [Kp or 1, M, D] x 2
+        cached = model.project_cached(packed[0], head_index)  # [M, D], [Kp or 1, M, D] x 2
         with torch.no_grad():
-            # cos up to the positive 1/tau: <out, e> / |out| ranks regions as <normalize(out), e> does
-            proj = model.adapt(out, packed).float()  # [Kp, M, D]
-            dots = torch.linalg.vecdot(proj, embs.unsqueeze(1))  # [Kp, M] (a bmm here would be a slow GEMV)
-            cos = dots / torch.linalg.vector_norm(proj, dim=-1).clamp_min(1e-12)
+            cos = self._cosines(model, cached[2], packed[0], embs)  # [Kp, M]
             full = cos.new_full((len(head_index), *mask.shape), float("-inf"))  # [Kp, B, R]
             full[:, mask] = cos
             # padded region index -> packed row; an image without regions gets row 0 (its score is masked)
-            packed_row = (mask.flatten().cumsum(0) - 1).clamp_min(0).view(mask.shape)  # [B, R]
-            best = packed_row.gather(1, full.argmax(dim=2).t()).t().reshape(-1)  # [Kp * B], head-major
-            # where head k's rows start in hidden / out flattened to [Kp * M] (one shared block: one_proj)
-            head_start = torch.arange(len(head_index), device=best.device) * len(xs) * (len(hidden) > 1)
-            flat = best + head_start.repeat_interleave(len(mask))
-            # (index_select on flattened rows: ~5x faster than advanced indexing, and contiguous, which
-            # the backward's bmm needs to be fast)
-            shape = (len(head_index), len(mask), xs.shape[1])
-            chosen = [xs.index_select(0, best).view(shape)]
-            chosen += [t.flatten(0, 1).index_select(0, flat).view(shape) for t in (hidden, out)]  # [Kp, B, D]
-        raw = packed[0].index_select(0, best).view(shape) if model.adapter else None
-        proj = model.replay(*chosen, head_index, raw)
-        proj = F.normalize(proj.float(), dim=-1)  # [Kp, B, D]
-        scores = torch.einsum("kbd,kd->bk", proj, embs) / self.tau
-        # an image without real regions has no score (region_scores gives -inf there too)
-        return scores.masked_fill(~mask.any(1, keepdim=True), float("-inf")), present
+            slot_row = (mask.flatten().cumsum(0) - 1).clamp_min(0).view(mask.shape)  # [B, R]
+        return self._best_region_scores(
+            model, packed[0], cached, full, slot_row, head_index, embs, mask
+        ), present
 
     def _static_scores(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`scores` over all K heads and all ``B * R`` region slots: shapes fixed by the batch's
@@ -204,30 +189,52 @@ class MappingLoss:
         regions, mask, present = batch["regions"], batch["mask"].bool(), batch["multi_hot"].bool()
         b, r, d = regions.shape
         embs = self.embeddings_on(regions.device)  # [K, D]
-        flat = regions.reshape(b * r, d)
         if not self._can_shortcut(model):
-            sim = (
-                torch.einsum("brkd,kd->brk", F.normalize(model(regions).float(), dim=-1), embs) / self.tau
-            )  # [B, R, K]
-            return sim.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1), present
-        xs, hidden, out = model.project_cached(flat, None)  # [BR, D], [K or 1, BR, D] x 2
-        k = len(embs)
+            return region_scores(model(regions), embs, mask, self.tau), present
+        flat = regions.reshape(b * r, d)
+        cached = model.project_cached(flat, None)  # [BR, D], [K or 1, BR, D] x 2
         with torch.no_grad():
-            proj = model.adapt(out, flat).float()  # [K, BR, D]
-            dots = torch.linalg.vecdot(proj, embs.unsqueeze(1))  # [K, BR]
-            cos = (dots / torch.linalg.vector_norm(proj, dim=-1).clamp_min(1e-12)).view(k, b, r)
-            best = cos.masked_fill(~mask, float("-inf")).argmax(dim=2)  # [K, B] region slot
-            rows = (best + torch.arange(b, device=best.device) * r).reshape(-1)  # [K * B] rows of flat
-            # where head k's rows start in hidden / out flattened to [K * BR] (one shared block: one_proj)
-            head_start = torch.arange(k, device=rows.device) * (b * r) * (len(hidden) > 1)
-            at = (rows.view(k, b) + head_start.unsqueeze(1)).reshape(-1)
-            shape = (k, b, d)
-            chosen = [xs.index_select(0, rows).view(shape)]
-            chosen += [t.flatten(0, 1).index_select(0, at).view(shape) for t in (hidden, out)]  # [K, B, D]
-        raw = flat.index_select(0, rows).view(shape) if model.adapter else None
-        proj = F.normalize(model.replay(*chosen, None, raw).float(), dim=-1)  # [K, B, D]
+            cos = self._cosines(model, cached[2], flat, embs).view(len(embs), b, r)
+            cos = cos.masked_fill(~mask, float("-inf"))
+            slot_row = torch.arange(b * r, device=flat.device).view(b, r)
+        return self._best_region_scores(model, flat, cached, cos, slot_row, None, embs, mask), present
+
+    @staticmethod
+    def _cosines(model, out: torch.Tensor, rows: torch.Tensor, embs: torch.Tensor) -> torch.Tensor:
+        """``[Kp, N]`` cosine of each head's projection of each row with its attribute embedding (normalised).
+
+        ``out``: the heads' outputs ``[Kp or 1, N, D]`` of ``rows [N, D]`` (before the adapter)."""
+        proj = model.adapt(out, rows).float()  # [Kp, N, D]
+        dots = torch.linalg.vecdot(proj, embs.unsqueeze(1))  # [Kp, N] (a bmm here would be a slow GEMV)
+        return dots / torch.linalg.vector_norm(proj, dim=-1).clamp_min(1e-12)
+
+    def _best_region_scores(self, model, rows, cached, cos, slot_row, head_index, embs, mask) -> torch.Tensor:
+        """Image scores ``[B, Kp]`` from each (image, head)'s arg-max region, with the heads' gradients.
+
+        Args:
+            rows: ``[N, D]`` the projected rows (the packed real regions, or every padded slot);
+            cached: :meth:`MappingModel.project_cached`'s ``(xs, hidden, out)`` of ``rows``;
+            cos: ``[Kp, B, R]`` cosines per region slot, ``-inf`` where there is no real region;
+            slot_row: ``[B, R]`` long, the row of ``rows`` holding each slot;
+            head_index: ``[Kp]`` long, or None for all heads; embs: ``[Kp, D]`` normalised; mask: ``[B, R]``.
+        """
+        xs, hidden, out = cached
+        kp, b = cos.shape[:2]
+        with torch.no_grad():
+            best = slot_row.gather(1, cos.argmax(dim=2).t()).t().reshape(-1)  # [Kp * B] rows, head-major
+            # where head k's rows start in hidden / out flattened to [Kp * N] (one shared block: one_proj)
+            head_start = torch.arange(kp, device=best.device) * len(xs) * (len(hidden) > 1)
+            at = (best.view(kp, b) + head_start.unsqueeze(1)).reshape(-1)
+            # (index_select on flattened rows: ~5x faster than advanced indexing, and contiguous, which
+            # the backward's bmm needs to be fast)
+            shape = (kp, b, xs.shape[1])
+            chosen = [xs.index_select(0, best).view(shape)]
+            chosen += [t.flatten(0, 1).index_select(0, at).view(shape) for t in (hidden, out)]  # [Kp, B, D]
+        raw = rows.index_select(0, best).view(shape) if model.adapter else None
+        proj = F.normalize(model.replay(*chosen, head_index, raw).float(), dim=-1)  # [Kp, B, D]
         scores = torch.einsum("kbd,kd->bk", proj, embs) / self.tau
-        return scores.masked_fill(~mask.any(1, keepdim=True), float("-inf")), present
+        # an image without real regions has no score (region_scores gives -inf there too)
+        return scores.masked_fill(~mask.any(1, keepdim=True), float("-inf"))
 
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         scores, present = self.scores(model, batch)
@@ -264,9 +271,7 @@ class MappingLoss:
         for start in range(0, n, per_chunk):
             chunk = slice(start, start + per_chunk)
             x = regions[chunk].to(device, non_blocking=True).float()
-            m = mask[chunk].to(device, non_blocking=True).bool()
-            sim = torch.einsum("brkd,kd->brk", F.normalize(model(x).float(), dim=-1), embs) / self.tau
-            scores[chunk] = sim.masked_fill(~m.unsqueeze(-1), float("-inf")).amax(dim=1)
+            scores[chunk] = region_scores(model(x), embs, mask[chunk].to(device).bool(), self.tau)
         present = multi_hot.to(device).bool()
         pad = -n % batch_size  # the last, short batch: padded with images that have no attribute and no score
         if pad:

@@ -1,0 +1,35 @@
+"""The two code trees a before/after benchmark runs side by side, each in its own worker processes.
+
+``baseline_tree``: ``git archive <rev> villa`` unpacked (that commit's code doing its real work its real way);
+``current_tree``: a copy of this tree's package taken at the start (uncommitted changes included);
+``worker_env``: the environment that makes a worker import ``villa`` from one of them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def baseline_tree(rev: str, dest: Path) -> Path:
+    """``git archive <rev> villa`` unpacked under ``dest``: the baseline package, importable from there."""
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", "--format=tar", rev, "villa"], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+def current_tree(dest: Path, source: Path = REPO) -> Path:
+    """A copy of ``source``'s ``villa`` package (default: this tree, uncommitted changes included) under ``dest``."""
+    shutil.copytree(source / "villa", dest / "villa", ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+def worker_env(tree: Path) -> dict:
+    """This process's environment with ``tree`` first on ``PYTHONPATH``."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]))
