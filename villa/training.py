@@ -399,8 +399,8 @@ def fit(
 
     Checkpoints are written by a background thread (:class:`villa.checkpoints.CheckpointWriter`) after the
     last epoch, on an early stop, and after any epoch that ends ``checkpoint_every_s`` seconds or more
-    after the previous write (0: after every epoch). An improved model waiting for its write is held in
-    host memory and written as ``best.pkl`` before the next ``last.pkl``, so the two files always agree with
+    after the previous write (0: after every epoch). An improved model waiting for its write is held as a copy on
+    its device and written as ``best.pkl`` before the next ``last.pkl``, so the two files always agree with
     each other (``metrics.csv`` is rewritten every epoch and may run ahead of them); a resumed run repeats at
     most about ``checkpoint_every_s`` seconds plus one epoch of training.
     """
