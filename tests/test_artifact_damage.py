@@ -267,10 +267,10 @@ def _describe(outcome: Outcome) -> str:
 @pytest.fixture(scope="module")
 def survey(pristine, tmp_path_factory) -> list[Case]:
     work = tmp_path_factory.mktemp("damage_work")
-    counter = iter(range(10**6))
 
-    def copy() -> Tree:
-        return fresh_copy(pristine, work / f"c{next(counter)}")
+    def copy() -> Tree:  # (one copy on disk at a time: the cases run one after another)
+        shutil.rmtree(work / "current", ignore_errors=True)
+        return fresh_copy(pristine, work / "current")
 
     with pytest.MonkeyPatch.context() as monkeypatch:
         reads = trace_reads(pristine, work / "trace", monkeypatch)

@@ -145,3 +145,40 @@ def test_concurrent_writer_between_the_renames(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert read_tree(final) == theirs
     assert visible(tmp_path) == ["dataset"] and not [p for p in tmp_path.iterdir() if p.name != "dataset"]
+
+
+REFUSED_WRITES = """
+import resource, signal, sys
+import torch
+from villa.checkpoints import CheckpointWriter
+from villa.errors import run_entry
+from villa.io import write_json
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a refused write then fails with EFBIG, like a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, resource.RLIM_INFINITY))
+target, what = sys.argv[1], sys.argv[2]
+
+def body():
+    if what == "json":
+        write_json(target, list(range(10**6)))
+    else:  # a checkpoint from the background writer, as fit writes it
+        with CheckpointWriter() as writer:
+            writer.save(target, torch.nn.Linear(1024, 1024))
+
+run_entry(body)
+"""
+
+
+@pytest.mark.parametrize("what", ["json", "checkpoint"])
+def test_a_refused_write_is_one_line_and_leaves_no_file(tmp_path, what):
+    """A write the disk refuses (here: over the file-size limit, as a full disk refuses it) stops with one
+    line naming the file and the free space, and leaves neither the file nor its temporary."""
+    target = tmp_path / "out" / ("a.json" if what == "json" else "last.pkl")
+    run = subprocess.run(
+        [sys.executable, "-c", REFUSED_WRITES, str(target), what], capture_output=True, text=True, timeout=120
+    )
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2, run.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: could not write {target}: "), run.stderr
+    assert "MB free on its disk" in lines[0]
+    assert list(target.parent.iterdir()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -11,6 +12,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from villa.errors import VillaError
 
 
 def _read_umask() -> int:
@@ -36,9 +39,31 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as err:
+        failure = _write_failure(err, final.parent)  # (free space measured before the partial file goes)
         tmp.unlink(missing_ok=True)
+        if failure is not None:
+            raise VillaError(f"could not write {final}: {failure}") from err
         raise
+
+
+#: errno values of a write that the disk refused: full, over quota, or over the file-size limit
+_DISK_REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+#: what torch.save's C++ writer raises when a write to its file fails (it keeps no errno)
+_TORCH_WRITE_FAILED = ("iostream error", "unexpected pos", "failed writing")
+
+
+def _write_failure(err: BaseException, directory: Path) -> str | None:
+    """One line on ``err`` with the free space left under ``directory``, when ``err`` is a write the disk
+    refused; None for any other error (a bug keeps its traceback)."""
+    if isinstance(err, OSError) and err.errno in _DISK_REFUSED:
+        reason = os.strerror(err.errno)
+    elif isinstance(err, RuntimeError) and any(text in str(err) for text in _TORCH_WRITE_FAILED):
+        reason = "the write failed"
+    else:
+        return None
+    free_mb = shutil.disk_usage(directory).free / 2**20
+    return f"{reason} ({free_mb:,.0f} MB free on its disk)"
 
 
 #: suffixes of ``atomic_dir``'s hidden siblings: the complete old folder moved aside, and one being deleted
