@@ -160,11 +160,11 @@ def stage2_cmd(py, data, ckpt, task, cache_mb, workers, extra=()) -> list[str]:
 
 
 def epoch_seconds(run_dir: Path) -> dict:
-    import csv
+    """The last epoch's seconds, from the ``metrics.csv`` the child process's ``fit`` wrote."""
+    from villa.training import read_metrics
 
-    with open(run_dir / "metrics.csv") as fh:
-        row = list(csv.DictReader(fh))[-1]
-    return {"epoch_s": float(row["seconds"]), "data_s": float(row["data_seconds"])}
+    row = read_metrics(run_dir)[-1]
+    return {"epoch_s": row["seconds"], "data_s": row["data_seconds"]}
 
 
 def scale_rows(args, py: str, work: Path) -> list[dict]:

@@ -68,3 +68,55 @@ def test_the_experiment_a_command_line_implies():
     assert implied_experiment(["epochs=3"], "docmnist_stage1", "stage1") == "docmnist_stage1"
     assert implied_experiment(["data_dir=/x"], "docmnist_stage1", "stage1") == "stage1"
     assert implied_experiment(["experiment=clip", "data_dir=/x"], "docmnist_stage1", "stage1") is None
+
+
+def _comparable(value):
+    """A default made comparable: optimizer/scheduler partials as (class, keywords), lists as tuples."""
+    import functools
+
+    if isinstance(value, functools.partial):
+        return value.func, {k: _comparable(v) for k, v in value.keywords.items()}
+    if isinstance(value, (list, tuple)):
+        return tuple(_comparable(v) for v in value)
+    return value
+
+
+#: arguments the adapters derive from paths and names, not defaults
+_DERIVED = {"data_dir", "run_dir", "stage_1_ckpt_dir", "checkpoint", "out_path", "label", "config"}
+
+
+@pytest.mark.parametrize(
+    "module, function, adapter, experiment",
+    [
+        ("villa.mapping.run", "run_stage1", "run_stage1_from_config", "stage1"),
+        ("villa.vlm.run", "run_stage2", "run_stage2_from_config", "stage2"),
+        ("villa.evaluation.run", "evaluate_model", "evaluate_from_config", "stage2"),
+    ],
+)
+def test_the_python_defaults_are_the_yaml_defaults(module, function, adapter, experiment, monkeypatch):
+    """A default is declared in the YAML (for the command line) and in the run function's signature (for the
+    Python API); the adapter reads the YAML only. The two must not drift apart."""
+    import importlib
+    import inspect
+
+    from villa.mapping.run import default_optimizer
+
+    mod = importlib.import_module(module)
+    signature = inspect.signature(getattr(mod, function))
+    passed: dict = {}
+    monkeypatch.setattr(mod, function, lambda *args, **kwargs: passed.update(kwargs) or {})
+    monkeypatch.setattr(mod, "format_metrics", lambda metrics: "", raising=False)
+    getattr(mod, adapter)(compose([f"experiment={experiment}", "data_dir=some_data"]))
+    assert passed, f"{adapter} passed no keyword arguments"
+    compared = 0
+    for name, value in passed.items():
+        default = signature.parameters[name].default
+        if name in _DERIVED or default is inspect.Parameter.empty:
+            continue
+        if name == "optimizer_factory" and default is None:  # run_stage1 builds default_optimizer() itself
+            default = default_optimizer()
+        assert _comparable(value) == _comparable(default), (
+            f"{function}({name}=): YAML {value!r}, Python {default!r}"
+        )
+        compared += 1
+    assert compared >= 8

@@ -10,7 +10,7 @@ import torch
 
 from villa.checkpoints import load_checkpoint, load_model_state
 from villa.errors import VillaError
-from villa.training import fit
+from villa.training import fit, read_metrics
 
 
 class Points(torch.utils.data.Dataset):
@@ -64,6 +64,7 @@ def test_fit_learns_and_writes_artifacts(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == list(range(1, 7))
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert read_metrics(tmp_path) == result.history  # the reader gives back what fit wrote
     ckpt = load_checkpoint(tmp_path / "last.pkl")
     assert ckpt["epoch"] == 6 and len(ckpt["history"]) == 6
     assert load_checkpoint(tmp_path / "best.pkl")["epoch"] == result.best_epoch

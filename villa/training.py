@@ -160,6 +160,20 @@ def _write_metrics(run_dir: Path, history: list[dict]) -> None:
         writer.writerows(history)
 
 
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """The per-epoch rows of ``run_dir/metrics.csv`` as :func:`fit` wrote them (:data:`METRIC_COLUMNS`): numbers
+    as floats (``epoch`` an int), ``val_loss`` None where there was no validation, ``improved`` a bool."""
+    path = Path(run_dir) / METRICS_FILE
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        row["epoch"] = int(row["epoch"])
+        for key in ("train_loss", "val_loss", "lr", "seconds", "data_seconds"):
+            row[key] = float(row[key]) if row[key] not in ("", None) else None
+        row["improved"] = row["improved"] == "True"
+    return rows
+
+
 def _progress(iterable, total, desc, enabled):
     if not enabled:
         return iterable

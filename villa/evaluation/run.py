@@ -267,17 +267,18 @@ def evaluate_from_config(cfg) -> dict:
         )
     metrics = evaluate_model(
         data_dir=cfg.data_dir,
-        encoder=cfg.get("encoder"),
-        clip_weights=cfg.get("clip_weights"),
-        checkpoint=cfg.get("eval_checkpoint"),
-        split=cfg.get("eval_split", "test"),
+        encoder=cfg.encoder,
+        clip_weights=cfg.clip_weights,
+        checkpoint=cfg.eval_checkpoint,
+        split=cfg.eval_split,
         device=cfg.device,
-        batch_size=int(cfg.get("eval_batch_size", 256)),
+        batch_size=int(cfg.eval_batch_size),
         amp=bool(cfg.amp),
         out_path=Path(cfg.run_dir) / METRICS_FILE,
         label=cfg.task_name,
-        progress=bool(cfg.get("progress", True)),
-        image_cache_mb=float(cfg.get("image_cache_mb", DEFAULT_CACHE_MB)),
+        progress=bool(cfg.progress),
+        image_cache_mb=float(cfg.image_cache_mb),
+        # (stage 2's experiments declare pairs and stage_1_ckpt_dir; the untrained tower has neither)
         stage_1_ckpt_dir=cfg.get("stage_1_ckpt_dir") if cfg.get("pairs", "villa") == "villa" else None,
     )
     print(format_metrics(metrics))

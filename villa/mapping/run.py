@@ -229,45 +229,47 @@ def _device_memory_is_separate(device: torch.device) -> bool:
 
 
 def run_stage1_from_config(cfg) -> Stage1Result:
-    """Hydra glue: turn a composed ``experiment=docmnist_stage1`` config into :func:`run_stage1` arguments."""
+    """Hydra glue: turn a composed ``experiment=docmnist_stage1`` config into :func:`run_stage1` arguments.
+
+    Every key is read as composed (``configs/default.yaml`` and ``experiment/stage1.yaml`` declare them all), so
+    each default lives in the YAML once and a misspelt or missing key fails here rather than falling back."""
     from hydra.utils import instantiate
 
     from villa.hydra_app import require_stage, to_container
 
     require_stage(cfg, "stage1")
-    model, loss, mapping = cfg.get("model") or {}, cfg.get("loss") or {}, cfg.get("mapping") or {}
-    optimizer = instantiate(cfg.optimizer) if cfg.get("optimizer") is not None else None
-    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") is not None else None
+    model, loss, mapping = cfg.model, cfg.loss, cfg.mapping
+    scheduler = instantiate(cfg.scheduler) if cfg.scheduler is not None else None
     return run_stage1(
         cfg.data_dir,
         cfg.run_dir,
         encoder=cfg.encoder,
-        emb_dim=model.get("emb_dim"),
-        one_proj=bool(model.get("one_proj", False)),
-        adapter=bool(model.get("adapter", False)),
-        dropout=float(model.get("dropout", 0.0)),
-        standardize=bool(model.get("standardize", True)),
-        temperature=float(loss.get("temperature", TEMPERATURE)),
-        reference_quirk=bool(loss.get("reference_quirk", True)),
-        optimizer_factory=optimizer,
+        emb_dim=model.emb_dim,
+        one_proj=bool(model.one_proj),
+        adapter=bool(model.adapter),
+        dropout=float(model.dropout),
+        standardize=bool(model.standardize),
+        temperature=float(loss.temperature),
+        reference_quirk=bool(loss.reference_quirk),
+        optimizer_factory=instantiate(cfg.optimizer),
         scheduler_factory=scheduler,
         batch_size=int(cfg.batch_size),
         epochs=int(cfg.epochs),
         seed=int(cfg.seed),
         device=cfg.device,
         amp=bool(cfg.amp),
-        compile=bool(cfg.get("compile", False)),
+        compile=bool(cfg.compile),
         resume=bool(cfg.resume),
-        early_stopping_patience=cfg.get("early_stopping_patience"),
-        epsilon=float(mapping.get("epsilon", EPSILON)),
-        map_weights=str(mapping.get("weights", "last")),
-        chunk_size=int(mapping.get("chunk_size", 256)),
+        early_stopping_patience=cfg.early_stopping_patience,
+        epsilon=float(mapping.epsilon),
+        map_weights=str(mapping.weights),
+        chunk_size=int(mapping.chunk_size),
         num_workers=int(cfg.num_workers),
         pin_memory=bool(cfg.pin_memory),
-        progress=bool(cfg.get("progress", True)),
-        cpu_keep_freed_memory=bool(cfg.get("cpu_keep_freed_memory", False)),
-        checkpoint_every_s=float(cfg.get("checkpoint_every_s", 30.0)),
-        resident_data_mb=float(cfg.get("resident_data_mb", 2048)),
-        cuda_graphs=bool(cfg.get("cuda_graphs", True)),
+        progress=bool(cfg.progress),
+        cpu_keep_freed_memory=bool(cfg.cpu_keep_freed_memory),
+        checkpoint_every_s=float(cfg.checkpoint_every_s),
+        resident_data_mb=float(cfg.resident_data_mb),
+        cuda_graphs=bool(cfg.cuda_graphs),
         config=to_container(cfg),
     )

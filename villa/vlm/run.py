@@ -197,7 +197,10 @@ def run_stage2(
 
 
 def run_stage2_from_config(cfg):
-    """Hydra adapter: read the experiment's keys and call :func:`run_stage2`."""
+    """Hydra adapter: read the experiment's keys and call :func:`run_stage2`.
+
+    Every key is read as composed (``configs/default.yaml`` and ``experiment/stage2.yaml`` declare them all), so
+    each default lives in the YAML once and a misspelt or missing key fails here rather than falling back."""
     from hydra.utils import instantiate
 
     from villa.hydra_app import require_stage, to_container
@@ -206,27 +209,27 @@ def run_stage2_from_config(cfg):
     return run_stage2(
         data_dir=cfg.data_dir,
         run_dir=cfg.run_dir,
-        stage_1_ckpt_dir=cfg.get("stage_1_ckpt_dir"),
-        pairs=cfg.get("pairs", "villa"),
+        stage_1_ckpt_dir=cfg.stage_1_ckpt_dir,
+        pairs=cfg.pairs,
         encoder=cfg.encoder,
-        clip_weights=cfg.get("clip_weights"),
+        clip_weights=cfg.clip_weights,
         device=cfg.device,
         seed=int(cfg.seed),
         epochs=int(cfg.epochs),
         batch_size=int(cfg.batch_size),
-        optimizer_factory=instantiate(cfg.optimizer) if cfg.get("optimizer") else DEFAULT_OPTIMIZER,
-        scheduler_factory=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        early_stopping_patience=cfg.get("early_stopping_patience"),
-        tau=float(cfg.get("tau", TAU)),
+        optimizer_factory=instantiate(cfg.optimizer),
+        scheduler_factory=instantiate(cfg.scheduler) if cfg.scheduler is not None else None,
+        early_stopping_patience=cfg.early_stopping_patience,
+        tau=float(cfg.tau),
         amp=bool(cfg.amp),
-        compile=bool(cfg.get("compile", False)),
+        compile=bool(cfg.compile),
         resume=bool(cfg.resume),
         num_workers=int(cfg.num_workers),
         pin_memory=bool(cfg.pin_memory),
-        progress=bool(cfg.get("progress", True)),
-        image_cache_mb=float(cfg.get("image_cache_mb", DEFAULT_CACHE_MB)),
-        cpu_keep_freed_memory=bool(cfg.get("cpu_keep_freed_memory", False)),
-        checkpoint_every_s=float(cfg.get("checkpoint_every_s", 30.0)),
-        activation_checkpointing=bool(cfg.get("activation_checkpointing", False)),
+        progress=bool(cfg.progress),
+        image_cache_mb=float(cfg.image_cache_mb),
+        cpu_keep_freed_memory=bool(cfg.cpu_keep_freed_memory),
+        checkpoint_every_s=float(cfg.checkpoint_every_s),
+        activation_checkpointing=bool(cfg.activation_checkpointing),
         config=to_container(cfg),
     )
