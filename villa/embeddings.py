@@ -374,15 +374,14 @@ class RegionWork:
             shards = progress["shards"]
             for shard in shards:
                 for name, record in shard["files"].items():
-                    path = folder / name
-                    if path.stat().st_size != record["bytes"]:
+                    try:  # (a damaged shard is recomputed, so the reason is returned, not raised)
+                        check_file(folder / name, folder, "", record)
+                        rows = npy_header(folder / name, folder, "")[0][0]
+                    except VillaError:
                         return f"{name} is damaged", []
-                    found = npy_header(path, folder, "")[0]
-                    if found[0] != record["rows"]:
+                    if rows != record["rows"]:
                         return f"{name} is damaged", []
             return None, shards
-        except VillaError:
-            return "a shard file is damaged", []
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return "its progress record is missing or damaged", []
 
