@@ -403,7 +403,7 @@ def _preprocess(
         policy,
         max_batch_pixels,
     )
-    shards = work_shards(batches, row_dim, max(1, WORK_SHARD_BYTES // (4 * row_dim)), stats_images)
+    shards = group_shards(batches, row_dim, max(1, WORK_SHARD_BYTES // (4 * row_dim)), stats_images)
     if world_size == 1:
         for shard in shards:
             work.add(*shard)
@@ -451,7 +451,7 @@ def rich_stats_images(frame: pd.DataFrame) -> tuple[pd.Series, str]:
     return pd.Series(np.ones(len(frame), bool), index=frame["image_id"].to_numpy()), "all"
 
 
-def work_shards(
+def group_shards(
     batches, dim: int, shard_rows: int, stats_images: pd.Series | None = None
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, np.ndarray] | None]]:
     """Group ``(ids, counts, rows [m, dim])`` batches into shards of at least ``shard_rows`` rows (whole batches).
@@ -528,16 +528,13 @@ def _publish(work: RegionWork, dataset_dir: Path, enc, extra: dict, rich, stats_
 
 
 def _stream_into(writer: RegionEmbeddingWriter, batches, dim: int) -> None:
-    """Append batches to ``writer`` in shards of about :data:`SHARD_ROWS` rows."""
-    buffer, rows, written = [], 0, 0
-    for ids, counts, embs in batches:
-        buffer.append((ids, counts, embs))
-        rows += len(embs)
-        if rows >= SHARD_ROWS:
-            writer.add(*_concat_parts(buffer, dim))
-            buffer, rows, written = [], 0, written + 1
-    if buffer or not written:
-        writer.add(*_concat_parts(buffer, dim))
+    """Append batches to ``writer`` in shards of about :data:`SHARD_ROWS` rows (one empty shard if none)."""
+    written = False
+    for ids, counts, rows, _ in group_shards(batches, dim, SHARD_ROWS):
+        writer.add(ids, counts, rows)
+        written = True
+    if not written:
+        writer.add(*_concat_parts([], dim))
 
 
 # --------------------------------------------------------------------------- command line
