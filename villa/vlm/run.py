@@ -176,7 +176,7 @@ def run_stage2(
         collate_fn=collate_region_text,
         batch_size=batch_size,
         epochs=epochs,
-        optimizer_factory=optimizer_factory,
+        optimizer_factory=optimizer_factory or DEFAULT_OPTIMIZER,
         scheduler_factory=scheduler_factory,
         run_dir=run_dir,
         device=dev,
