@@ -86,7 +86,6 @@ def build_fixture(root, encoder_name: str, dim: int, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def fixture(tmp_path_factory):
-    torch.set_num_threads(1)
     enc = _encoder()
     return (*build_fixture(tmp_path_factory.mktemp("stage2"), enc.name, enc.dim), enc)
 
