@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
 
+def pytest_configure(config):
+    """The suite runs torch on one CPU thread, in this process and in the processes tests start
+    (``OMP_NUM_THREADS``). Many tests compare two runs bit for bit, some across processes, and multi-threaded
+    CPU kernels are not bitwise reproducible on a loaded machine, nor across thread counts: two identical
+    stage-2 runs differed in the last bits of the weights in 2 of 10 tries at 2 threads, 0 of 14 at 1."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
-    """Each test runs torch on one CPU thread (restored afterwards). Many tests compare two trainings bit for
-    bit, and multi-threaded CPU kernels are not bitwise reproducible on a loaded machine: two identical
-    stage-2 runs differed in the last bits of the weights in 2 of 10 tries at 2 threads, 0 of 14 at 1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    """Undo a test that changed the thread count (see :func:`pytest_configure`)."""
     yield
-    torch.set_num_threads(before)
+    torch.set_num_threads(1)
 
 
 def synthetic_digit_pools(seed: int = 0, per_label: int = 3) -> dict:
