@@ -182,3 +182,21 @@ def test_a_refused_write_is_one_line_and_leaves_no_file(tmp_path, what):
     assert len(lines) == 1 and lines[0].startswith(f"error: could not write {target}: "), run.stderr
     assert "MB free on its disk" in lines[0]
     assert list(target.parent.iterdir()) == []
+
+
+def test_a_refused_write_is_also_an_oserror(tmp_path):
+    """Callers whose writes are best-effort (``except OSError``, e.g. the MNIST cache) still skip a full disk."""
+    import errno
+
+    from villa.errors import VillaError
+    from villa.io import atomic_path
+
+    with pytest.raises(OSError) as caught:
+        with atomic_path(tmp_path / "cache.bin") as tmp:
+            tmp.write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert isinstance(caught.value, VillaError)
+    assert str(caught.value).startswith(
+        f"could not write {tmp_path / 'cache.bin'}: No space left on device ("
+    )
+    assert list(tmp_path.iterdir()) == []

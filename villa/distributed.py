@@ -49,6 +49,7 @@ def init_distributed(device: torch.device | None = None) -> DistContext:
         if device is not None and device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
+        atexit.unregister(_leave_process_group)  # (once, however often a group is made and destroyed)
         atexit.register(_leave_process_group)
     return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 

@@ -374,10 +374,12 @@ class RegionWork:
             shards = progress["shards"]
             for shard in shards:
                 for name, record in shard["files"].items():
+                    if not isinstance(record.get("bytes"), int):
+                        return "its progress record is missing or damaged", []
                     try:  # (a damaged shard is recomputed, so the reason is returned, not raised)
                         check_file(folder / name, folder, "", record)
                         rows = npy_header(folder / name, folder, "")[0][0]
-                    except VillaError:
+                    except (VillaError, IndexError):
                         return f"{name} is damaged", []
                     if rows != record["rows"]:
                         return f"{name} is damaged", []

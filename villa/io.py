@@ -40,11 +40,18 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, final)
     except BaseException as err:
-        failure = _write_failure(err, final.parent)  # (free space measured before the partial file goes)
-        tmp.unlink(missing_ok=True)
+        try:
+            failure = _write_failure(err, final.parent)  # (free space measured before the partial file goes)
+        finally:
+            tmp.unlink(missing_ok=True)
         if failure is not None:
-            raise VillaError(f"could not write {final}: {failure}") from err
+            raise WriteRefused(f"could not write {final}: {failure}") from err
         raise
+
+
+class WriteRefused(VillaError, OSError):
+    """A write the disk refused (full, over quota, over the file-size limit): one line for the user
+    (:class:`VillaError`), and still an :class:`OSError` for callers whose writes are best-effort."""
 
 
 #: errno values of a write that the disk refused: full, over quota, or over the file-size limit
@@ -62,8 +69,11 @@ def _write_failure(err: BaseException, directory: Path) -> str | None:
         reason = "the write failed"
     else:
         return None
-    free_mb = shutil.disk_usage(directory).free / 2**20
-    return f"{reason} ({free_mb:,.0f} MB free on its disk)"
+    try:
+        free = f"{shutil.disk_usage(directory).free / 2**20:,.0f} MB free on its disk"
+    except OSError:
+        free = "free space unknown"
+    return f"{reason} ({free})"
 
 
 #: suffixes of ``atomic_dir``'s hidden siblings: the complete old folder moved aside, and one being deleted
