@@ -247,3 +247,29 @@ def require_stage(cfg: DictConfig, stage: str) -> None:
         raise VillaError(
             f"experiment '{cfg.get('task_name')}' is a '{cfg.get('stage')}' experiment, but this command runs '{stage}'"
         )
+
+
+def training_arguments(cfg: DictConfig) -> dict:
+    """The keyword arguments that every training stage's run function (``run_stage1``, ``run_stage2``) takes
+    from a composed config, read as declared (``configs/default.yaml`` and the stage's experiment file); the
+    stage adapters add their own keys."""
+    from hydra.utils import instantiate
+
+    return {
+        "device": cfg.device,
+        "seed": int(cfg.seed),
+        "epochs": int(cfg.epochs),
+        "batch_size": int(cfg.batch_size),
+        "optimizer_factory": instantiate(cfg.optimizer),
+        "scheduler_factory": instantiate(cfg.scheduler) if cfg.scheduler is not None else None,
+        "early_stopping_patience": cfg.early_stopping_patience,
+        "amp": bool(cfg.amp),
+        "compile": bool(cfg.compile),
+        "resume": bool(cfg.resume),
+        "num_workers": int(cfg.num_workers),
+        "pin_memory": bool(cfg.pin_memory),
+        "progress": bool(cfg.progress),
+        "cpu_keep_freed_memory": bool(cfg.cpu_keep_freed_memory),
+        "checkpoint_every_s": float(cfg.checkpoint_every_s),
+        "config": to_container(cfg),
+    }

@@ -233,13 +233,10 @@ def run_stage1_from_config(cfg) -> Stage1Result:
 
     Every key is read as composed (``configs/default.yaml`` and ``experiment/stage1.yaml`` declare them all), so
     each default lives in the YAML once and a misspelt or missing key fails here rather than falling back."""
-    from hydra.utils import instantiate
-
-    from villa.hydra_app import require_stage, to_container
+    from villa.hydra_app import require_stage, training_arguments
 
     require_stage(cfg, "stage1")
     model, loss, mapping = cfg.model, cfg.loss, cfg.mapping
-    scheduler = instantiate(cfg.scheduler) if cfg.scheduler is not None else None
     return run_stage1(
         cfg.data_dir,
         cfg.run_dir,
@@ -251,25 +248,10 @@ def run_stage1_from_config(cfg) -> Stage1Result:
         standardize=bool(model.standardize),
         temperature=float(loss.temperature),
         reference_quirk=bool(loss.reference_quirk),
-        optimizer_factory=instantiate(cfg.optimizer),
-        scheduler_factory=scheduler,
-        batch_size=int(cfg.batch_size),
-        epochs=int(cfg.epochs),
-        seed=int(cfg.seed),
-        device=cfg.device,
-        amp=bool(cfg.amp),
-        compile=bool(cfg.compile),
-        resume=bool(cfg.resume),
-        early_stopping_patience=cfg.early_stopping_patience,
         epsilon=float(mapping.epsilon),
         map_weights=str(mapping.weights),
         chunk_size=int(mapping.chunk_size),
-        num_workers=int(cfg.num_workers),
-        pin_memory=bool(cfg.pin_memory),
-        progress=bool(cfg.progress),
-        cpu_keep_freed_memory=bool(cfg.cpu_keep_freed_memory),
-        checkpoint_every_s=float(cfg.checkpoint_every_s),
         resident_data_mb=float(cfg.resident_data_mb),
         cuda_graphs=bool(cfg.cuda_graphs),
-        config=to_container(cfg),
+        **training_arguments(cfg),
     )

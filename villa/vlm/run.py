@@ -201,9 +201,7 @@ def run_stage2_from_config(cfg):
 
     Every key is read as composed (``configs/default.yaml`` and ``experiment/stage2.yaml`` declare them all), so
     each default lives in the YAML once and a misspelt or missing key fails here rather than falling back."""
-    from hydra.utils import instantiate
-
-    from villa.hydra_app import require_stage, to_container
+    from villa.hydra_app import require_stage, training_arguments
 
     require_stage(cfg, "stage2")
     return run_stage2(
@@ -213,23 +211,8 @@ def run_stage2_from_config(cfg):
         pairs=cfg.pairs,
         encoder=cfg.encoder,
         clip_weights=cfg.clip_weights,
-        device=cfg.device,
-        seed=int(cfg.seed),
-        epochs=int(cfg.epochs),
-        batch_size=int(cfg.batch_size),
-        optimizer_factory=instantiate(cfg.optimizer),
-        scheduler_factory=instantiate(cfg.scheduler) if cfg.scheduler is not None else None,
-        early_stopping_patience=cfg.early_stopping_patience,
         tau=float(cfg.tau),
-        amp=bool(cfg.amp),
-        compile=bool(cfg.compile),
-        resume=bool(cfg.resume),
-        num_workers=int(cfg.num_workers),
-        pin_memory=bool(cfg.pin_memory),
-        progress=bool(cfg.progress),
         image_cache_mb=float(cfg.image_cache_mb),
-        cpu_keep_freed_memory=bool(cfg.cpu_keep_freed_memory),
-        checkpoint_every_s=float(cfg.checkpoint_every_s),
         activation_checkpointing=bool(cfg.activation_checkpointing),
-        config=to_container(cfg),
+        **training_arguments(cfg),
     )
