@@ -525,7 +525,7 @@ def fit(
             print(f"note: {desc}: no CUDA graph ({blocker}); training with eager steps")
     result.step_mode = "cuda_graph" if captured is not None else "resident" if resident else "loader"
     last_written = time.perf_counter()
-    pending_best = None  # a host snapshot of the best model, not yet on disk
+    pending_best = None  # a copy of the best model, where it lives, not yet on disk
     with CheckpointWriter() as writer:  # (waits for the last write before fit returns or raises)
         for epoch in range(start_epoch, epochs):
             started = time.perf_counter()
