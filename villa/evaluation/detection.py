@@ -27,7 +27,7 @@ import torch
 
 from villa.errors import VillaError
 
-SCORES = ("softmax", "cosine")
+SCORES = ("sigmoid", "softmax", "cosine")
 DEFAULT_TAU = 0.07
 COCO_MAX_DETECTIONS = 100
 # pycocotools' "all" area range; the small/medium/large ranges are skipped (not reported; 4x the work).
@@ -83,12 +83,20 @@ def _embeddings(x, name: str) -> torch.Tensor:
     return t
 
 
-def region_scores(region_embs, attr_embs, score: str = "softmax", tau: float = DEFAULT_TAU) -> np.ndarray:
-    """Detection scores ``[M, K]`` (float64) of every region for every attribute.
+def region_scores(
+    region_embs, attr_embs, score: str = "sigmoid", tau: float = DEFAULT_TAU, background_embs=None
+) -> np.ndarray:
+    """Scores ``[M, K]`` (float64) of every region for every text (attribute prompt or free-text query).
 
-    region_embs ``[M, D]``, attr_embs ``[K, D]``, any scale (both are L2-normalised here).
-    ``"cosine"``: the cosine similarity. ``"softmax"``: softmax over the K attributes of cosine / tau, i.e.
-    the zero-shot classifier's probability of each attribute given the region (RegionCLIP's score).
+    region_embs ``[M, D]``, attr_embs ``[K, D]``, any scale (all are L2-normalised here).
+
+    - ``"sigmoid"``: ``sigmoid((cos(r, a) - b(r)) / tau)``, where ``b(r)`` is the region's mean cosine to the
+      ``background_embs`` ``[B, D]`` (default: the K texts themselves). Each text is scored on its own, so a
+      text never needs competitors to get a meaningful score (an attribute alone in its kind, or a single
+      query, is not 1.0 everywhere), and a region that resembles every text equally scores 0.5.
+    - ``"softmax"``: softmax over the K texts of cosine / tau (the zero-shot classifier's probability of
+      each text given the region, RegionCLIP's score): the texts compete.
+    - ``"cosine"``: the cosine similarity.
     """
     if score not in SCORES:
         raise VillaError(f"unknown detection score '{score}': use one of {', '.join(SCORES)}")
@@ -106,12 +114,22 @@ def region_scores(region_embs, attr_embs, score: str = "softmax", tau: float = D
             "they must come from the same encoder"
         )
     attrs = torch.nn.functional.normalize(attrs.double(), dim=1)
+    if background_embs is None:
+        background = attrs.mean(0)  # mean cosine = cosine with the mean of the unit vectors
+    else:
+        bg = _embeddings(background_embs, "background_embs")
+        if bg.shape[1] != attrs.shape[1] or len(bg) == 0:
+            raise VillaError(f"background_embs must be [B >= 1, {attrs.shape[1]}], got {tuple(bg.shape)}")
+        background = torch.nn.functional.normalize(bg.double(), dim=1).mean(0)
     out = np.empty((regions.shape[0], attrs.shape[0]), dtype=np.float64)
     # Blocks of regions: a float64 copy of all M x D embeddings would dominate memory at COCO scale.
     for start in range(0, regions.shape[0], _CHUNK):
-        block = torch.nn.functional.normalize(regions[start : start + _CHUNK].double(), dim=1) @ attrs.T
+        unit = torch.nn.functional.normalize(regions[start : start + _CHUNK].double(), dim=1)
+        block = unit @ attrs.T
         if score == "softmax":
             block = torch.softmax(block / tau, dim=1)
+        elif score == "sigmoid":
+            block = torch.sigmoid((block - (unit @ background)[:, None]) / tau)
         out[start : start + len(block)] = block.numpy()
     return out
 
