@@ -121,7 +121,17 @@ def test_matches_the_standard_pycocotools_path():
     regions_img = np.r_[image_ids, image_ids]
     embs = torch.from_numpy(g.normal(size=(len(boxes), len(NAMES)))) + 2 * _attrs()[np.r_[labels, labels]]
     out = zero_shot_detection(
-        embs, _attrs(), NAMES, regions_img, boxes, image_ids, gt_boxes, labels, sizes, score="cosine"
+        embs,
+        _attrs(),
+        NAMES,
+        regions_img,
+        boxes,
+        image_ids,
+        gt_boxes,
+        labels,
+        sizes,
+        score="cosine",
+        nms_iou=None,
     )
 
     scores = region_scores(embs, _attrs(), "cosine")
@@ -271,7 +281,7 @@ def test_format_detection_table():
     labels = labels % 2
     text = format_detection(_run(_attrs()[labels], image_ids, boxes, labels, sizes))
     lines = text.splitlines()
-    assert "softmax" in lines[0]
+    assert "sigmoid" in lines[0]
     assert lines[2].split()[:3] == ["zero", "100.00", "100.00"]
     assert lines[4].split()[:3] == ["two", "-", "-"]
     assert lines[-1].split() == ["mean", "100.00", "100.00"]
@@ -311,3 +321,42 @@ def test_inconsistent_inputs_raise_villa_error(change, message):
     }
     with pytest.raises(VillaError, match=message):
         zero_shot_detection(**kwargs)
+
+
+def test_per_class_nms_drops_a_duplicate_of_the_same_attribute_only():
+    """Two near-identical boxes of one object: the weaker detection of the same attribute is suppressed
+    (a duplicate is a false positive at every IoU), a detection of another attribute on it is not."""
+    sizes = {1: (100, 100)}
+    gt_box = np.array([[10.0, 10.0, 50.0, 50.0]])
+    boxes = np.array([[10.0, 10.0, 50.0, 50.0], [11.0, 10.0, 50.0, 51.0]])  # IoU ~0.95
+    embs = torch.stack([_attrs()[0], _attrs()[0] * 0.9 + _attrs()[1] * 0.3])
+    kw = dict(region_embs=embs, attr_embs=_attrs(), attribute_names=NAMES, region_image_ids=[1, 1],
+              region_boxes=boxes, gt_image_ids=[1], gt_boxes=gt_box, gt_labels=[0], image_sizes=sizes)  # fmt: skip
+    with_nms = zero_shot_detection(**kw)
+    without = zero_shot_detection(**kw, nms_iou=None)
+    assert with_nms["num_detections"] == len(NAMES)  # one box survives per attribute
+    assert without["num_detections"] == 2 * len(NAMES)
+    assert with_nms["nms_iou"] == 0.5 and without["nms_iou"] is None
+    assert with_nms["ap50"] == pytest.approx(100.0)
+
+
+def test_the_cap_is_per_image_across_attributes():
+    image_ids, boxes, labels, sizes = _scene(n_images=3, per_image=3)
+    out = _run(_attrs()[labels], image_ids, boxes, labels, sizes, max_detections_per_image=5)
+    assert out["num_detections"] == 3 * 5  # 12 candidates per image (3 regions x 4 attributes), none overlap
+
+
+def test_sigmoid_scores_do_not_need_competitors():
+    """An attribute scored alone (a kind of one attribute, a single query) is not 1.0 everywhere."""
+    g = torch.Generator().manual_seed(0)
+    regions = torch.randn(50, 8, generator=g)
+    single = torch.randn(1, 8, generator=g)
+    background = torch.randn(6, 8, generator=g)
+    soft = region_scores(regions, single, "softmax")
+    assert np.allclose(soft, 1.0)  # the failure mode of a softmax over one text
+    sig = region_scores(regions, single, "sigmoid", background_embs=background)
+    assert sig.std() > 0.05 and (0 < sig).all() and (sig < 1).all()
+    cos = region_scores(regions, single, "cosine")
+    bg = torch.nn.functional.normalize(regions, dim=1) @ torch.nn.functional.normalize(background, dim=1).T
+    expected = 1 / (1 + np.exp(-(cos[:, 0] - bg.mean(1).double().numpy()) / 0.07))
+    assert np.allclose(sig[:, 0], expected)

@@ -2,7 +2,7 @@
 
     python -m villa.ingest coco  --images=IMG_DIR --instances=instances.json --captions=captions.json --out=DATA_DIR
     python -m villa.ingest table --table=pairs.csv --images=IMG_DIR --attributes=attributes.yaml \\
-        --regions=grid:3x3 --out=DATA_DIR
+        --regions=proposals --out=DATA_DIR
 
 Then ``python3 preprocess/preprocess_dataset.py --data_dir=DATA_DIR`` and the stages (README, "Your own data").
 The importers are :mod:`villa.datasets.coco` and :mod:`villa.datasets.table`.
@@ -16,6 +16,10 @@ import sys
 from collections.abc import Sequence
 
 from villa.errors import VillaError, exit_on_error
+
+#: proposals per image when --regions=proposals names no K (mirrors villa.regions.proposals; kept here so that
+#: --help does not import the proposer)
+DEFAULT_MAX_PROPOSALS = 30
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -45,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     coco.add_argument("--instances", required=True, help="COCO instances JSON (boxes and categories)")
     coco.add_argument("--captions", required=True, help="COCO captions JSON")
     coco.add_argument("--attributes", default=None, help="vocabulary YAML (default: the categories)")
+    coco.add_argument("--regions", default=None,
+                      help="boxes (the instance boxes, default), proposals[:K] (villa's region proposer, top K; "
+                           f"K={DEFAULT_MAX_PROPOSALS} when omitted) or grid:RxC")  # fmt: skip
     coco.add_argument("--proposals", default=None,
                       help="COCO detection-results JSON of region proposals to use as regions")  # fmt: skip
     coco.add_argument(
@@ -65,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--images", default=None, help="folder the image paths are relative to (default: the table's)"
     )
     table.add_argument("--attributes", required=True, help="vocabulary YAML (attributes.yaml)")
-    table.add_argument("--regions", default=None, help="grid:RxC for images without boxes (e.g. grid:3x3)")
+    table.add_argument("--regions", default=None,
+                       help="regions of the images without boxes: proposals[:K] (villa's region proposer, top K; "
+                            f"K={DEFAULT_MAX_PROPOSALS} when omitted) or grid:RxC (e.g. grid:3x3)")  # fmt: skip
     common(table)
     return parser
 
@@ -90,7 +99,7 @@ def main(argv: Sequence[str] | None = None):
 
         return run_import(lambda: import_coco(
             args.images, args.instances, args.captions, args.out, attributes=args.attributes,
-            proposals=args.proposals, max_regions=args.max_regions, min_score=args.min_score, **common,
+            regions=args.regions, proposals=args.proposals, max_regions=args.max_regions, min_score=args.min_score, **common,
         ))  # fmt: skip
     from villa.datasets.table import import_table
 

@@ -1,19 +1,22 @@
 """Import COCO-format data: ``instances`` and ``captions`` JSON as published, optionally detection proposals.
 
     python -m villa.ingest coco --images=IMG_DIR --instances=instances.json --captions=captions.json \\
-        --out=DATA_DIR [--attributes=attributes.yaml] [--proposals=dets.json --max_regions=20 --min_score=0.05] \\
-        [--splits=FILE] [--seed=0] [--copy_images] [--overwrite]
+        --out=DATA_DIR [--attributes=attributes.yaml] [--regions=boxes|proposals[:K]|grid:RxC] \\
+        [--proposals=dets.json --max_regions=20 --min_score=0.05] [--splits=FILE] [--seed=0] [--copy_images] [--overwrite]
 
 - **Text**: every caption of an image, trailing full stops stripped, joined with ``" . "``.
 - **Vocabulary**: the categories (name; ``kind`` = supercategory; default prompts and match phrases, plurals
   included), unless ``--attributes`` gives one. A category labels a box with the attribute whose name or
   ``match`` phrase equals the category name (case-insensitive); a category with no such attribute leaves its
   boxes unlabelled.
-- **Regions**: the instance boxes (``bbox`` is ``[x, y, w, h]``; crowd annotations skipped; boxes clipped to
-  the image, empty ones dropped), labelled with their category. With ``--proposals`` (COCO detection-results
-  JSON: ``image_id``, ``bbox``, ``score``), the regions are each image's top ``--max_regions`` proposals scoring
-  at least ``--min_score``; a proposal takes the labels of every instance box it overlaps with IoU >= 0.5, and
-  the instance boxes are kept as the dataset's labelled objects (for detection metrics).
+- **Regions**: by default (``--regions=boxes``) the instance boxes (``bbox`` is ``[x, y, w, h]``; crowd
+  annotations skipped; boxes clipped to the image, empty ones dropped), labelled with their category.
+  ``--regions=proposals[:K]`` computes each image's top K boxes of villa's region proposer
+  (:mod:`villa.regions.proposals`) and ``--regions=grid:RxC`` uses R x C cells; with ``--proposals`` (COCO
+  detection-results JSON: ``image_id``, ``bbox``, ``score``) the regions are each image's top ``--max_regions``
+  proposals of that file scoring at least ``--min_score``. In all three cases no instance box is a region: a
+  region takes the labels of every instance box it overlaps with IoU >= 0.5 (ground truth for metrics only),
+  and the instance boxes are kept as the dataset's labelled objects (for detection metrics).
 - **Splits**: ``--splits=FILE`` (by image id or file name), else a seeded 70/15/15 split by image.
 - Images with no caption, no region, or a missing/undecodable file are skipped and counted; malformed JSON,
   duplicate image ids and captions or instances of unknown image ids are refused.
@@ -31,9 +34,8 @@ from villa.datasets.importing import (
     ImportResult,
     SkipLog,
     assign_splits,
-    box_iou,
     check_vocabulary_matches,
-    clip_boxes,
+    computed_regions,
     probe_images,
     publish,
     read_json,
@@ -42,6 +44,7 @@ from villa.datasets.importing import (
 )
 from villa.datasets.vocabulary import Vocabulary, load_vocabulary_file, make_attribute
 from villa.errors import VillaError
+from villa.regions import box_iou, clip_boxes, parse_region_spec
 
 IOU_THRESHOLD = 0.5
 
@@ -75,6 +78,7 @@ def import_coco(
     out: str | os.PathLike,
     *,
     attributes: str | os.PathLike | None = None,
+    regions: str | None = None,
     proposals: str | os.PathLike | None = None,
     max_regions: int = 100,
     min_score: float = 0.0,
@@ -94,6 +98,11 @@ def import_coco(
         raise VillaError(f"--images folder {image_dir} not found")
     if max_regions < 1:
         raise VillaError(f"--max_regions must be >= 1, got {max_regions}")
+    spec = parse_region_spec(regions if regions is not None else "boxes")
+    if proposals is not None and spec.kind != "boxes":
+        raise VillaError(
+            f"--proposals=FILE and --regions={regions} both choose the regions: give one of them"
+        )
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise VillaError(f"{out} already exists: pass --overwrite to replace it")
@@ -172,14 +181,18 @@ def import_coco(
         texts_of[int(c["image_id"])].append(c["caption"])
     texts = [_caption_text(texts_of.get(i, [])) for i in ids]
 
-    # ---- regions: instance boxes, or proposals labelled by IoU with them
+    # ---- regions: instance boxes, or proposals labelled by IoU with them (computed ones come after the
+    # image check below, so that only readable images are proposed)
     if proposals is not None:
-        regions, region_labels = _proposal_regions(
+        region_boxes, region_labels = _proposal_regions(
             proposals, position, ids, heights, widths, objects, max_regions, min_score, log
         )
-    else:
-        regions = [[box for box, _ in objs] for objs in objects]
+    elif spec.kind == "boxes":
+        region_boxes = [[box for box, _ in objs] for objs in objects]
         region_labels = [[[lab] if lab else [] for _, lab in objs] for objs in objects]
+    else:  # grid or computed proposals: every image has regions
+        region_boxes = [[[0.0, 0.0, 1.0, 1.0]] for _ in ids]
+        region_labels = [[] for _ in ids]
 
     # ---- which images stay
     keep = np.ones(len(ids), dtype=bool)
@@ -190,7 +203,7 @@ def import_coco(
         str(ids[int(np.argmax(no_text))]) if no_text.any() else "",
     )
     keep &= ~no_text
-    no_region = np.asarray([not r for r in regions]) & keep
+    no_region = np.asarray([not r for r in region_boxes]) & keep
     log.add(
         "images without a region",
         int(no_region.sum()),
@@ -211,6 +224,13 @@ def import_coco(
     rows = np.flatnonzero(keep).tolist()
     if not rows:
         raise VillaError(f"no image of {instances} has a caption, a region and a readable file")
+    if spec.kind in ("grid", "proposals"):
+        computed = computed_regions(
+            spec, [image_dir / files[i] for i in rows], heights[rows], widths[rows], progress=progress
+        )
+        for i, boxes in zip(rows, computed):
+            region_boxes[i] = boxes
+            region_labels[i] = label_by_overlap(np.asarray(boxes), objects[i])
 
     split_of = assign_splits(
         [(str(ids[i]), files[i], Path(files[i]).name) for i in rows], None, splits, seed, log
@@ -227,11 +247,11 @@ def import_coco(
         "image_size": [[int(heights[i]), int(widths[i])] for i in rows],
         "split": split_of,
         "text": [texts[i] for i in rows],
-        "region_coord": [regions[i] for i in rows],
-        "num_regions": [len(regions[i]) for i in rows],
+        "region_coord": [region_boxes[i] for i in rows],
+        "num_regions": [len(region_boxes[i]) for i in rows],
         "reg_to_attr": [region_labels[i] for i in rows],
     }
-    if proposals is not None:
+    if proposals is not None or spec.kind != "boxes":
         columns["object_boxes"] = [[box for box, lab in objects[i] if lab] for i in rows]
         columns["object_labels"] = [[lab for _, lab in objects[i] if lab] for i in rows]
     dataset_dir = publish(
@@ -245,7 +265,11 @@ def import_coco(
         info={
             "created_by": created_by,
             "skipped": log.counts,
-            "regions": "proposals" if proposals is not None else "instances",
+            "regions": "proposals"
+            if proposals is not None
+            else str(spec)
+            if spec.kind != "boxes"
+            else "instances",
         },
         progress=progress,
     )
@@ -279,14 +303,20 @@ def _proposal_regions(proposals, position, ids, heights, widths, objects, max_re
         boxes, valid = clip_boxes(xyxy, np.full(len(xyxy), heights[i]), np.full(len(xyxy), widths[i]))
         dropped += int((~valid).sum())
         boxes = boxes[valid]
-        labelled = [(box, lab) for box, lab in objects[i] if lab]
-        if labelled:
-            iou = box_iou(boxes, np.asarray([b for b, _ in labelled]))
-            names = [lab for _, lab in labelled]
-            hits = [sorted({names[j] for j in np.flatnonzero(row >= IOU_THRESHOLD)}) for row in iou]
-        else:
-            hits = [[] for _ in boxes]
         regions[i] = boxes.tolist()
-        labels[i] = hits
+        labels[i] = label_by_overlap(boxes, objects[i])
     log.add("proposals of zero area or outside their image", dropped)
     return regions, labels
+
+
+def label_by_overlap(boxes: np.ndarray, objects: list[tuple[list[float], str | None]]) -> list[list[str]]:
+    """Each region's labels: those of every labelled object box it overlaps with IoU >= 0.5 (sorted names).
+
+    boxes ``[M, 4]``; objects: (box, label or None) pairs of one image."""
+    labelled = [(box, lab) for box, lab in objects if lab]
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if not labelled:
+        return [[] for _ in boxes]
+    iou = box_iou(boxes, np.asarray([b for b, _ in labelled]))
+    names = [lab for _, lab in labelled]
+    return [sorted({names[j] for j in np.flatnonzero(row >= IOU_THRESHOLD)}) for row in iou]

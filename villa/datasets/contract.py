@@ -360,6 +360,20 @@ class Dataset:
         return bool(self.info.get("objects"))
 
     @property
+    def regions(self) -> str | None:
+        """Where the regions came from, as ``dataset.json`` records it: ``"instances"`` or ``"boxes"`` (the
+        data's own boxes), ``"grid:RxC"``, ``"proposals:K"`` (villa's proposer) or ``"proposals"`` (a
+        detector's file); None when not recorded."""
+        value = self.info.get("regions")
+        return value if isinstance(value, str) else None
+
+    @property
+    def regions_are_objects(self) -> bool:
+        """True when the regions are the labelled objects' own boxes (a COCO import's instance boxes, a table's
+        labelled boxes): scoring them is classification of given boxes, not detection."""
+        return self.has_region_labels and not self.has_objects and self.regions in ("instances", "boxes")
+
+    @property
     def image_root(self) -> Path:
         return (self.root / self.info.get("image_root", ".")).resolve()
 

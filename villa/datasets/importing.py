@@ -16,6 +16,7 @@ import numpy as np
 from villa.datasets.contract import SPLITS, write_dataset
 from villa.datasets.vocabulary import Vocabulary
 from villa.errors import VillaError
+from villa.regions import RegionSpec, grid_boxes, parse_region_spec
 
 #: the seeded split of images when the data names none
 DEFAULT_FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
@@ -105,56 +106,42 @@ def probe_images(
     return out
 
 
-def clip_boxes(boxes: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Clip ``[M, 4]`` x0, y0, x1, y1 boxes to their images; return (clipped, kept) where kept = positive area
-    left (a box of zero area, or wholly outside its image, is dropped)."""
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    finite = np.isfinite(boxes).all(1)
-    boxes = np.nan_to_num(boxes)
-    clipped = np.stack(
-        [
-            np.clip(boxes[:, 0], 0, widths),
-            np.clip(boxes[:, 1], 0, heights),
-            np.clip(boxes[:, 2], 0, widths),
-            np.clip(boxes[:, 3], 0, heights),
-        ],
-        axis=1,
-    )
-    kept = finite & (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
-    return clipped, kept
+def computed_regions(
+    spec: RegionSpec,
+    paths: Sequence[Path],
+    heights: Sequence[float],
+    widths: Sequence[float],
+    progress: bool = True,
+) -> list[list[list[float]]]:
+    """The regions a ``grid:RxC`` or ``proposals[:K]`` spec gives each image (``[x0, y0, x1, y1]`` lists).
 
+    Proposals read the images (a process pool, :func:`villa.regions.propose_for_files`); an image too small to
+    hold any proposal is a one-line error naming it.
+    """
+    if spec.kind == "grid":
+        return [grid_boxes(spec, int(h), int(w)) for h, w in zip(heights, widths)]
+    from villa.regions.proposals import propose_for_files, smallest_image_side
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU ``[A, B]`` of x0, y0, x1, y1 boxes ``a [A, 4]`` and ``b [B, 4]``."""
-    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area_a = (a[:, 2:] - a[:, :2]).prod(-1)
-    area_b = (b[:, 2:] - b[:, :2]).prod(-1)
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
-
-
-def grid_boxes(spec: str, height: int, width: int) -> list[list[float]]:
-    """The cells of ``grid:RxC`` on an image of ``height x width``, row by row."""
-    rows, cols = parse_grid(spec)
-    ys = np.linspace(0, height, rows + 1)
-    xs = np.linspace(0, width, cols + 1)
-    return [
-        [float(xs[c]), float(ys[r]), float(xs[c + 1]), float(ys[r + 1])]
-        for r in range(rows)
-        for c in range(cols)
-    ]
+    out = []
+    for path, h, w, result in zip(
+        paths, heights, widths, propose_for_files(paths, spec.max_regions, progress=progress)
+    ):
+        if isinstance(result, str):
+            raise VillaError(result)
+        if len(result.boxes) == 0:
+            side = smallest_image_side()
+            raise VillaError(
+                f"image {path} is {int(w)}x{int(h)} pixels: too small for any region proposal (both sides must be "
+                f"at least {side}); use --regions=grid:RxC or give boxes"
+            )
+        out.append(result.boxes.astype(np.float64).tolist())
+    return out
 
 
 def parse_grid(spec: str) -> tuple[int, int]:
     """``"grid:3x3"`` -> (3, 3); anything else is a one-line error."""
-    text = str(spec).strip().lower()
-    body = text[len("grid:") :] if text.startswith("grid:") else None
-    parts = body.split("x") if body else []
-    if len(parts) != 2 or not all(p.isdigit() and 0 < int(p) <= 64 for p in parts):
-        raise VillaError(f"unknown --regions spec '{spec}': use grid:RxC (e.g. grid:3x3) or boxes")
-    return int(parts[0]), int(parts[1])
+    parsed = parse_region_spec(spec, ("grid",))
+    return parsed.rows, parsed.cols
 
 
 # --------------------------------------------------------------------------- splits

@@ -1,13 +1,14 @@
 """Import a table of image-text pairs (CSV or JSONL).
 
     python -m villa.ingest table --table=pairs.csv --images=IMG_DIR --attributes=attributes.yaml \\
-        [--regions=grid:3x3] --out=DATA_DIR [--splits=FILE] [--seed=0] [--copy_images] [--overwrite]
+        [--regions=proposals[:K]|grid:RxC] --out=DATA_DIR [--splits=FILE] [--seed=0] [--copy_images] [--overwrite]
 
 Columns: ``image`` (a path relative to ``--images``, or absolute) and ``text`` are required; optional ``id``
 (integer, unique), ``split`` (train/val/test), ``boxes`` (a JSON list of ``[x0, y0, x1, y1]`` pixel boxes; in a
 CSV cell as JSON text) and ``region_labels`` (a JSON list with one list of attribute names per box: ground truth
-for metrics only). ``--regions=grid:RxC`` gives every image without boxes R x C grid cells as regions; without
-it, every row needs boxes. One row per image (join several captions of an image into one text).
+for metrics only). ``--regions=proposals[:K]`` gives every image without boxes the top K boxes of villa's region
+proposer (:mod:`villa.regions.proposals`), ``--regions=grid:RxC`` R x C grid cells; without ``--regions``, every
+row needs boxes. One row per image (join several captions of an image into one text).
 
 A row with an empty text, a missing or unreadable image or no usable box is skipped and counted; malformed
 files, duplicate ids or images, unknown splits and a vocabulary that no text mentions are refused.
@@ -26,15 +27,14 @@ from villa.datasets.importing import (
     SkipLog,
     assign_splits,
     check_vocabulary_matches,
-    clip_boxes,
-    grid_boxes,
-    parse_grid,
+    computed_regions,
     probe_images,
     publish,
     summary_lines,
 )
 from villa.datasets.vocabulary import load_vocabulary_file
 from villa.errors import VillaError
+from villa.regions import clip_boxes, parse_region_spec
 
 REQUIRED = ("image", "text")
 OPTIONAL = ("id", "split", "boxes", "region_labels")
@@ -104,10 +104,8 @@ def import_table(
     image_dir = Path(images).expanduser() if images is not None else table.parent
     if not image_dir.is_dir():
         raise VillaError(f"--images folder {image_dir} not found")
-    grid = None
-    if regions is not None and str(regions).strip().lower() != "boxes":
-        parse_grid(regions)
-        grid = str(regions)
+    spec = parse_region_spec(regions if regions is not None else "boxes")
+    computes = spec.kind != "boxes"  # rows without boxes get the spec's regions
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise VillaError(f"{out} already exists: pass --overwrite to replace it")
@@ -152,8 +150,10 @@ def import_table(
             boxes is None or not isinstance(labels, list) or len(labels) != len(boxes)
         ):
             raise VillaError(f"{where}: 'region_labels' needs one list of attribute names per box")
-        if boxes is None and grid is None:
-            raise VillaError(f"{where} has no boxes: give them or pass --regions=grid:RxC")
+        if boxes is None and not computes:
+            raise VillaError(
+                f"{where} has no boxes: give them or pass --regions=proposals or --regions=grid:RxC"
+            )
         given_boxes.append(boxes)
         given_labels.append(labels)
     has_labels = any(lab is not None for lab in given_labels)
@@ -186,8 +186,7 @@ def import_table(
     for i in np.flatnonzero(keep).tolist():
         height, width = sizes[i]
         if given_boxes[i] is None:
-            regions_of[i] = grid_boxes(grid, height, width)
-            continue
+            continue  # computed below, once the rows are final
         boxes = np.asarray(given_boxes[i], dtype=np.float64).reshape(-1, 4)
         clipped, valid = clip_boxes(boxes, np.full(len(boxes), height), np.full(len(boxes), width))
         outside += int((~valid).sum())
@@ -201,6 +200,16 @@ def import_table(
     kept = np.flatnonzero(keep).tolist()
     if not kept:
         raise VillaError(f"no row of {table} has a text, a readable image and a region")
+    to_compute = [i for i in kept if given_boxes[i] is None]
+    if to_compute:
+        computed = computed_regions(
+            spec,
+            [image_dir / files[i] for i in to_compute],
+            [sizes[i][0] for i in to_compute],
+            [sizes[i][1] for i in to_compute],
+            progress=progress,
+        )
+        regions_of.update(zip(to_compute, computed))
 
     given_splits = (
         [str(rows[i].get("split") or "").strip() or None for i in kept] if "split" in rows[0] else None
@@ -231,7 +240,7 @@ def import_table(
         image_dir=image_dir,
         copy_images=copy_images,
         overwrite=overwrite,
-        info={"created_by": created_by, "skipped": log.counts, "regions": grid or "boxes"},
+        info={"created_by": created_by, "skipped": log.counts, "regions": str(spec)},
         progress=progress,
     )
     lines = summary_lines(columns, vocabulary, has_labels) + log.lines() + warnings

@@ -608,6 +608,7 @@ def generate_docmnist(
             docmnist_vocabulary(),
             source="docmnist",
             info={
+                "regions": "grid:3x3",  # the occupied cells of the 3x3 grid
                 "created_by": "python3 docmnist/generate_docmnist.py "
                 f"--attribute_budget={budgets['train']} --target_sample_complexity={target} --seed={seed} "
                 f"--val_attribute_budget={budgets['val']} --test_attribute_budget={budgets['test']} "

@@ -1,17 +1,18 @@
-"""Zero-shot detection: score every region against every attribute prompt, evaluate with pycocotools.
+"""Zero-shot detection: score every candidate region against every attribute prompt, evaluate with pycocotools.
 
-The paper's real-world metric (COCO AP50 of zero-shot detection). Each region (a ground-truth box, or an
-imported proposal) yields one detection per attribute: the region's box, the attribute as category, and a
-score from the region/attribute embeddings. ``pycocotools.COCOeval`` (bbox) then matches detections to
-ground-truth objects per image and attribute, so a detection counts only when its box overlaps an object
-carrying that attribute (IoU >= .5 for AP50, averaged over IoU .50:.95 for AP).
+The paper's real-world metric (COCO AP50 of zero-shot detection). Each candidate region (a region proposal,
+a grid cell, or a given box) yields one detection per attribute: the region's box, the attribute as
+category, and a score from the region/attribute embeddings (:func:`region_scores`). As in COCO detectors
+(detectron2's ``TEST.DETECTIONS_PER_IMAGE``, RegionCLIP's zero-shot inference), each image's detections go
+through per-class non-maximum suppression (IoU ``nms_iou``, default 0.5) and only the image's
+``max_detections_per_image`` (COCO's 100) best across all attributes are kept. ``pycocotools.COCOeval`` (bbox)
+then matches them to ground-truth objects per image and attribute, so a detection counts only when its box
+overlaps an object carrying that attribute: COCO AP averages IoU thresholds .50:.95, AP50 takes IoU >= .5.
 
-Like COCO detectors (detectron2's ``TEST.DETECTIONS_PER_IMAGE``, RegionCLIP's zero-shot inference), only the
-``max_detections_per_image`` highest-scoring detections of an image, across all attributes, are evaluated.
-This is also what keeps a COCO-scale call tractable: pycocotools holds every detection as a Python dict
-(~1 KB each), so 5,000 images x 20 regions x 80 attributes = 8M detections would need ~8 GB and minutes of
-per-detection Python loops, while the top 100 per image leave 500k. No NMS is applied: ground-truth boxes
-do not need it, and imported proposals are expected to be de-duplicated already.
+The cap also keeps a COCO-scale call tractable: pycocotools holds every detection as a Python dict (~1 KB
+each), so 5,000 images x 20 regions x 80 attributes = 8M detections would need ~8 GB, while the top 100 per
+image leave 500k. Before NMS each image keeps its ``PRE_NMS_PER_IMAGE`` best (region, attribute) pairs, as
+detectors keep their top-k candidates before NMS, which bounds the NMS work per image.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from villa.errors import VillaError
 SCORES = ("sigmoid", "softmax", "cosine")
 DEFAULT_TAU = 0.07
 COCO_MAX_DETECTIONS = 100
+#: IoU above which a detection of the same image and attribute with a lower score is suppressed
+DEFAULT_NMS_IOU = 0.5
+#: (region, attribute) candidates each image keeps before NMS (at least 10x the per-image cap)
+PRE_NMS_PER_IMAGE = 1000
 # pycocotools' "all" area range; the small/medium/large ranges are skipped (not reported; 4x the work).
 _AREA_ALL = [0.0, 1e5**2]
 _CHUNK = 16384  # regions per similarity block: bounds float64 memory for large M
@@ -166,6 +171,42 @@ def _top_per_image(scores: np.ndarray, image_ids: np.ndarray, k: int) -> np.ndar
     return np.sort(order[rank < k])
 
 
+def _select_detections(
+    scores: np.ndarray,
+    image_ids: np.ndarray,
+    boxes: np.ndarray,
+    nms_iou: float | None,
+    max_per_image: int | None,
+) -> np.ndarray:
+    """Flat indices into ``scores [M, E]`` of the detections kept, ascending: per image the top
+    ``PRE_NMS_PER_IMAGE`` (region, attribute) pairs, per-class NMS at ``nms_iou`` (None: none), then the
+    ``max_per_image`` best (None: all). ``image_ids [M]``, ``boxes [M, 4]`` belong to the regions."""
+    if scores.size == 0:
+        return np.zeros(0, np.int64)
+    if nms_iou is None:
+        if max_per_image is None:
+            return np.arange(scores.size)
+        return _top_per_image(scores, image_ids, max_per_image)
+    from villa.regions import nms
+
+    candidates = _top_per_image(scores, image_ids, max(PRE_NMS_PER_IMAGE, 10 * (max_per_image or 0)))
+    regions, attrs = np.divmod(candidates, scores.shape[1])
+    owner = image_ids[regions]
+    order = np.argsort(owner, kind="stable")  # candidates grouped by image, ascending flat index within
+    candidates, regions, attrs, owner = candidates[order], regions[order], attrs[order], owner[order]
+    starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+    ends = np.r_[starts[1:], len(owner)]
+    flat_scores = scores.ravel()
+    kept = []
+    for start, end in zip(starts.tolist(), ends.tolist()):  # one NMS call per image, over its candidates
+        idx = slice(start, end)
+        keep = nms(boxes[regions[idx]], flat_scores[candidates[idx]], nms_iou, groups=attrs[idx])
+        if max_per_image is not None:
+            keep = keep[:max_per_image]  # nms returns the best first
+        kept.append(candidates[idx][keep])
+    return np.sort(np.concatenate(kept)) if kept else np.zeros(0, np.int64)
+
+
 def _coco_anns(image_ids: np.ndarray, boxes: np.ndarray, cats: np.ndarray, scores=None) -> list[dict]:
     """pycocotools annotation dicts (ids from 1: COCOeval treats id 0 as 'unmatched'); boxes as [x, y, w, h]."""
     xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
@@ -204,8 +245,10 @@ def zero_shot_detection(
     gt_labels,
     image_sizes: Mapping[int, tuple[int, int]],
     *,
-    score: str = "softmax",
+    score: str = "sigmoid",
     tau: float = DEFAULT_TAU,
+    background_embs=None,
+    nms_iou: float | None = DEFAULT_NMS_IOU,
     max_detections_per_image: int | None = COCO_MAX_DETECTIONS,
     attributes: Sequence[str] | None = None,
     verbose: bool = False,
@@ -225,14 +268,15 @@ def zero_shot_detection(
       set: detections in an image without ground truth are false positives, objects in an image without
       regions are missed.
 
-    Options: ``score`` ``"softmax"`` (over the K attributes of cosine / tau; the caller chooses the softmax
-    competitors through the attr_embs it passes) or ``"cosine"``; ``max_detections_per_image``: keep each
-    image's top detections across attributes (COCO's 100; None keeps all, memory ~1 KB per detection);
+    Options: ``score``, ``tau`` and ``background_embs`` as in :func:`region_scores` (``"sigmoid"``, the default,
+    scores each attribute on its own; ``"softmax"`` makes the K attributes compete; ``"cosine"``); ``nms_iou``:
+    per-class NMS within each image at this IoU (None: no NMS); ``max_detections_per_image``: keep each
+    image's top detections across attributes after NMS (COCO's 100; None keeps all, memory ~1 KB per detection);
     ``attributes``: names of the attributes to evaluate (default all), the others still take part in the
     softmax but yield no detections; ``verbose``: let pycocotools print.
 
-    Returns ``{"ap", "ap50", "num_detections", "num_gt", "num_images", "score", "max_detections_per_image",
-    "per_attribute": {name: {"ap", "ap50", "num_gt"}}}``. Per-attribute AP is None for an attribute without
+    Returns ``{"ap", "ap50", "num_detections", "num_gt", "num_images", "score", "nms_iou",
+    "max_detections_per_image", "per_attribute": {name: {"ap", "ap50", "num_gt"}}}``. Per-attribute AP is None for an attribute without
     ground truth; the overall figures average the attributes with ground truth (pycocotools' mean over
     entries > -1) and are NaN when there is none.
     """
@@ -241,7 +285,7 @@ def zero_shot_detection(
     names = [str(n) for n in attribute_names]
     if len(set(names)) != len(names):
         raise VillaError("attribute_names has duplicates")
-    scores = region_scores(region_embs, attr_embs, score, tau)
+    scores = region_scores(region_embs, attr_embs, score, tau, background_embs)
     num_regions, num_attrs = scores.shape
     if num_attrs != len(names):
         raise VillaError(f"attr_embs has {num_attrs} rows but attribute_names has {len(names)} names")
@@ -293,16 +337,13 @@ def zero_shot_detection(
     keep_gt = np.isin(gt_lab, evaluated)
     gt_img, gt_box, gt_lab = gt_img[keep_gt], gt_box[keep_gt], gt_lab[keep_gt]
 
+    if nms_iou is not None and not (isinstance(nms_iou, numbers.Real) and 0 < nms_iou <= 1):
+        raise VillaError(f"nms_iou must be in (0, 1] or None, got {nms_iou!r}")
+    flat = _select_detections(scores, reg_img, reg_box, nms_iou, max_detections_per_image)
     if max_detections_per_image is None:
-        flat = np.arange(scores.size)
         # COCOeval caps each (image, attribute) at maxDets: set it to the most regions any image has.
         max_dets = int(np.unique(reg_img, return_counts=True)[1].max()) if num_regions else 1
     else:
-        flat = (
-            _top_per_image(scores, reg_img, max_detections_per_image)
-            if scores.size
-            else np.zeros(0, np.int64)
-        )
         max_dets = int(max_detections_per_image)
     det_region, det_col = np.divmod(flat, len(evaluated))
 
@@ -349,6 +390,7 @@ def zero_shot_detection(
         "num_gt": len(gt_lab),
         "num_images": len(sizes),
         "score": score,
+        "nms_iou": nms_iou,
         "max_detections_per_image": max_detections_per_image,
         "per_attribute": per_attribute,
     }

@@ -9,6 +9,7 @@ evaluation ran (``"evaluation": "regions" | "images"``).
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -90,6 +91,10 @@ def evaluate_model(
     image_cache_mb: float = DEFAULT_CACHE_MB,
     stage_1_ckpt_dir: str | os.PathLike | None = None,
     detection: bool = True,
+    detection_regions: str = "auto",
+    detection_score: str = "sigmoid",
+    detection_nms_iou: float | None = 0.5,
+    detection_max_per_image: int = 100,
 ) -> dict:
     """Metrics (percent) of an image model on ``split`` of a dataset (see the module docstring).
 
@@ -97,7 +102,10 @@ def evaluate_model(
     ``encoder``/``clip_weights`` None: those recorded by preprocessing. Attribute text embeddings are the
     dataset's ``attr_embs.pth``. ``stage_1_ckpt_dir``: a finished stage-1 run whose mapping metrics are added
     under ``"mapping"``. ``detection``: also zero-shot detection AP/AP50 (:func:`detection_metrics`) when the
-    dataset has region labels. Writes ``out_path`` (JSON) when given and returns the metrics dict.
+    dataset has region labels, over the candidates ``detection_regions`` names (:func:`detection_candidates`),
+    scored by ``detection_score`` (:func:`villa.evaluation.detection.region_scores`), with per-class NMS at
+    ``detection_nms_iou`` and at most ``detection_max_per_image`` detections per image. Writes ``out_path``
+    (JSON) when given and returns the metrics dict.
     """
     from villa.checkpoints import load_model_state
     from villa.encoders import get_encoder
@@ -146,7 +154,20 @@ def evaluate_model(
     embs = embed_regions(model, units, resolve_device(device), batch_size, amp, progress)
     metrics = retrieval_metrics(embs, attr_embs, torch.from_numpy(np.asarray(truth)), names)
     if evaluation == "regions" and detection:
-        metrics["detection"] = detection_metrics(frame, dataset, embs, attr_embs, boxes=boxes)
+        spec, candidates = detection_candidates(dataset, frame, detection_regions, progress)
+        if candidates is None:  # the dataset's own regions, already embedded
+            cand_offsets, cand_boxes, cand_embs = offsets, boxes, embs
+        else:
+            cand_offsets, cand_boxes = candidates
+            cand_units = RegionTextDataset(
+                store, cand_offsets, cand_boxes, torch.zeros(int(cand_offsets[-1]), 0)
+            )
+            cand_embs = embed_regions(model, cand_units, resolve_device(device), batch_size, amp, progress)
+        metrics["detection"] = detection_metrics(
+            frame, dataset, cand_embs, attr_embs, boxes=cand_boxes, offsets=cand_offsets,
+            score=detection_score, nms_iou=detection_nms_iou, max_per_image=detection_max_per_image,
+        )  # fmt: skip
+        metrics["detection"]["candidates"] = spec
     if evaluation == "images":
         metrics = {k.replace("region", "image"): v for k, v in metrics.items()}
         for per in metrics["per_attribute"].values():
@@ -171,29 +192,72 @@ def evaluate_model(
     return metrics
 
 
+def detection_candidates(
+    dataset: Dataset, frame, spec: str = "auto", progress: bool = True
+) -> tuple[str, tuple[np.ndarray, np.ndarray] | None]:
+    """The candidate regions of zero-shot detection on ``frame``'s images: ``(name, None)`` for the dataset's
+    own regions, else ``(name, (offsets [N + 1], boxes [M, 4]))`` in stored pixels.
+
+    ``spec``: ``"dataset"`` (the dataset's regions), ``"proposals[:K]"`` or ``"grid:RxC"``
+    (:mod:`villa.regions`), or ``"auto"``: the dataset's regions unless they are the labelled objects' own boxes
+    (:attr:`Dataset.regions_are_objects`: scoring those would classify given boxes, not detect), in which case
+    the proposer's (``proposals``, its default K).
+    """
+    from villa.datasets.importing import computed_regions
+    from villa.regions import parse_region_spec
+
+    text = str(spec).strip().lower()
+    if text == "auto":
+        text = "proposals" if dataset.regions_are_objects else "dataset"
+    if text == "dataset":
+        return f"dataset ({dataset.regions or 'regions'})", None
+    parsed = parse_region_spec(text, ("grid", "proposals"), what="detection.regions")
+    if parsed.kind == "proposals" and dataset.regions == str(parsed):
+        return f"dataset ({dataset.regions})", None  # the dataset's regions are these proposals already
+    sizes = np.asarray(frame["image_size"].tolist(), dtype=np.int64).reshape(-1, 2)
+    boxes = computed_regions(
+        parsed,
+        dataset.image_paths(frame["image_filepath"].tolist()),
+        sizes[:, 0],
+        sizes[:, 1],
+        progress=progress,
+    )
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in boxes])]).astype(np.int64)
+    flat = np.asarray([b for per_image in boxes for b in per_image], dtype=np.float32).reshape(-1, 4)
+    return str(parsed), (offsets, flat)
+
+
 def detection_metrics(
     frame,
     dataset: Dataset,
     region_embs: torch.Tensor,
     attr_embs: torch.Tensor,
     boxes: np.ndarray | None = None,
+    offsets: np.ndarray | None = None,
+    *,
+    score: str = "sigmoid",
+    nms_iou: float | None = 0.5,
+    max_per_image: int = 100,
 ) -> dict:
-    """Zero-shot detection (COCO AP and AP50, percent) of the split's regions, :mod:`villa.evaluation.detection`.
+    """Zero-shot detection (COCO AP and AP50, percent) on ``frame``'s images, :mod:`villa.evaluation.detection`.
 
-    Detections: every region against every attribute prompt, scored by a softmax over the attributes of the
-    same kind (``kind`` in attributes.yaml; all attributes when there are no kinds: on DocMNIST a cell is at
-    once a digit, a colour, a shape and a size, so digits must not compete with colours). Ground truth: the
-    dataset's labelled objects (``object_boxes``/``object_labels``, e.g. COCO instances under imported
-    proposals), else every region with each of its ``reg_to_attr`` attributes. Overall AP is the mean over
-    attributes with ground truth, as COCO's. ``boxes``: the split's :func:`region_boxes`, when the caller has them.
+    Candidates: ``region_embs [M, D]`` at ``boxes [M, 4]``, image ``i`` owning rows ``offsets[i]:offsets[i+1]``
+    (default: the split's own regions, :func:`region_boxes` / :func:`region_offsets`). Every candidate is
+    scored against every attribute prompt by the ``score`` rule over all the vocabulary's attributes
+    (``"sigmoid"``: each attribute against the region's mean similarity to the vocabulary, so an attribute
+    needs no competitors), then per-class NMS at ``nms_iou`` and each image's ``max_per_image`` best.
+    Ground truth: the dataset's labelled objects (``object_boxes``/``object_labels``, e.g. COCO instances under
+    proposals), else every labelled region with each of its ``reg_to_attr`` attributes. Overall AP is the
+    mean over attributes with ground truth, as COCO's.
     """
     from villa.evaluation.detection import zero_shot_detection
 
     names = dataset.vocabulary.names
     image_ids = frame["image_id"].to_numpy(dtype=np.int64)
-    counts = frame["num_regions"].to_numpy(dtype=np.int64)
-    region_image = np.repeat(image_ids, counts)
-    boxes = region_boxes(frame) if boxes is None else boxes  # [R, 4], once for every kind's scoring
+    own_boxes = region_boxes(frame)
+    boxes = own_boxes if boxes is None else boxes
+    offsets = region_offsets(frame) if offsets is None else offsets
+    candidate_image = np.repeat(image_ids, np.diff(offsets))
     if dataset.has_objects:
         objects = [o or [] for o in frame["object_boxes"]]
         labels = [lab or [] for lab in frame["object_labels"]]
@@ -201,39 +265,30 @@ def detection_metrics(
         gt_boxes = np.asarray([b for o in objects for b in o], dtype=np.float64).reshape(-1, 4)
         gt_names = [n for lab in labels for n in lab]
     else:
+        region_image = np.repeat(image_ids, frame["num_regions"].to_numpy(dtype=np.int64))
         region_labels = [attrs for per_image in frame["reg_to_attr"] for attrs in per_image]
         repeats = [len(a) for a in region_labels]
         gt_image = np.repeat(region_image, repeats)
-        gt_boxes = np.repeat(boxes.astype(np.float64), repeats, axis=0)
+        gt_boxes = np.repeat(own_boxes.astype(np.float64), repeats, axis=0)
         gt_names = [a for attrs in region_labels for a in attrs]
     index = {n: k for k, n in enumerate(names)}
     gt_labels = np.asarray([index[n] for n in gt_names], dtype=np.int64)
     sizes = {int(i): tuple(int(v) for v in hw) for i, hw in zip(image_ids, frame["image_size"])}
-    kinds = dataset.vocabulary.kinds or {n: "all" for n in names}
-    groups: dict[str, list[int]] = {}
-    for k, name in enumerate(names):
-        groups.setdefault(kinds[name], []).append(k)
-    per_attribute: dict = {}
-    num_detections = 0
-    for members in groups.values():
-        keep = np.isin(gt_labels, members)
-        remap = {k: j for j, k in enumerate(members)}
-        result = zero_shot_detection(
-            region_embs, attr_embs[members], [names[k] for k in members], region_image, boxes,
-            gt_image[keep], gt_boxes[keep], np.asarray([remap[k] for k in gt_labels[keep]], dtype=np.int64), sizes,
-        )  # fmt: skip
-        per_attribute.update(result["per_attribute"])
-        num_detections += result["num_detections"]
-    scored = [v for v in per_attribute.values() if v["ap"] is not None]
-    mean = lambda key: float(np.mean([v[key] for v in scored])) if scored else None  # noqa: E731
+    result = zero_shot_detection(
+        region_embs, attr_embs, names, candidate_image, boxes, gt_image, gt_boxes, gt_labels, sizes,
+        score=score, nms_iou=nms_iou, max_detections_per_image=max_per_image,
+    )  # fmt: skip
     return {
-        "ap": mean("ap"),
-        "ap50": mean("ap50"),
-        "score": "softmax over the attributes of each kind" if dataset.vocabulary.has_kinds else "softmax",
+        "ap": None if math.isnan(result["ap"]) else result["ap"],
+        "ap50": None if math.isnan(result["ap50"]) else result["ap50"],
+        "score": score,
+        "nms_iou": nms_iou,
+        "max_detections_per_image": max_per_image,
         "ground_truth": "objects" if dataset.has_objects else "regions",
-        "num_detections": num_detections,
+        "num_candidates": int(len(boxes)),
+        "num_detections": result["num_detections"],
         "num_gt": len(gt_labels),
-        "per_attribute": {n: per_attribute[n] for n in names if n in per_attribute},
+        "per_attribute": result["per_attribute"],
     }
 
 
@@ -248,7 +303,8 @@ def format_metrics(metrics: dict) -> str:
     lines += [f"  {key:<28} {metrics[key]:6.2f}" for key in summary_keys(evaluation)]
     detection = metrics.get("detection")
     if detection and detection.get("ap") is not None:
-        lines.append(f"  {'zero_shot_detection_ap':<28} {detection['ap']:6.2f}")
+        where = f"  ({detection.get('candidates', 'regions')}, {detection.get('score')} scores)"
+        lines.append(f"  {'zero_shot_detection_ap':<28} {detection['ap']:6.2f}{where}")
         lines.append(f"  {'zero_shot_detection_ap50':<28} {detection['ap50']:6.2f}")
     for split, m in (metrics.get("mapping") or {}).items():
         kinds = "".join(f"  {k} {v['f1']:.1f}" for k, v in m.get("per_kind", {}).items())
@@ -278,6 +334,10 @@ def evaluate_from_config(cfg) -> dict:
         label=cfg.task_name,
         progress=bool(cfg.progress),
         image_cache_mb=float(cfg.image_cache_mb),
+        detection_regions=str(cfg.detection.regions),
+        detection_score=str(cfg.detection.score),
+        detection_nms_iou=None if cfg.detection.nms_iou is None else float(cfg.detection.nms_iou),
+        detection_max_per_image=int(cfg.detection.max_per_image),
         # (stage 2's experiments declare pairs and stage_1_ckpt_dir; the untrained tower has neither)
         stage_1_ckpt_dir=cfg.get("stage_1_ckpt_dir") if cfg.get("pairs", "villa") == "villa" else None,
     )
