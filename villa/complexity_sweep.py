@@ -489,13 +489,27 @@ def _annotations_digest(dataset_dir: Path) -> str | None:
 
 
 def _check_settings(out_dir: Path, settings: dict) -> None:
-    """Refuse to mix runs of different settings in one ``out_dir`` (finished steps would be reused silently).
+    """Refuse to mix runs of different settings in one ``out_dir`` (finished steps would be reused silently),
+    and to write into a folder that is not a sweep's (it has no settings file and holds anything but Hydra's
+    records).
 
     Seeds, complexities and methods are not part of the settings: adding them to an ``out_dir`` (or Hydra
     multirun jobs or concurrent processes over them sharing it) is how a sweep grows.
     """
     path = out_dir / SETTINGS_FILE
     settings = json.loads(json.dumps(settings))  # plain JSON types, as they read back
+    # a folder of the user's (no settings file, other contents than Hydra's records) is not written into;
+    # hidden names are left out (Hydra's .hydra, a concurrent sweep's settings file being written)
+    foreign = sorted(
+        p.name
+        for p in out_dir.iterdir()
+        if not p.name.startswith(".") and p.name not in ("sweep.log", "multirun")
+    )
+    if not path.is_file() and foreign:
+        raise VillaError(
+            f"{out_dir} is not a sweep folder (no {SETTINGS_FILE}) and holds other files ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}): choose a new or empty out_dir"
+        )
     if path.is_file():
         previous = read_json(
             path,

@@ -32,6 +32,7 @@ from villa.datasets.importing import (
     SkipLog,
     assign_splits,
     box_iou,
+    check_output,
     check_vocabulary_matches,
     clip_boxes,
     probe_images,
@@ -94,9 +95,10 @@ def import_coco(
         raise VillaError(f"--images folder {image_dir} not found")
     if max_regions < 1:
         raise VillaError(f"--max_regions must be >= 1, got {max_regions}")
-    out = Path(out).expanduser()
-    if out.exists() and not overwrite:
-        raise VillaError(f"{out} already exists: pass --overwrite to replace it")
+    out = check_output(out, overwrite, {
+        "--images folder": image_dir, "--instances file": instances, "--captions file": captions,
+        "--attributes file": attributes, "--proposals file": proposals, "--splits file": splits,
+    })  # fmt: skip
     log = SkipLog()
 
     data = read_json(instances, "instances")

@@ -25,6 +25,7 @@ from villa.datasets.importing import (
     ImportResult,
     SkipLog,
     assign_splits,
+    check_output,
     check_vocabulary_matches,
     clip_boxes,
     grid_boxes,
@@ -108,9 +109,10 @@ def import_table(
     if regions is not None and str(regions).strip().lower() != "boxes":
         parse_grid(regions)
         grid = str(regions)
-    out = Path(out).expanduser()
-    if out.exists() and not overwrite:
-        raise VillaError(f"{out} already exists: pass --overwrite to replace it")
+    out = check_output(out, overwrite, {
+        "--images folder": image_dir, "--table file": table, "--attributes file": attributes,
+        "--splits file": splits,
+    })  # fmt: skip
     vocabulary = load_vocabulary_file(attributes)
     rows = read_table(table)
     log = SkipLog()

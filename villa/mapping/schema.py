@@ -96,12 +96,35 @@ def read_mapping(stage1_run_dir: str | os.PathLike, split: str) -> pd.DataFrame:
     return pd.DataFrame(data)
 
 
+def _is_stage1_output(path: Path) -> bool:
+    """Whether ``path`` is a file stage 1 writes: a JSON object (metrics) or an Arrow file with the mapping's
+    ``assigned_attributes`` column (only the schema is read)."""
+    import json
+
+    if path.suffix == ".json":
+        try:
+            return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+        except (OSError, ValueError):
+            return False
+    try:
+        import pyarrow.ipc
+
+        with pyarrow.ipc.open_file(path) as reader:
+            return "assigned_attributes" in reader.schema.names
+    except Exception:  # not an Arrow file at all
+        return False
+
+
 def clear_outputs(run_dir: str | os.PathLike) -> None:
-    """Delete a previous run's mappings and metrics (metrics first: it marks a complete run)."""
+    """Delete a previous run's mappings and metrics (metrics first: it marks a complete run). A file of one of
+    these names that stage 1 did not write is refused (one line), not deleted."""
+    from villa.io import remove_own_file
+
     run_dir = Path(run_dir)
-    (run_dir / METRICS_FILE).unlink(missing_ok=True)
+    remove_own_file(run_dir / METRICS_FILE, _is_stage1_output, f"stage 1's {METRICS_FILE}")
     for split in SPLITS:
-        mapping_path(run_dir, split).unlink(missing_ok=True)
+        path = mapping_path(run_dir, split)
+        remove_own_file(path, _is_stage1_output, f"stage 1's {path.name}")
 
 
 def write_mapping_metrics(run_dir: str | os.PathLike, metrics: dict) -> Path:
