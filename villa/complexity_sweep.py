@@ -362,9 +362,18 @@ def run_sweep(
             preprocessed = run_root / "preprocessed.json"
 
             def preprocess(dataset_dir=dataset_dir, marker=preprocessed):
-                preprocess_dataset(
-                    dataset_dir, encoder=encoder, clip_weights=clip_weights, device=device, progress=progress
-                )
+                # two complexities can share one dataset: embedding it again would change the embeddings
+                # under the first one's stage-1 mapping, which later steps would then refuse
+                if _embedded_by(dataset_dir, encoder, clip_weights):
+                    print(f"embeddings of {dataset_dir} already computed by {encoder}, reused", flush=True)
+                else:
+                    preprocess_dataset(
+                        dataset_dir,
+                        encoder=encoder,
+                        clip_weights=clip_weights,
+                        device=device,
+                        progress=progress,
+                    )
                 write_json(marker, {"encoder": encoder, "clip_weights": clip_weights})
 
             embedded = (
@@ -481,6 +490,26 @@ def generate_shared(data_root: str | Path, digit_pools=None, **params):
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return dataclasses.replace(result, dataset_dir=final)
+
+
+def _embedded_by(dataset_dir: Path, encoder: str, clip_weights: str | None) -> bool:
+    """Whether ``dataset_dir`` holds attribute, text and region embeddings by ``encoder`` (and the weights file
+    ``clip_weights``, when given as a path) of its current annotation table."""
+    from villa.artifacts import cached_sha256
+    from villa.embeddings import ATTR_EMBS_FILE, REGION_EMBS_DIR, TEXT_EMBS_DIR, read_manifest
+
+    try:
+        manifests = [read_manifest(dataset_dir / folder) for folder in (REGION_EMBS_DIR, TEXT_EMBS_DIR)]
+    except VillaError:
+        return False
+    recorded = (manifests[0].get("encoder_config") or {}).get("clip_weights")
+    weights = None if clip_weights is None else str(Path(clip_weights).expanduser().resolve())
+    return (
+        all(m["encoder"] == encoder for m in manifests)
+        and (weights is None or recorded == weights)
+        and (dataset_dir / ATTR_EMBS_FILE).is_file()
+        and manifests[0].get("annotations_sha256") == cached_sha256(dataset_dir / "annotations.feather")
+    )
 
 
 def _annotations_digest(dataset_dir: Path) -> str | None:

@@ -64,13 +64,14 @@ def stage2_frames(dataset: Dataset, pairs: str, stage_1_ckpt_dir: str | os.PathL
         )
     if pairs not in STAGE1_PAIR_MODES:
         return dataset.annotations("train"), dataset.annotations("val")
-    from villa.mapping.schema import read_mapping
+    from villa.mapping.schema import check_mapping_inputs, read_mapping
 
     if stage_1_ckpt_dir is None or not Path(stage_1_ckpt_dir).is_dir():
         raise VillaError(
             f"no stage-1 run folder at {stage_1_ckpt_dir}: run stage 1 first "
             "(python -m villa.stage1 experiment=stage1 data_dir=...) or set stage_1_ckpt_dir=..."
         )
+    check_mapping_inputs(stage_1_ckpt_dir, dataset.root)  # made from this dataset's current files
     frames = []
     for split in ("train", "val"):
         frame = read_mapping(stage_1_ckpt_dir, split)
