@@ -269,6 +269,9 @@ def evaluate_from_config(cfg) -> dict:
         raise VillaError(
             f"experiment '{cfg.get('task_name')}' is a '{stage}' experiment: nothing to evaluate"
         )
+    from villa.hydra_app import claim_runs_folder
+
+    claim_runs_folder(cfg)
     metrics = evaluate_model(
         data_dir=cfg.data_dir,
         encoder=cfg.encoder,

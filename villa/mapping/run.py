@@ -235,9 +235,10 @@ def run_stage1_from_config(cfg) -> Stage1Result:
 
     Every key is read as composed (``configs/default.yaml`` and ``experiment/stage1.yaml`` declare them all), so
     each default lives in the YAML once and a misspelt or missing key fails here rather than falling back."""
-    from villa.hydra_app import require_stage, training_arguments
+    from villa.hydra_app import claim_runs_folder, require_stage, training_arguments
 
     require_stage(cfg, "stage1")
+    claim_runs_folder(cfg)
     model, loss, mapping = cfg.model, cfg.loss, cfg.mapping
     return run_stage1(
         cfg.data_dir,

@@ -202,9 +202,10 @@ def run_stage2_from_config(cfg):
 
     Every key is read as composed (``configs/default.yaml`` and ``experiment/stage2.yaml`` declare them all), so
     each default lives in the YAML once and a misspelt or missing key fails here rather than falling back."""
-    from villa.hydra_app import require_stage, training_arguments
+    from villa.hydra_app import claim_runs_folder, require_stage, training_arguments
 
     require_stage(cfg, "stage2")
+    claim_runs_folder(cfg)
     return run_stage2(
         data_dir=cfg.data_dir,
         run_dir=cfg.run_dir,
