@@ -697,6 +697,9 @@ def preprocessed_encoder(
 
     ``None`` takes what preprocessing recorded in ``text_embs/manifest.json`` (so the stages need no
     repeated ``encoder=``/``clip_weights=``); an explicit encoder other than the recorded one is refused.
+    A weights file that only the manifest names must not run code: a TorchScript archive other than OpenAI's
+    RN50.pt is refused (:func:`villa.encoders.clip_rn50.check_manifest_weights`); passing it as
+    ``clip_weights`` trusts it.
     """
     folder = Path(dataset_dir) / TEXT_EMBS_DIR  # what stage 2 and evaluation read
     manifest = read_manifest(folder)
@@ -705,4 +708,8 @@ def preprocessed_encoder(
         encoder = manifest.get("encoder")
     if clip_weights is None:
         clip_weights = (manifest.get("encoder_config") or {}).get("clip_weights")
+        if isinstance(clip_weights, str) and clip_weights:
+            from villa.encoders.clip_rn50 import check_manifest_weights
+
+            check_manifest_weights(clip_weights, folder / MANIFEST_FILE)
     return encoder, clip_weights
