@@ -14,7 +14,7 @@ from villa.datasets import write_dataset
 from villa.docmnist.vocabulary import ATTRIBUTES, COLORS, DIGIT_WORDS, docmnist_vocabulary
 from villa.embeddings import TextEmbeddingCache, save_attr_embs
 from villa.errors import VillaError
-from villa.mapping.schema import write_mapping, write_mapping_metrics
+from villa.mapping.schema import mapping_inputs, write_mapping, write_mapping_metrics
 
 SPLIT_SIZES = {"train": 4, "val": 2, "test": 3}
 COLOR_NAMES = tuple(COLORS)
@@ -76,7 +76,7 @@ def build_fixture(root, encoder_name: str, dim: int, seed: int = 0):
     write_dataset(data_dir, vocabulary=docmnist_vocabulary(), source="test", columns=frame)
     for split in ("train", "val"):
         write_mapping(stage1_dir, split, frame[frame["split"] == split].reset_index(drop=True))
-    write_mapping_metrics(stage1_dir, {})  # marks the stage-1 run complete
+    write_mapping_metrics(stage1_dir, {}, mapping_inputs(data_dir))  # marks the stage-1 run complete
     sentences = sorted({s.strip() for t in frame["text"] for s in t.split(".")})
     TextEmbeddingCache.write(data_dir, encoder_name, sentences, rng.standard_normal((len(sentences), dim)))
     attr = torch.from_numpy(rng.standard_normal((len(ATTRIBUTES), dim)).astype(np.float32))

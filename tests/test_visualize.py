@@ -106,7 +106,7 @@ def test_notebook_runs_headless(dataset_dir, monkeypatch):
 
 
 def test_mapping_figure_colours_correct_wrong_and_missed(dataset_dir, tmp_path):
-    from villa.mapping.schema import write_mapping, write_mapping_metrics
+    from villa.mapping.schema import mapping_inputs, write_mapping, write_mapping_metrics
 
     frame = read_annotations(dataset_dir, "train")
     # region 0 of every image: its first true attribute plus a wrong one; other regions: all correct
@@ -114,7 +114,7 @@ def test_mapping_figure_colours_correct_wrong_and_missed(dataset_dir, tmp_path):
     frame["assigned_attributes"] = [[[t[0][0], w], *t[1:]] for t, w in zip(frame["reg_to_attr"], wrong)]
     frame["assigned_text"] = [[" . ".join(a) for a in regions] for regions in frame["assigned_attributes"]]
     write_mapping(tmp_path, "train", frame)
-    write_mapping_metrics(tmp_path, {})
+    write_mapping_metrics(tmp_path, {}, mapping_inputs(dataset_dir))
     drawn = int(np.argmax(frame["num_regions"].to_numpy()))  # the default pick
     truth0 = frame["reg_to_attr"][drawn][0]
     right = visualize.draw_mapping(dataset_dir, tmp_path, "train").axes[1]

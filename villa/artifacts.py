@@ -50,13 +50,15 @@ def rerun_preprocessing(dataset_dir: str | os.PathLike, manifest: dict | None = 
     return f"re-run {preprocess_command(dataset_dir, manifest)}"
 
 
-def stage_command(run_dir: str | os.PathLike) -> str:
+def stage_command(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> str:
     """The command that rebuilds a stage-1/stage-2 run folder.
 
     Taken from the folder's ``.hydra/`` record (the exact overrides of the last Hydra run there, without
-    ``resume=``); else ``python -m villa.<stage> experiment=<folder name> checkpoint_dir=<parent>
+    ``resume=``); else ``python -m villa.<stage> experiment=<folder name> checkpoint_dir=<folder>
     data_dir=<its dataset>`` when an experiment of that name exists (runs made through
-    :func:`villa.hydra_app.compose`, e.g. by the sweep, leave no record); else a plain description.
+    :func:`villa.hydra_app.compose`, e.g. by the sweep, leave no record; ``<folder>`` is the parent of the
+    run folder, or its grandparent for the experiments that keep each dataset's runs apart, and ``data_dir``
+    fills in the dataset when known); else a plain description.
     """
     run_dir = Path(run_dir)
     hydra_dir = run_dir / ".hydra"
@@ -71,37 +73,40 @@ def stage_command(run_dir: str | os.PathLike) -> str:
     except Exception:  # no or damaged record: fall back below
         pass
     try:
-        stage = _experiment_stage(run_dir.name)
+        stage = _experiment_value(run_dir.name, "stage")
         if stage in ("stage1", "stage2"):
+            per_dataset = "villa_name" in str(_experiment_value(run_dir.name, "run_dir") or "")
+            checkpoint_dir = run_dir.parent.parent if per_dataset else run_dir.parent
+            dataset = shlex.quote(str(data_dir)) if data_dir is not None else "<its dataset>"
             return (
                 f"python -m villa.{stage} experiment={shlex.quote(run_dir.name)} "
-                f"checkpoint_dir={shlex.quote(str(run_dir.parent))} data_dir=<its dataset>"
+                f"checkpoint_dir={shlex.quote(str(checkpoint_dir))} data_dir={dataset}"
             )
     except Exception:
         pass
     return f"the stage that wrote {run_dir}"
 
 
-def _experiment_stage(name: str, depth: int = 0) -> str | None:
-    """The ``stage`` of ``configs/experiment/<name>.yaml``, following its ``defaults`` list."""
+def _experiment_value(name: str, key: str, depth: int = 0):
+    """The value of ``key`` in ``configs/experiment/<name>.yaml``, following its ``defaults`` list."""
     import yaml
 
     path = Path(__file__).resolve().parent / "configs" / "experiment" / f"{name}.yaml"
     config = yaml.safe_load(path.read_text()) if path.is_file() and depth < 5 else None
     if not isinstance(config, dict):
         return None
-    if config.get("stage"):
-        return config["stage"]
+    if config.get(key):
+        return config[key]
     for parent in config.get("defaults") or []:
         if isinstance(parent, str) and parent != "_self_":
-            stage = _experiment_stage(parent, depth + 1)
-            if stage:
-                return stage
+            value = _experiment_value(parent, key, depth + 1)
+            if value:
+                return value
     return None
 
 
-def rerun_stage(run_dir: str | os.PathLike) -> str:
-    return f"re-run {stage_command(run_dir)}"
+def rerun_stage(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> str:
+    return f"re-run {stage_command(run_dir, data_dir)}"
 
 
 # --------------------------------------------------------------------------- messages
@@ -177,6 +182,22 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# full sha256 of files already hashed in this process: (path, size, mtime_ns) -> digest, so a large file
+# (weights, an annotation table) read again unchanged is not hashed again
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def cached_sha256(path: str | os.PathLike) -> str:
+    """:func:`file_sha256` of ``path``, computed once per (resolved path, size, mtime) in this process."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    digest = _DIGESTS.get(key)
+    if digest is None:
+        digest = _DIGESTS[key] = file_sha256(path)
+    return digest
 
 
 class HashingWriter:

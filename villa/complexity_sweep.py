@@ -362,9 +362,18 @@ def run_sweep(
             preprocessed = run_root / "preprocessed.json"
 
             def preprocess(dataset_dir=dataset_dir, marker=preprocessed):
-                preprocess_dataset(
-                    dataset_dir, encoder=encoder, clip_weights=clip_weights, device=device, progress=progress
-                )
+                # two complexities can share one dataset: embedding it again would change the embeddings
+                # under the first one's stage-1 mapping, which later steps would then refuse
+                if _embedded_by(dataset_dir, encoder, clip_weights):
+                    print(f"embeddings of {dataset_dir} already computed by {encoder}, reused", flush=True)
+                else:
+                    preprocess_dataset(
+                        dataset_dir,
+                        encoder=encoder,
+                        clip_weights=clip_weights,
+                        device=device,
+                        progress=progress,
+                    )
                 write_json(marker, {"encoder": encoder, "clip_weights": clip_weights})
 
             embedded = (
@@ -483,19 +492,53 @@ def generate_shared(data_root: str | Path, digit_pools=None, **params):
     return dataclasses.replace(result, dataset_dir=final)
 
 
+def _embedded_by(dataset_dir: Path, encoder: str, clip_weights: str | None) -> bool:
+    """Whether ``dataset_dir`` holds attribute, text and region embeddings by ``encoder`` (and the weights file
+    ``clip_weights``, when given as a path) of its current annotation table."""
+    from villa.artifacts import cached_sha256
+    from villa.embeddings import ATTR_EMBS_FILE, REGION_EMBS_DIR, TEXT_EMBS_DIR, read_manifest
+
+    try:
+        manifests = [read_manifest(dataset_dir / folder) for folder in (REGION_EMBS_DIR, TEXT_EMBS_DIR)]
+    except VillaError:
+        return False
+    recorded = (manifests[0].get("encoder_config") or {}).get("clip_weights")
+    weights = None if clip_weights is None else str(Path(clip_weights).expanduser().resolve())
+    return (
+        all(m["encoder"] == encoder for m in manifests)
+        and (weights is None or recorded == weights)
+        and (dataset_dir / ATTR_EMBS_FILE).is_file()
+        and manifests[0].get("annotations_sha256") == cached_sha256(dataset_dir / "annotations.feather")
+    )
+
+
 def _annotations_digest(dataset_dir: Path) -> str | None:
     path = dataset_dir / "annotations.feather"
     return file_sha256(path) if path.is_file() else None
 
 
 def _check_settings(out_dir: Path, settings: dict) -> None:
-    """Refuse to mix runs of different settings in one ``out_dir`` (finished steps would be reused silently).
+    """Refuse to mix runs of different settings in one ``out_dir`` (finished steps would be reused silently),
+    and to write into a folder that is not a sweep's (it has no settings file and holds anything but Hydra's
+    records).
 
     Seeds, complexities and methods are not part of the settings: adding them to an ``out_dir`` (or Hydra
     multirun jobs or concurrent processes over them sharing it) is how a sweep grows.
     """
     path = out_dir / SETTINGS_FILE
     settings = json.loads(json.dumps(settings))  # plain JSON types, as they read back
+    # a folder of the user's (no settings file, other contents than Hydra's records) is not written into;
+    # hidden names are left out (Hydra's .hydra, a concurrent sweep's settings file being written)
+    foreign = sorted(
+        p.name
+        for p in out_dir.iterdir()
+        if not p.name.startswith(".") and p.name not in ("sweep.log", "multirun")
+    )
+    if not path.is_file() and foreign:
+        raise VillaError(
+            f"{out_dir} is not a sweep folder (no {SETTINGS_FILE}) and holds other files ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}): choose a new or empty out_dir"
+        )
     if path.is_file():
         previous = read_json(
             path,

@@ -62,7 +62,7 @@ from villa.artifacts import (
 )
 from villa.artifacts import file_sha256 as file_sha256
 from villa.errors import VillaError
-from villa.io import atomic_dir, atomic_path, save_torch, write_json
+from villa.io import atomic_dir, atomic_path, check_own_folder, save_torch, write_json
 
 #: 2 adds ``files`` (bytes, rows, sha256 of every file) and ``num_texts``; 1 is still read
 FORMAT_VERSION = 2
@@ -236,7 +236,7 @@ class RegionEmbeddingWriter:
         self._tmp: Path | None = None
 
     def __enter__(self) -> RegionEmbeddingWriter:
-        self._ctx = atomic_dir(self.dataset_dir / REGION_EMBS_DIR, overwrite=True)
+        self._ctx = atomic_dir(self.dataset_dir / REGION_EMBS_DIR, overwrite=True, own_marker=MANIFEST_FILE)
         self._tmp = self._ctx.__enter__()
         return self
 
@@ -338,6 +338,12 @@ class RegionWork:
         folder = Path(dataset_dir) / REGION_WORK_DIR
         key = json.loads(json.dumps(key))  # the form it takes in progress.json
         shards: list[dict] = []
+        # the folders this run will replace or delete, checked before any work: villa's own only (a work
+        # folder gets its progress record right after it is made, so only an empty one may lack it)
+        if not (folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir())):
+            check_own_folder(folder, cls.FILE, "a preprocessing work folder")
+        for published in (REGION_EMBS_DIR, TEXT_EMBS_DIR):
+            check_own_folder(Path(dataset_dir) / published, MANIFEST_FILE, "an embeddings folder")
         if folder.exists():
             problem, shards = cls._check(folder, key)
             if problem:
@@ -651,7 +657,7 @@ class TextEmbeddingCache:
                 f"need distinct texts, one per embedding row ({len(texts)} texts, {len(array)} rows)"
             )
         folder = Path(dataset_dir) / TEXT_EMBS_DIR
-        with atomic_dir(folder, overwrite=True) as tmp:
+        with atomic_dir(folder, overwrite=True, own_marker=MANIFEST_FILE) as tmp:
             pd.DataFrame({"text": texts}).to_feather(tmp / TEXTS_FILE)
             files = {
                 TEXTS_FILE: file_record(tmp / TEXTS_FILE, len(texts)),
@@ -691,6 +697,9 @@ def preprocessed_encoder(
 
     ``None`` takes what preprocessing recorded in ``text_embs/manifest.json`` (so the stages need no
     repeated ``encoder=``/``clip_weights=``); an explicit encoder other than the recorded one is refused.
+    A weights file that only the manifest names must not run code: a TorchScript archive other than OpenAI's
+    RN50.pt is refused (:func:`villa.encoders.clip_rn50.check_manifest_weights`); passing it as
+    ``clip_weights`` trusts it.
     """
     folder = Path(dataset_dir) / TEXT_EMBS_DIR  # what stage 2 and evaluation read
     manifest = read_manifest(folder)
@@ -699,4 +708,8 @@ def preprocessed_encoder(
         encoder = manifest.get("encoder")
     if clip_weights is None:
         clip_weights = (manifest.get("encoder_config") or {}).get("clip_weights")
+        if isinstance(clip_weights, str) and clip_weights:
+            from villa.encoders.clip_rn50 import check_manifest_weights
+
+            check_manifest_weights(clip_weights, folder / MANIFEST_FILE)
     return encoder, clip_weights

@@ -20,9 +20,82 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 def register_resolvers() -> None:
     """``${villa_project_dir:}`` resolves to PROJECT_DIR (env, then .env, then the repo root);
-    ``${villa_name:PATH}`` to the last component of PATH (a dataset folder's name)."""
+    ``${villa_name:DATA_DIR}`` to the folder under ``checkpoint_dir`` that holds a dataset's runs
+    (:func:`dataset_runs_name`, with the config's ``data_root`` and ``checkpoint_dir``)."""
     OmegaConf.register_new_resolver("villa_project_dir", lambda: str(project_dir()), replace=True)
-    OmegaConf.register_new_resolver("villa_name", lambda path: Path(str(path)).name, replace=True)
+    OmegaConf.register_new_resolver("villa_name", _villa_name, replace=True)
+
+
+def _villa_name(data_dir, *, _root_) -> str:
+    return dataset_runs_name(data_dir, _root_.get("data_root"), _root_.get("checkpoint_dir"))
+
+
+#: the record, in ``checkpoint_dir/<name>/``, of the dataset whose runs that folder holds
+RUNS_RECORD = "villa_dataset.json"
+
+
+def _resolved_dataset(data_dir, data_root=None) -> Path:
+    """The resolved dataset folder of ``data_dir`` (a path, or a name under ``data_root``); for one that does
+    not exist (yet), its absolute path with ``..`` and symbolic links resolved as far as they go."""
+    from villa.paths import resolve_dataset_dir
+
+    try:
+        return resolve_dataset_dir(str(data_dir), None if data_root is None else str(data_root))
+    except VillaError:
+        return Path(str(data_dir)).expanduser().resolve()
+
+
+def _runs_owner(folder: Path) -> str | None:
+    """The dataset path recorded in ``folder/villa_dataset.json``; None without a readable record."""
+    import json
+
+    try:
+        owner = json.loads((folder / RUNS_RECORD).read_text(encoding="utf-8")).get("dataset_dir")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return owner if isinstance(owner, str) else None
+
+
+def dataset_runs_name(data_dir, data_root=None, checkpoint_dir=None) -> str:
+    """The name of the folder under ``checkpoint_dir`` that holds the runs of the dataset ``data_dir`` (a path,
+    or a name under ``data_root``), the same for every stage.
+
+    The dataset's RESOLVED folder name (``data_dir=.`` or ``..`` name the folder they stand for), with
+    ``-<8 hex digits of the sha256 of the resolved path>`` appended when that name is empty or not printable,
+    or when ``checkpoint_dir/<name>`` already holds the runs of another dataset (its ``villa_dataset.json``,
+    written by :func:`claim_runs_folder`, names another path). A single path component: the folder is always
+    directly inside ``checkpoint_dir``.
+    """
+    import hashlib
+
+    resolved = _resolved_dataset(data_dir, data_root)
+    name = resolved.name
+    digest = hashlib.sha256(str(resolved).encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    if not name or not name.isprintable() or name in (".", ".."):
+        return f"dataset-{digest}"
+    if checkpoint_dir is not None:
+        owner = _runs_owner(Path(str(checkpoint_dir)) / name)
+        if owner is not None and owner != str(resolved):
+            return f"{name}-{digest}"
+    return name
+
+
+def claim_runs_folder(cfg: DictConfig) -> None:
+    """Record the resolved dataset in ``checkpoint_dir/<name>/villa_dataset.json`` when the run folder lies in
+    the dataset's runs folder (:func:`dataset_runs_name`), so another dataset of the same folder name gets its
+    own folder. Called by the stage adapters before a run; a folder already recorded is left as it is."""
+    from villa.io import write_json
+
+    data_dir, checkpoint_dir = cfg.get("data_dir"), cfg.get("checkpoint_dir")
+    if data_dir is None or checkpoint_dir is None or cfg.get("run_dir") is None:
+        return
+    resolved = _resolved_dataset(data_dir, cfg.get("data_root"))
+    if not resolved.is_dir():
+        return  # (the stage refuses it in one line)
+    folder = Path(str(checkpoint_dir)) / dataset_runs_name(data_dir, cfg.get("data_root"), checkpoint_dir)
+    run_dir = Path(str(cfg.run_dir)).resolve()
+    if folder.resolve() in run_dir.parents and _runs_owner(folder) is None:
+        write_json(folder / RUNS_RECORD, {"dataset_dir": str(resolved)})
 
 
 def hydra_main(

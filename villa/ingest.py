@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0, help="seed of the default split (default: %(default)s)")
         p.add_argument("--copy_images", action="store_true",
                        help="copy the images into the dataset folder (default: reference them where they are)")  # fmt: skip
-        p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace an existing --out folder that is a villa dataset (docs/safety.md)")  # fmt: skip
         p.add_argument("--no_progress", action="store_true", help="hide progress bars")
 
     coco = sub.add_parser("coco", help="COCO instances + captions JSON")

@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,9 @@ def _recover(final: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(
+    final: str | os.PathLike, overwrite: bool = False, own_marker: str | None = None
+) -> Iterator[Path]:
     """Yield a temporary folder next to ``final``; move it to ``final`` only if the block succeeds.
 
     With ``overwrite``, an existing ``final`` is replaced so that at every instant one complete folder
@@ -108,10 +110,14 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     (renamed to ``.*.trash`` first, so that an interrupted delete never leaves a half folder that looks
     complete). An exception during the swap puts the old folder back; a killed process may leave the
     aside, which the next ``atomic_dir`` on the same ``final`` moves back when ``final`` is missing.
+    ``own_marker``: an existing ``final`` is replaced only when it holds this file (which villa writes into
+    every such folder), else refused in one line before anything is written (:func:`check_own_folder`).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     _recover(final)
+    if overwrite and own_marker is not None:
+        check_own_folder(final, own_marker, "a folder")
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)
     # a name only this call uses: whether it exists tells, even after an interrupt, how far the swap got
@@ -168,3 +174,81 @@ def write_feather(path: str | os.PathLike, frame) -> None:
     """``DataFrame.to_feather`` atomically (the index is dropped)."""
     with atomic_path(path) as tmp:
         frame.reset_index(drop=True).to_feather(tmp)
+
+
+# --------------------------------------------------------------------------- replacing only what villa wrote
+def _within(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (both already resolved)."""
+    return path == folder or folder in path.parents
+
+
+def check_output_dir(
+    out: str | os.PathLike,
+    *,
+    overwrite: bool,
+    is_own: Callable[[Path], bool],
+    own_marker: str,
+    inputs: Mapping[str, str | os.PathLike | None] | None = None,
+    flag: str = "--overwrite",
+) -> Path:
+    """Check, before any work, that writing the folder ``out`` (with :func:`atomic_dir`) loses nothing that
+    villa did not write; returns ``out`` (user-expanded, not resolved).
+
+    Refused, each in one line (:class:`VillaError`):
+
+    * ``out`` equal to or containing one of ``inputs`` (``{"--images folder": path, ...}``; None entries
+      skipped), compared as resolved paths, so a symbolic link or ``..`` is seen through, with or without
+      ``flag``;
+    * ``out`` a symbolic link (replacing it would replace the link, not the folder it names);
+    * an existing ``out`` without ``flag``;
+    * with ``flag``, an existing ``out`` that is not a folder villa wrote: ``is_own(out)`` false (a missing
+      ``own_marker``, the file named in the message).
+    """
+    out = Path(out).expanduser()
+    resolved = out.resolve()
+    for what, path in (inputs or {}).items():
+        if path is None:
+            continue
+        given = Path(path).expanduser()
+        if _within(given.resolve(), resolved):
+            relation = "is" if given.resolve() == resolved else "contains"
+            raise VillaError(
+                f"the output folder {out} {relation} the {what} {given}: writing it would replace your input; "
+                "choose an output folder outside your inputs"
+            )
+    if out.is_symlink():
+        raise VillaError(f"the output folder {out} is a symbolic link: give the folder itself or a new path")
+    if not out.exists():
+        return out
+    if not overwrite:
+        raise VillaError(f"{out} already exists: pass {flag} to replace it")
+    if not out.is_dir() or not is_own(out):
+        raise VillaError(
+            f"{out} is not a folder villa wrote (it holds no {own_marker}): {flag} replaces only villa's own "
+            "folders; move or delete it yourself, or choose a new output folder"
+        )
+    return out
+
+
+def check_own_folder(folder: str | os.PathLike, marker: str, what: str) -> None:
+    """Refuse (one line) to replace an existing ``folder`` that does not hold the file ``marker``, the file
+    villa writes into every such folder; a missing folder passes."""
+    folder = Path(folder)
+    if (folder.exists() or folder.is_symlink()) and not (folder.is_dir() and (folder / marker).is_file()):
+        raise VillaError(
+            f"{folder} is not {what} villa wrote (no {marker} in it): move or delete it yourself, then re-run"
+        )
+
+
+def remove_own_file(path: str | os.PathLike, is_own: Callable[[Path], bool], what: str) -> None:
+    """Delete ``path`` when it is a file villa wrote (``is_own``); a missing file passes; any other file is
+    refused in one line naming it (``what``: which villa file the name belongs to)."""
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return
+    if path.is_file() and not path.is_symlink() and is_own(path):
+        path.unlink(missing_ok=True)
+        return
+    raise VillaError(
+        f"{path} is in the way of {what} and villa did not write it: move it away or choose another run folder"
+    )

@@ -24,7 +24,7 @@ from villa.artifacts import one_line
 from villa.checkpoints import BEST, LAST, CheckpointWriter, host_copy, load_checkpoint, unwrap
 from villa.device import autocast, keep_cpu_memory, needs_grad_scaler
 from villa.errors import VillaError
-from villa.io import atomic_path
+from villa.io import atomic_path, remove_own_file
 
 METRICS_FILE = "metrics.csv"
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "lr", "seconds", "data_seconds", "improved")
@@ -158,6 +158,24 @@ def _write_metrics(run_dir: Path, history: list[dict]) -> None:
         writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
+
+
+def _is_run_file(path: Path) -> bool:
+    """Whether ``path`` is a file :func:`fit` writes: a ``torch.save`` archive (``last.pkl``/``best.pkl``,
+    a zip holding ``data.pkl``) or the epoch table (a CSV whose header starts ``epoch,train_loss``)."""
+    import zipfile
+
+    if path.name == METRICS_FILE:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return fh.readline().startswith("epoch,train_loss")
+        except (OSError, UnicodeDecodeError):
+            return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/data.pkl") or name == "data.pkl" for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
@@ -474,8 +492,8 @@ def fit(
         if result.stopped_early:
             return result
     elif ctx.is_main:
-        for stale in (LAST, BEST, METRICS_FILE):
-            (run_dir / stale).unlink(missing_ok=True)
+        for stale in (LAST, BEST, METRICS_FILE):  # a previous run's; a file villa did not write is refused
+            remove_own_file(run_dir / stale, _is_run_file, f"this run's {stale}")
 
     train_model = model
     if ctx.enabled and device.type == "cuda":

@@ -107,9 +107,10 @@ def draw_mapping(
     that stage 1 did not assign are listed grey in brackets. ``image_id`` None picks the split's first
     image with the most regions.
     """
-    from villa.mapping.schema import read_mapping
+    from villa.mapping.schema import check_mapping_inputs, read_mapping
 
     dataset = Dataset.open(dataset_dir)
+    check_mapping_inputs(mapping_dir, dataset.root)
     frame = read_mapping(mapping_dir, split)
     if image_id is None:
         row = frame.iloc[int(np.argmax(frame["num_regions"].to_numpy()))].to_dict()

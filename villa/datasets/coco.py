@@ -34,6 +34,7 @@ from villa.datasets.importing import (
     ImportResult,
     SkipLog,
     assign_splits,
+    check_output,
     check_vocabulary_matches,
     computed_regions,
     probe_images,
@@ -103,9 +104,10 @@ def import_coco(
         raise VillaError(
             f"--proposals=FILE and --regions={regions} both choose the regions: give one of them"
         )
-    out = Path(out).expanduser()
-    if out.exists() and not overwrite:
-        raise VillaError(f"{out} already exists: pass --overwrite to replace it")
+    out = check_output(out, overwrite, {
+        "--images folder": image_dir, "--instances file": instances, "--captions file": captions,
+        "--attributes file": attributes, "--proposals file": proposals, "--splits file": splits,
+    })  # fmt: skip
     log = SkipLog()
 
     data = read_json(instances, "instances")

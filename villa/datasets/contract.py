@@ -265,6 +265,18 @@ def read_info(dataset_dir: str | os.PathLike) -> dict:
     )
 
 
+def is_dataset_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder villa wrote as a dataset: it holds a ``dataset.json`` that is a JSON object
+    with the contract's ``format`` and ``image_root`` (the marker that lets ``--overwrite`` replace it)."""
+    import json
+
+    try:
+        info = json.loads((Path(path) / INFO_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and isinstance(info.get("format"), int) and "image_root" in info
+
+
 def _check_recorded_files(dataset_dir: Path, info: dict) -> None:
     """Sizes of the files ``dataset.json`` records (a truncated copy says so); the vocabulary's checksum too."""
     from villa.artifacts import check_file, verify_sha256

@@ -235,6 +235,47 @@ def check_vocabulary_matches(vocabulary: Vocabulary, texts: Sequence[str]) -> li
 
 
 # --------------------------------------------------------------------------- publishing
+def check_output(
+    out: str | os.PathLike, overwrite: bool, inputs: dict[str, str | os.PathLike | None]
+) -> Path:
+    """Refuse, before any work, an ``--out`` that would lose files villa did not write (one line each): one
+    equal to or containing an input (``{"--images folder": path, ...}``), an existing one without
+    ``--overwrite``, or, with it, one that is not a villa dataset folder (no ``dataset.json``). Returns
+    ``out``, user-expanded."""
+    from villa.datasets.contract import INFO_FILE, is_dataset_folder
+    from villa.io import check_output_dir
+
+    return check_output_dir(
+        out, overwrite=overwrite, is_own=is_dataset_folder, own_marker=f"{INFO_FILE} of a villa dataset",
+        inputs=inputs,
+    )  # fmt: skip
+
+
+def copy_targets(filepaths: Sequence[str], image_dir: str | os.PathLike) -> list[str]:
+    """Where ``--copy_images`` puts each image, relative to ``<out>/images``: the path as given, normalised; a
+    path that climbs out of the image folder (``../x.jpg``) or is absolute keeps its absolute location below
+    the root instead (``/data/x/1.png`` -> ``data/x/1.png``; ``../x.jpg`` of ``/data/img`` -> ``data/x.jpg``), so
+    every copy stays inside the dataset folder.
+    Two different images that would land on one file are refused (one line naming both)."""
+    targets: list[str] = []
+    owner: dict[str, str] = {}
+    for given in filepaths:
+        rel = os.path.normpath(given)
+        if os.path.isabs(rel) or rel == os.pardir or rel.startswith(os.pardir + os.sep):
+            where = os.path.normpath(os.path.join(os.path.abspath(image_dir), given))
+            rel = os.path.relpath(where, Path(where).anchor)
+        if rel in ("", os.curdir):
+            raise VillaError(f"--copy_images: the image path {given!r} names no file")
+        first = owner.setdefault(rel, given)
+        if first != given and os.path.normpath(first) != os.path.normpath(given):
+            raise VillaError(
+                f"--copy_images: the images {first!r} and {given!r} would both be copied to images/{rel}: "
+                "rename one of them or import without --copy_images"
+            )
+        targets.append(rel)
+    return targets
+
+
 @dataclass
 class ImportResult:
     dataset_dir: Path
@@ -258,35 +299,43 @@ def publish(
     """Write the dataset into a temporary folder and rename it to ``out`` only when complete.
 
     Images are referenced where they are (``image_root`` = the absolute image folder) unless ``copy_images``,
-    which copies them into ``out/images`` (hard links when on the same file system).
+    which copies them into ``out/images`` (hard links when on the same file system; see :func:`copy_targets`).
+    ``out`` is checked as :func:`check_output` does, and must hold none of the images it reads.
     """
     from tqdm.auto import tqdm
 
     from villa.io import atomic_dir
 
-    out = Path(out).expanduser()
-    if out.exists() and not overwrite:
-        raise VillaError(f"{out} already exists: pass --overwrite to replace it")
     image_dir = Path(image_dir).expanduser().resolve()
+    out = check_output(out, overwrite, {"--images folder": image_dir})
+    resolved = out.resolve()
+    sources = [os.path.normpath(image_dir / rel) for rel in columns["image_filepath"]]
+    inside = next((p for p in sources if Path(p).is_relative_to(resolved)), None)
+    if inside is not None:  # (found lexically: a referenced image would go with the old folder)
+        raise VillaError(
+            f"the output folder {out} holds the image {inside} that this import reads: "
+            "choose an output folder that holds none of your images"
+        )
+    targets = copy_targets(columns["image_filepath"], image_dir) if copy_images else []
     with atomic_dir(out, overwrite=overwrite) as tmp:
         image_root: str = str(image_dir)
         if copy_images:
             image_root = "images"
-            copied = []
-            for rel in tqdm(
-                columns["image_filepath"], desc="copying images", unit="img", disable=not progress
-            ):
-                source_path = image_dir / rel
-                # an absolute path keeps its folders below the root: /data/x/1.png -> images/data/x/1.png
-                rel = str(Path(rel).relative_to(Path(rel).anchor)) if Path(rel).is_absolute() else rel
-                copied.append(rel)
+            done: set[str] = set()
+            for source_path, rel in tqdm(
+                zip(sources, targets), total=len(targets), desc="copying images", unit="img",
+                disable=not progress,
+            ):  # fmt: skip
+                if rel in done:  # one file named twice (e.g. a/../b.jpg and b.jpg): copied once
+                    continue
+                done.add(rel)
                 target = tmp / "images" / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 try:
                     os.link(source_path, target)
                 except OSError:
                     shutil.copy2(source_path, target)
-            columns = {**columns, "image_filepath": copied}
+            columns = {**columns, "image_filepath": targets}
         write_dataset(tmp, columns, vocabulary, source=source, image_root=image_root, info=info)
     return out.resolve()
 

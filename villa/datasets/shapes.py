@@ -2,8 +2,9 @@
 
     python -m villa.datasets.shapes --out=shapes_coco [--images=1500 --seed=0 --objects=2-6]
 
-writes ``shapes_coco/images/*.jpg``, ``instances.json`` and ``captions.json`` exactly as COCO publishes them, so
-it exercises the same importer (``python -m villa.ingest coco ...``) as real COCO data. It is the worked example
+writes ``shapes_coco/images/*.jpg``, ``instances.json`` and ``captions.json`` exactly as COCO publishes them
+(plus ``shapes.json``, the generator's settings: the mark of a folder it wrote, the only kind ``--overwrite``
+replaces; an existing folder is refused without it), so it exercises the same importer (``python -m villa.ingest coco ...``) as real COCO data. It is the worked example
 of the README's "Your own data", the fixture of the importer tests and the data of the scale benchmark.
 
 Each JPEG (height and width drawn per image) has a textured background with random line and dot clutter and
@@ -45,6 +46,22 @@ TEMPLATES = (
     "{}, drawn over a messy background of lines and dots.",
     "In this photo we can see {}.",
 )
+
+
+#: the generator's record in every folder it writes: ``--overwrite`` replaces only a folder holding it
+MARKER_FILE = "shapes.json"
+GENERATOR = "villa.datasets.shapes"
+
+
+def is_shapes_folder(path: str | Path) -> bool:
+    """Whether ``path`` holds this generator's :data:`MARKER_FILE`."""
+    import json
+
+    try:
+        record = json.loads((Path(path) / MARKER_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("generator") == GENERATOR
 
 
 def _article(word: str) -> str:
@@ -149,10 +166,11 @@ def make_shapes_coco(
     captions_per_image: int = 3,
     quality: int = 90,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
-    """Write the dataset into ``out_dir`` (images/, instances.json, captions.json); returns ``out_dir``.
-
-    Same arguments, same bytes.
+    """Write the dataset into ``out_dir`` (images/, instances.json, captions.json, shapes.json); returns
+    ``out_dir``. An existing ``out_dir`` is refused, and with ``overwrite`` replaced only when this generator
+    wrote it (its ``shapes.json``). Same arguments, same bytes.
     """
     from PIL import Image
     from tqdm.auto import tqdm
@@ -163,11 +181,13 @@ def make_shapes_coco(
         raise VillaError(f"--images must be >= 1, got {num_images}")
     if not 1 <= objects[0] <= objects[1]:
         raise VillaError(f"--objects must be like 2-6, got {objects}")
-    out_dir = Path(out_dir)
+    from villa.io import check_output_dir
+
+    out_dir = check_output_dir(out_dir, overwrite=overwrite, is_own=is_shapes_folder, own_marker=MARKER_FILE)
     rng = np.random.default_rng(seed)
     images, annotations, captions = [], [], []
     colour_names = list(COLOURS)
-    with atomic_dir(out_dir, overwrite=True) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, own_marker=MARKER_FILE) as tmp:
         (tmp / "images").mkdir()
         for image_id in tqdm(range(1, num_images + 1), desc="shapes", unit="img", disable=not progress):
             h = int(rng.integers(height[0], height[1] + 1))
@@ -213,6 +233,10 @@ def make_shapes_coco(
         write_json(tmp / "instances.json", {"info": info, "images": images, "annotations": annotations,
                                              "categories": categories})  # fmt: skip
         write_json(tmp / "captions.json", {"info": info, "images": images, "annotations": captions})
+        settings = {"num_images": num_images, "seed": seed, "objects": list(objects), "height": list(height),
+                    "width": list(width), "object_size": list(object_size), "omit": omit,
+                    "captions_per_image": captions_per_image, "quality": quality}  # fmt: skip
+        write_json(tmp / MARKER_FILE, {"generator": GENERATOR, **settings})
     return out_dir
 
 
@@ -228,7 +252,9 @@ def _range(text: str) -> tuple[int, int]:
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m villa.datasets.shapes", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
+    parser.add_argument("--out", required=True, help="folder to write (an existing one is refused)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out folder that this generator wrote (its shapes.json)")  # fmt: skip
     parser.add_argument("--images", type=int, default=1500, help="number of images (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--objects", type=_range, default=(2, 6), help="shapes per image, N-M (default: 2-6)")
@@ -244,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
     out = make_shapes_coco(args.out, args.images, args.seed, args.objects, args.height, args.width,
-                           omit=args.omit, progress=not args.no_progress)  # fmt: skip
+                           omit=args.omit, progress=not args.no_progress, overwrite=args.overwrite)  # fmt: skip
     print(out)
     return out
 

@@ -26,6 +26,7 @@ from villa.datasets.importing import (
     ImportResult,
     SkipLog,
     assign_splits,
+    check_output,
     check_vocabulary_matches,
     computed_regions,
     probe_images,
@@ -106,9 +107,10 @@ def import_table(
         raise VillaError(f"--images folder {image_dir} not found")
     spec = parse_region_spec(regions if regions is not None else "boxes")
     computes = spec.kind != "boxes"  # rows without boxes get the spec's regions
-    out = Path(out).expanduser()
-    if out.exists() and not overwrite:
-        raise VillaError(f"{out} already exists: pass --overwrite to replace it")
+    out = check_output(out, overwrite, {
+        "--images folder": image_dir, "--table file": table, "--attributes file": attributes,
+        "--splits file": splits,
+    })  # fmt: skip
     vocabulary = load_vocabulary_file(attributes)
     rows = read_table(table)
     log = SkipLog()

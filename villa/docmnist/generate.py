@@ -555,8 +555,13 @@ def generate_docmnist(
 
     average = {s: float(p.complexity.mean()) for s, p in plans.items()}
     final_dir = data_root / dataset_name(budgets["train"], average["train"])
-    if final_dir.exists() and not overwrite:
-        raise VillaError(f"{final_dir} already exists: pass --overwrite to replace it")
+    from villa.datasets.contract import INFO_FILE, is_dataset_folder
+    from villa.io import check_output_dir
+
+    # --overwrite replaces only a villa dataset folder (its dataset.json), never a folder of the user's
+    check_output_dir(
+        final_dir, overwrite=overwrite, is_own=is_dataset_folder, own_marker=f"{INFO_FILE} of a villa dataset"
+    )
 
     if digit_pools is None:
         from villa.docmnist.mnist import load_mnist_pools
@@ -665,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--test_attribute_budget", type=_integer, default=DEFAULT_TEST_BUDGET, help="0 skips test"
     )
     parser.add_argument("--data_root", default=None, help="default: ${PROJECT_DIR}/data")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing villa dataset folder")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
 

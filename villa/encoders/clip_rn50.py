@@ -1,6 +1,9 @@
 """OpenAI CLIP RN50 from a local file or from open_clip's download and cache, both towers built by
 open-clip-torch.
 
+Weights are identified by the full SHA256 of the file (``config["weights_sha256"]``), computed once per
+file version (path, size, mtime) in a process.
+
 Accepted ``--clip_weights``:
 
 * ``openai``: OpenAI's RN50 as open_clip obtains it for ``pretrained="openai"`` (its Hugging Face Hub copy
@@ -8,8 +11,11 @@ Accepted ``--clip_weights``:
   in open_clip's URL cache ``~/.cache/clip``). A cached file is used without any network access; else it
   is downloaded, and offline this stops at once with one line naming the file to supply;
 * the OpenAI ``RN50.pt`` TorchScript archive. **Loading a TorchScript archive runs code stored in the
-  file**: use only a file from a trusted source. OpenAI's published file is recognised by its SHA256;
-  any other TorchScript file loads with a warning. State dicts never run code (``weights_only=True``);
+  file**: use only a file from a trusted source. OpenAI's published file is recognised by its full SHA256;
+  any other TorchScript file loads with a warning when the user names it (``--clip_weights=``,
+  ``clip_weights=``), and is refused when only a dataset's ``text_embs/manifest.json`` names it
+  (:func:`check_manifest_weights`): a shared dataset folder must not be able to run code. State dicts never
+  run code (``weights_only=True``; safetensors);
 * a state dict (``torch.save`` file or ``.safetensors``) of a CLIP RN50 model (open_clip / OpenAI key layout), optionally nested under
   ``"state_dict"`` or ``"model"`` and/or with a ``"module."`` prefix;
 * a visual-only state dict (the reference repo's ``clip.pth``): ``ModifiedResNet`` keys, bare or
@@ -19,7 +25,6 @@ Accepted ``--clip_weights``:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import sys
@@ -31,7 +36,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from villa.artifacts import file_sha256
+from villa.artifacts import cached_sha256
 from villa.encoders.base import Encoder, register_encoder
 from villa.encoders.clip_resnet import RegionImageEncoder, build_modified_resnet
 from villa.errors import VillaError
@@ -54,13 +59,36 @@ def _is_torchscript(path: Path) -> bool:
         return any("/code/" in name or name.startswith("code/") for name in archive.namelist())
 
 
+def weights_sha256(path: str | os.PathLike) -> str:
+    """The full SHA256 of a weights file, hashed once per (path, size, mtime) in this process."""
+    return cached_sha256(path)
+
+
+def is_openai_rn50(path: str | os.PathLike) -> bool:
+    """Whether the file's full SHA256 is that of OpenAI's published RN50.pt (carried by open_clip's URL)."""
+    try:
+        published = _openai_sha256(_openai_cfg())
+    except VillaError:  # open_clip without an RN50 "openai" entry: nothing to compare with
+        return False
+    return len(published) == 64 and weights_sha256(path) == published
+
+
+def check_manifest_weights(path: str | os.PathLike, named_by: str | os.PathLike) -> None:
+    """Refuse (one line) a TorchScript archive that only a dataset file (``named_by``) names, unless it is
+    OpenAI's RN50.pt: loading it would run code that whoever wrote the dataset chose. State dicts pass."""
+    path = Path(path).expanduser()
+    if path.is_file() and _is_torchscript(path) and not is_openai_rn50(path):
+        raise VillaError(
+            f"the CLIP weights '{path}' named by {named_by} are a TorchScript archive, and loading one runs code "
+            f"stored in the file: to trust it, pass it yourself with --clip_weights={path} (preprocessing) or "
+            f"clip_weights={path} (the stages)"
+        )
+
+
 def _warn_untrusted_torchscript(path: Path) -> None:
     """Say once (rank 0) that a TorchScript archive runs code, unless it is OpenAI's published RN50.pt."""
-    try:
-        if file_sha256(path).startswith(_openai_sha256(_openai_cfg())):
-            return
-    except VillaError:  # open_clip without an RN50 "openai" entry: nothing to compare with
-        pass
+    if is_openai_rn50(path):
+        return
     if os.environ.get("RANK", "0") == "0":
         print(
             f"warning: '{path}' is a TorchScript archive, and loading it runs code stored in the file: use "
@@ -186,14 +214,6 @@ def _build_text_tower() -> nn.Module:
     return _build_text_tower(RN50_DIM, CLIPTextCfg(**RN50_TEXT), quick_gelu=True)
 
 
-def _file_digest(path: Path, limit: int = 1 << 20) -> str:
-    """sha256 of the first MiB and the size: cheap identity of a large weights file for manifests."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        digest.update(handle.read(limit))
-    return f"{digest.hexdigest()[:16]}-{path.stat().st_size}"
-
-
 class ClipRN50Encoder(Encoder):
     """OpenAI CLIP RN50: image tower = ``ModifiedResNet`` (3,4,6,3) width 64, text tower = CLIP's
     12-layer transformer with open_clip's BPE tokenizer (ships with the package). D = 1024."""
@@ -205,7 +225,7 @@ class ClipRN50Encoder(Encoder):
         self.weights_path = Path(clip_weights).expanduser().resolve()
         self.device = device
         self._visual_state, text_state = load_clip_rn50_weights(self.weights_path)
-        self._digest = _file_digest(self.weights_path)
+        self._digest = weights_sha256(self.weights_path)
         self._text = None
         if text_state is not None:
             from open_clip.tokenizer import SimpleTokenizer
@@ -226,7 +246,7 @@ class ClipRN50Encoder(Encoder):
         return {
             "name": self.name,
             "clip_weights": str(self.weights_path),
-            "weights_digest": self._digest,
+            "weights_sha256": self._digest,
             "image_layers": list(RN50_LAYERS),
             "image_width": RN50_WIDTH,
             "has_text_tower": self.has_text_tower,
@@ -310,7 +330,7 @@ def find_cached_openai_rn50(cfg: dict | None = None) -> Path | None:
     if hit is not None:
         return hit
     target = url_cache_path(cfg)
-    if target.is_file() and file_sha256(target).startswith(_openai_sha256(cfg)):
+    if target.is_file() and weights_sha256(target) == _openai_sha256(cfg):
         return target
     return None
 

@@ -117,6 +117,10 @@ def evaluate_model(
                 f"no checkpoint to evaluate at {checkpoint}: train it first (python -m villa.stage2 ...)"
             )
     dataset = Dataset.open(data_dir)
+    if stage_1_ckpt_dir is not None and (Path(stage_1_ckpt_dir) / "mapping_metrics.json").is_file():
+        from villa.mapping.schema import check_mapping_inputs
+
+        check_mapping_inputs(stage_1_ckpt_dir, dataset.root)  # (before the work: a mapping of these files)
     frame = dataset.annotations(split)
     encoder, clip_weights = preprocessed_encoder(dataset.root, encoder, clip_weights)
     enc = get_encoder(encoder, clip_weights=clip_weights, device="cpu")
@@ -321,6 +325,9 @@ def evaluate_from_config(cfg) -> dict:
         raise VillaError(
             f"experiment '{cfg.get('task_name')}' is a '{stage}' experiment: nothing to evaluate"
         )
+    from villa.hydra_app import claim_runs_folder
+
+    claim_runs_folder(cfg)
     metrics = evaluate_model(
         data_dir=cfg.data_dir,
         encoder=cfg.encoder,

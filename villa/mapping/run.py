@@ -21,7 +21,7 @@ from villa.mapping.data import Stage1Dataset, collate_stage1
 from villa.mapping.loss import TEMPERATURE, MappingLoss
 from villa.mapping.metrics import format_metrics_table, mapping_metrics
 from villa.mapping.model import MappingModel
-from villa.mapping.schema import clear_outputs, write_mapping, write_mapping_metrics
+from villa.mapping.schema import clear_outputs, mapping_inputs, write_mapping, write_mapping_metrics
 from villa.training import FitResult, fit
 
 MAP_WEIGHTS = ("best", "last")
@@ -81,7 +81,8 @@ def run_stage1(
     vocabulary's matcher), ``attr_embs.pth`` and ``region_embs/`` (refused unless computed by ``encoder``;
     None accepts the encoder that preprocessing used). Writes to ``run_dir``: ``metrics.csv``, ``last.pkl``,
     ``best.pkl`` (by :func:`villa.training.fit`), ``mapping_{split}.feather`` and ``mapping_metrics.json``
-    (mapping P/R/F1 per split and per attribute kind when the dataset has region labels), and prints the
+    (mapping P/R/F1 per split and per attribute kind when the dataset has region labels, and the checksums
+    of the annotations and region embeddings it was made from, which later stages check), and prints the
     metrics table. ``map_weights`` picks the weights that map: ``best`` (lowest val loss) or ``last``.
 
     On CUDA, the train and val embeddings move to the device when together they take at most
@@ -107,6 +108,7 @@ def run_stage1(
 
     frame = dataset.annotations()
     embeddings = RegionEmbeddings.open(data_dir, expected_encoder=encoder)
+    inputs = mapping_inputs(data_dir)  # (hashed before training: what the mapping is made from)
     embeddings.check_covers(frame["image_id"].to_numpy(), frame["num_regions"].to_numpy())
     if emb_dim is not None and int(emb_dim) != embeddings.dim:
         raise VillaError(
@@ -212,7 +214,7 @@ def run_stage1(
         if dataset.has_region_labels:
             truth = region_truth(split_frame, vocabulary.names)
             metrics[split] = mapping_metrics(assigned, truth, vocabulary.names, vocabulary.kinds)
-    write_mapping_metrics(run_dir, metrics)  # last: its presence marks a complete run
+    write_mapping_metrics(run_dir, metrics, inputs)  # last: its presence marks a complete run
     print(f"mapping with {mapped_with} (epsilon {epsilon}) -> {run_dir}")
     if metrics:
         print(format_metrics_table(metrics), flush=True)
@@ -233,9 +235,10 @@ def run_stage1_from_config(cfg) -> Stage1Result:
 
     Every key is read as composed (``configs/default.yaml`` and ``experiment/stage1.yaml`` declare them all), so
     each default lives in the YAML once and a misspelt or missing key fails here rather than falling back."""
-    from villa.hydra_app import require_stage, training_arguments
+    from villa.hydra_app import claim_runs_folder, require_stage, training_arguments
 
     require_stage(cfg, "stage1")
+    claim_runs_folder(cfg)
     model, loss, mapping = cfg.model, cfg.loss, cfg.mapping
     return run_stage1(
         cfg.data_dir,

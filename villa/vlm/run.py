@@ -64,13 +64,14 @@ def stage2_frames(dataset: Dataset, pairs: str, stage_1_ckpt_dir: str | os.PathL
         )
     if pairs not in STAGE1_PAIR_MODES:
         return dataset.annotations("train"), dataset.annotations("val")
-    from villa.mapping.schema import read_mapping
+    from villa.mapping.schema import check_mapping_inputs, read_mapping
 
     if stage_1_ckpt_dir is None or not Path(stage_1_ckpt_dir).is_dir():
         raise VillaError(
             f"no stage-1 run folder at {stage_1_ckpt_dir}: run stage 1 first "
             "(python -m villa.stage1 experiment=stage1 data_dir=...) or set stage_1_ckpt_dir=..."
         )
+    check_mapping_inputs(stage_1_ckpt_dir, dataset.root)  # made from this dataset's current files
     frames = []
     for split in ("train", "val"):
         frame = read_mapping(stage_1_ckpt_dir, split)
@@ -201,9 +202,10 @@ def run_stage2_from_config(cfg):
 
     Every key is read as composed (``configs/default.yaml`` and ``experiment/stage2.yaml`` declare them all), so
     each default lives in the YAML once and a misspelt or missing key fails here rather than falling back."""
-    from villa.hydra_app import require_stage, training_arguments
+    from villa.hydra_app import claim_runs_folder, require_stage, training_arguments
 
     require_stage(cfg, "stage2")
+    claim_runs_folder(cfg)
     return run_stage2(
         data_dir=cfg.data_dir,
         run_dir=cfg.run_dir,
