@@ -11,6 +11,9 @@ Each JPEG (height and width drawn per image) has a textured background with rand
 (``half moon``) and words hidden inside others (``cross`` in "across"). Each image has three captions that name
 its shapes with counts and plurals ("two half moons", "a red star") in varied templates; with probability
 ``omit`` a shape's category is left out of all of them, so the text does not mention every labelled object.
+With probability ``negations`` (``--negations=P``) an image gets one more caption denying a shape it does not
+show ("No triangle can be seen.", "There are no stars here."), as reports and captions do; these draws use
+their own random stream, so the images and the other captions are those of ``--negations=0``, byte for byte.
 """
 
 from __future__ import annotations
@@ -46,6 +49,22 @@ TEMPLATES = (
     "In this photo we can see {}.",
 )
 
+#: captions denying an absent shape: {a} "a"/"an", {s} the shape, {p} its plural, {P} the plural capitalised
+NEGATION_TEMPLATES = (
+    "No {s} can be seen.",
+    "There is no {s} in this picture.",
+    "There are no {p} here.",
+    "The image does not contain any {p}.",
+    "Not a single {s} is visible.",
+    "{P} are absent from this scene.",
+    "You will not find {a} {s} here.",
+    "No {p} are visible.",
+    "Nothing resembling {a} {s} appears.",
+    "We see no {p} at all.",
+)
+#: the stream of the negation draws (independent of the image stream, so --negations=0 changes nothing)
+NEGATION_STREAM = 1
+
 
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
@@ -58,6 +77,16 @@ def _phrase(category: str, count: int, colour: str | None) -> str:
         noun = f"{colour} {category}" if colour else category
         return f"{_article(noun)} {noun}"
     return f"{NUMBERS[min(count, len(NUMBERS) - 1)]} {plural(category)}"
+
+
+def _denial(absent: Sequence[str], rng: np.random.Generator) -> str:
+    """A caption denying one of the ``absent`` shapes, in one of :data:`NEGATION_TEMPLATES`."""
+    from villa.datasets.vocabulary import plural
+
+    shape = absent[int(rng.integers(len(absent)))]
+    template = NEGATION_TEMPLATES[int(rng.integers(len(NEGATION_TEMPLATES)))]
+    text = template.format(a=_article(shape), s=shape, p=plural(shape), P=plural(shape).capitalize())
+    return text[0].upper() + text[1:]
 
 
 def _join(parts: Sequence[str]) -> str:
@@ -149,10 +178,12 @@ def make_shapes_coco(
     captions_per_image: int = 3,
     quality: int = 90,
     progress: bool = True,
+    negations: float = 0.0,
 ) -> Path:
     """Write the dataset into ``out_dir`` (images/, instances.json, captions.json); returns ``out_dir``.
 
-    Same arguments, same bytes.
+    ``negations``: the chance that an image gets one more caption denying a shape it does not show (see the
+    module docstring). Same arguments, same bytes.
     """
     from PIL import Image
     from tqdm.auto import tqdm
@@ -163,8 +194,11 @@ def make_shapes_coco(
         raise VillaError(f"--images must be >= 1, got {num_images}")
     if not 1 <= objects[0] <= objects[1]:
         raise VillaError(f"--objects must be like 2-6, got {objects}")
+    if not 0.0 <= negations <= 1.0:
+        raise VillaError(f"--negations must be a probability in [0, 1], got {negations}")
     out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)
+    negation_rng = np.random.default_rng([seed, NEGATION_STREAM])
     images, annotations, captions = [], [], []
     colour_names = list(COLOURS)
     with atomic_dir(out_dir, overwrite=True) as tmp:
@@ -196,6 +230,7 @@ def make_shapes_coco(
             for category, colour in placed:
                 counts.setdefault(category, []).append(colour)
             mentioned = [c for c in counts if rng.random() >= omit] or [next(iter(counts))]
+            texts = []
             for _ in range(captions_per_image):
                 order = rng.permutation(len(mentioned))
                 parts = []
@@ -205,9 +240,12 @@ def make_shapes_coco(
                     colour = colours[0] if len(colours) == 1 and rng.random() < 0.5 else None
                     parts.append(_phrase(category, len(colours), colour))
                 text = TEMPLATES[int(rng.integers(len(TEMPLATES)))].format(_join(parts))
-                captions.append(
-                    {"id": len(captions) + 1, "image_id": image_id, "caption": text[0].upper() + text[1:]}
-                )
+                texts.append(text[0].upper() + text[1:])
+            if negations > 0 and negation_rng.random() < negations:
+                absent = [c for c in CATEGORIES if c not in counts]
+                texts.insert(int(negation_rng.integers(len(texts) + 1)), _denial(absent, negation_rng))
+            for text in texts:
+                captions.append({"id": len(captions) + 1, "image_id": image_id, "caption": text})
         categories = [{"id": i + 1, "name": c, "supercategory": "shape"} for i, c in enumerate(CATEGORIES)]
         info = {"description": f"villa synthetic shapes, seed {seed}"}
         write_json(tmp / "instances.json", {"info": info, "images": images, "annotations": annotations,
@@ -241,10 +279,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument(
         "--omit", type=float, default=0.1, help="chance a shape goes unmentioned (default: 0.1)"
     )
+    parser.add_argument(
+        "--negations", type=float, default=0.0,
+        help="chance an image gets one more caption denying an absent shape (default: 0)",
+    )  # fmt: skip
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
     out = make_shapes_coco(args.out, args.images, args.seed, args.objects, args.height, args.width,
-                           omit=args.omit, progress=not args.no_progress)  # fmt: skip
+                           omit=args.omit, progress=not args.no_progress, negations=args.negations)  # fmt: skip
     print(out)
     return out
 
