@@ -241,15 +241,11 @@ def mention_status(
         return status
     t_start, t_end, t_kind = (np.asarray(column, dtype=np.int64) for column in zip(*found))
 
-    # a trigger overlapping a mention is part of the attribute's name: drop it
+    # a trigger overlapping a mention is part of the attribute's name: drop it. reach[i] is the furthest end
+    # of the mentions sorted up to i; "last" is the last mention starting before the trigger ends
     order = np.argsort(starts, kind="stable")
-    m_start, reach = (
-        starts[order],
-        np.maximum.accumulate(ends[order]),
-    )  # reach[i]: furthest end of mentions <= i
-    last = (
-        np.searchsorted(m_start, t_end, side="left") - 1
-    )  # the last mention starting before the trigger ends
+    m_start, reach = starts[order], np.maximum.accumulate(ends[order])
+    last = np.searchsorted(m_start, t_end, side="left") - 1
     overlaps = (last >= 0) & (reach[np.maximum(last, 0)] > t_start)
     t_start, t_end, t_kind = t_start[~overlaps], t_end[~overlaps], t_kind[~overlaps]
     if len(t_start) == 0:

@@ -279,11 +279,11 @@ class Vocabulary:
         parts = []
         for flag in (NEGATED, UNCERTAIN):
             hits = np.flatnonzero(found.status == flag)
-            example = f' (e.g. "{found.sentence(int(hits[0]))}")' if len(hits) else ""
-            parts.append(
-                f"{len(hits):,}{' of ' + format(len(found), ',') + ' attribute mentions' if flag == NEGATED else ''} "
-                f"{STATUS_NAMES[flag]}{example}"
+            count = (
+                f"{len(hits):,} of {len(found):,} attribute mentions" if flag == NEGATED else f"{len(hits):,}"
             )
+            example = f' (e.g. "{found.sentence(int(hits[0]))}")' if len(hits) else ""
+            parts.append(f"{count} {STATUS_NAMES[flag]}{example}")
         return f"negation: {', '.join(parts)}; negated: {self.negated}, uncertain: {self.uncertain}"
 
     # ---------------------------------------------------------------- file
