@@ -144,7 +144,10 @@ def test_stage2_train_then_evaluate(fixture, tmp_path):
     assert stored["epoch"] == 1
     # zero-shot detection: each test region is one object per attribute it carries (digit and colour here)
     detection = stored["detection"]
-    assert 0.0 <= detection["ap"] <= detection["ap50"] + 1e-9 <= 100.0 + 1e-9 and detection["ground_truth"] == "regions"
+    assert (
+        0.0 <= detection["ap"] <= detection["ap50"] + 1e-9 <= 100.0 + 1e-9
+        and detection["ground_truth"] == "regions"
+    )
     assert detection["num_gt"] == 2 * stored["num_regions"]
     assert detection["per_attribute"]["circle"]["ap"] is None  # no circle in this data
 

@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="copy the images into the dataset folder (default: reference them where they are)")  # fmt: skip
         p.add_argument("--overwrite", action="store_true",
                        help="replace an existing --out folder that is a villa dataset (docs/safety.md)")  # fmt: skip
+        p.add_argument("--negated", choices=("drop", "keep"), default=None,
+                       help="attributes a text mentions only to deny them ('no star'): drop or keep (default: the "
+                       "vocabulary file's 'negated', else drop); recorded in the dataset's attributes.yaml")  # fmt: skip
+        p.add_argument("--uncertain", choices=("keep", "drop"), default=None,
+                       help="attributes a text mentions only as possible ('possibly a star'): keep or drop "
+                       "(default: the vocabulary file's 'uncertain', else keep)")  # fmt: skip
         p.add_argument("--no_progress", action="store_true", help="hide progress bars")
 
     coco = sub.add_parser("coco", help="COCO instances + captions JSON")
@@ -94,6 +100,8 @@ def main(argv: Sequence[str] | None = None):
         "overwrite": args.overwrite,
         "progress": not args.no_progress,
         "created_by": created_by,
+        "negated": args.negated,
+        "uncertain": args.uncertain,
     }
     if args.format == "coco":
         from villa.datasets.coco import import_coco

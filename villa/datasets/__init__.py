@@ -2,6 +2,7 @@
 
 - :mod:`villa.datasets.contract`   THE reader/writer/validator of a dataset folder
 - :mod:`villa.datasets.vocabulary` ``attributes.yaml`` and the text matcher (an image's attributes come from its text)
+- :mod:`villa.datasets.assertion`  each mention's status: present, negated or uncertain (NegEx / ConText)
 - :mod:`villa.datasets.coco`       importer for COCO ``instances`` + ``captions`` JSON (and detection proposals)
 - :mod:`villa.datasets.table`      importer for a CSV/JSONL table of image paths and texts
 - :mod:`villa.datasets.shapes`     a synthetic COCO-format dataset of shapes amid clutter (tests, examples)

@@ -88,10 +88,14 @@ def import_coco(
     copy_images: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    negated: str | None = None,
+    uncertain: str | None = None,
     created_by: str = "villa.datasets.coco.import_coco",
 ) -> ImportResult:
     """Build a villa dataset folder at ``out`` from COCO-format files (see the module docstring).
 
+    ``negated`` / ``uncertain``: the vocabulary's policy for negated and uncertain mentions (None: the
+    vocabulary file's, else ``drop`` / ``keep``), recorded in the dataset's ``attributes.yaml``.
     ``created_by`` is recorded in ``dataset.json`` (the command that rebuilds the folder).
     """
     image_dir = Path(images).expanduser()
@@ -134,6 +138,7 @@ def import_coco(
         vocabulary = Vocabulary(
             tuple(make_attribute(str(c["name"]), kind=c.get("supercategory")) for c in categories)
         )
+    vocabulary = vocabulary.with_policy(negated, uncertain)
     label_of = category_attributes(categories, vocabulary)
     unmapped = [str(c["name"]) for c in categories if label_of[int(c["id"])] is None]
     if unmapped:

@@ -220,18 +220,24 @@ def assign_splits(
 
 # --------------------------------------------------------------------------- vocabulary against the texts
 def check_vocabulary_matches(vocabulary: Vocabulary, texts: Sequence[str]) -> list[str]:
-    """Refuse a vocabulary that no text mentions; return one warning line for attributes never mentioned."""
-    present = vocabulary.match_matrix(texts).any(0)
+    """Refuse a vocabulary that no text mentions; return the lines to print: how many mentions are negated and
+    uncertain under the vocabulary's policy (:meth:`Vocabulary.assertion_summary`) and a warning line for
+    attributes never mentioned."""
+    status = vocabulary.status_matrix(texts)  # [N, K]
+    present = (status & vocabulary.kept_statuses).any(0)
     if not present.any():
+        dropped = " (every mention is negated or uncertain, which the policy drops)" if status.any() else ""
         raise VillaError(
-            f"no text mentions any of the {len(vocabulary)} attributes (e.g. {vocabulary.names[0]!r}): "
+            f"no text mentions any of the {len(vocabulary)} attributes (e.g. {vocabulary.names[0]!r}){dropped}: "
             "check the vocabulary's names and 'match' phrases"
         )
+    lines = [vocabulary.assertion_summary(texts)]
     never = [n for n, p in zip(vocabulary.names, present) if not p]
     if never:
         shown = ", ".join(never[:8]) + (", ..." if len(never) > 8 else "")
-        return [f"warning: {len(never)} attributes are never mentioned in any text: {shown}"]
-    return []
+        only = " (or only in mentions the policy drops)" if status.any(0)[~present].any() else ""
+        lines.append(f"warning: {len(never)} attributes are never mentioned in any text{only}: {shown}")
+    return lines
 
 
 # --------------------------------------------------------------------------- publishing

@@ -12,6 +12,9 @@ Each JPEG (height and width drawn per image) has a textured background with rand
 (``half moon``) and words hidden inside others (``cross`` in "across"). Each image has three captions that name
 its shapes with counts and plurals ("two half moons", "a red star") in varied templates; with probability
 ``omit`` a shape's category is left out of all of them, so the text does not mention every labelled object.
+With probability ``negations`` (``--negations=P``) an image gets one more caption denying a shape it does not
+show ("No triangle can be seen.", "There are no stars here."), as reports and captions do; these draws use
+their own random stream, so the images and the other captions are those of ``--negations=0``, byte for byte.
 """
 
 from __future__ import annotations
@@ -47,6 +50,22 @@ TEMPLATES = (
     "In this photo we can see {}.",
 )
 
+#: captions denying an absent shape: {a} "a"/"an", {s} the shape, {p} its plural, {P} the plural capitalised
+NEGATION_TEMPLATES = (
+    "No {s} can be seen.",
+    "There is no {s} in this picture.",
+    "There are no {p} here.",
+    "The image does not contain any {p}.",
+    "Not a single {s} is visible.",
+    "{P} are absent from this scene.",
+    "You will not find {a} {s} here.",
+    "No {p} are visible.",
+    "Nothing resembling {a} {s} appears.",
+    "We see no {p} at all.",
+)
+#: the stream of the negation draws (independent of the image stream, so --negations=0 changes nothing)
+NEGATION_STREAM = 1
+
 
 #: the generator's record in every folder it writes: ``--overwrite`` replaces only a folder holding it
 MARKER_FILE = "shapes.json"
@@ -75,6 +94,16 @@ def _phrase(category: str, count: int, colour: str | None) -> str:
         noun = f"{colour} {category}" if colour else category
         return f"{_article(noun)} {noun}"
     return f"{NUMBERS[min(count, len(NUMBERS) - 1)]} {plural(category)}"
+
+
+def _denial(absent: Sequence[str], rng: np.random.Generator) -> str:
+    """A caption denying one of the ``absent`` shapes, in one of :data:`NEGATION_TEMPLATES`."""
+    from villa.datasets.vocabulary import plural
+
+    shape = absent[int(rng.integers(len(absent)))]
+    template = NEGATION_TEMPLATES[int(rng.integers(len(NEGATION_TEMPLATES)))]
+    text = template.format(a=_article(shape), s=shape, p=plural(shape), P=plural(shape).capitalize())
+    return text[0].upper() + text[1:]
 
 
 def _join(parts: Sequence[str]) -> str:
@@ -167,10 +196,12 @@ def make_shapes_coco(
     quality: int = 90,
     progress: bool = True,
     overwrite: bool = False,
+    negations: float = 0.0,
 ) -> Path:
     """Write the dataset into ``out_dir`` (images/, instances.json, captions.json, shapes.json); returns
     ``out_dir``. An existing ``out_dir`` is refused, and with ``overwrite`` replaced only when this generator
-    wrote it (its ``shapes.json``). Same arguments, same bytes.
+    wrote it (its ``shapes.json``). ``negations``: the chance that an image gets one more caption denying a
+    shape it does not show (see the module docstring). Same arguments, same bytes.
     """
     from PIL import Image
     from tqdm.auto import tqdm
@@ -181,10 +212,13 @@ def make_shapes_coco(
         raise VillaError(f"--images must be >= 1, got {num_images}")
     if not 1 <= objects[0] <= objects[1]:
         raise VillaError(f"--objects must be like 2-6, got {objects}")
+    if not 0.0 <= negations <= 1.0:
+        raise VillaError(f"--negations must be a probability in [0, 1], got {negations}")
     from villa.io import check_output_dir
 
     out_dir = check_output_dir(out_dir, overwrite=overwrite, is_own=is_shapes_folder, own_marker=MARKER_FILE)
     rng = np.random.default_rng(seed)
+    negation_rng = np.random.default_rng([seed, NEGATION_STREAM])
     images, annotations, captions = [], [], []
     colour_names = list(COLOURS)
     with atomic_dir(out_dir, overwrite=overwrite, own_marker=MARKER_FILE) as tmp:
@@ -216,6 +250,7 @@ def make_shapes_coco(
             for category, colour in placed:
                 counts.setdefault(category, []).append(colour)
             mentioned = [c for c in counts if rng.random() >= omit] or [next(iter(counts))]
+            texts = []
             for _ in range(captions_per_image):
                 order = rng.permutation(len(mentioned))
                 parts = []
@@ -225,9 +260,12 @@ def make_shapes_coco(
                     colour = colours[0] if len(colours) == 1 and rng.random() < 0.5 else None
                     parts.append(_phrase(category, len(colours), colour))
                 text = TEMPLATES[int(rng.integers(len(TEMPLATES)))].format(_join(parts))
-                captions.append(
-                    {"id": len(captions) + 1, "image_id": image_id, "caption": text[0].upper() + text[1:]}
-                )
+                texts.append(text[0].upper() + text[1:])
+            if negations > 0 and negation_rng.random() < negations:
+                absent = [c for c in CATEGORIES if c not in counts]
+                texts.insert(int(negation_rng.integers(len(texts) + 1)), _denial(absent, negation_rng))
+            for text in texts:
+                captions.append({"id": len(captions) + 1, "image_id": image_id, "caption": text})
         categories = [{"id": i + 1, "name": c, "supercategory": "shape"} for i, c in enumerate(CATEGORIES)]
         info = {"description": f"villa synthetic shapes, seed {seed}"}
         write_json(tmp / "instances.json", {"info": info, "images": images, "annotations": annotations,
@@ -267,10 +305,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument(
         "--omit", type=float, default=0.1, help="chance a shape goes unmentioned (default: 0.1)"
     )
+    parser.add_argument(
+        "--negations", type=float, default=0.0,
+        help="chance an image gets one more caption denying an absent shape (default: 0)",
+    )  # fmt: skip
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
     out = make_shapes_coco(args.out, args.images, args.seed, args.objects, args.height, args.width,
-                           omit=args.omit, progress=not args.no_progress, overwrite=args.overwrite)  # fmt: skip
+                           omit=args.omit, progress=not args.no_progress, overwrite=args.overwrite,
+                           negations=args.negations)  # fmt: skip
     print(out)
     return out
 

@@ -98,9 +98,15 @@ def import_table(
     copy_images: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    negated: str | None = None,
+    uncertain: str | None = None,
     created_by: str = "villa.datasets.table.import_table",
 ) -> ImportResult:
-    """Build a villa dataset folder at ``out`` from a CSV/JSONL table (see the module docstring)."""
+    """Build a villa dataset folder at ``out`` from a CSV/JSONL table (see the module docstring).
+
+    ``negated`` / ``uncertain``: the vocabulary's policy for negated and uncertain mentions (None: the
+    vocabulary file's), recorded in the dataset's ``attributes.yaml``.
+    """
     table = Path(table).expanduser()
     image_dir = Path(images).expanduser() if images is not None else table.parent
     if not image_dir.is_dir():
@@ -111,7 +117,7 @@ def import_table(
         "--images folder": image_dir, "--table file": table, "--attributes file": attributes,
         "--splits file": splits,
     })  # fmt: skip
-    vocabulary = load_vocabulary_file(attributes)
+    vocabulary = load_vocabulary_file(attributes).with_policy(negated, uncertain)
     rows = read_table(table)
     log = SkipLog()
 

@@ -103,7 +103,9 @@ def choose_sentences(
 ) -> np.ndarray:
     """For each image and each attribute of its text, one sentence of the text that mentions the attribute.
 
-    "Mentions" is the vocabulary's matcher (whole word or phrase, any of its ``match`` forms); on DocMNIST
+    "Mentions" is the vocabulary's matcher (whole word or phrase, any of its ``match`` forms) as
+    :meth:`~villa.datasets.Vocabulary.affirmed_matrix` reads it: a sentence that denies the attribute ("no
+    star") is never chosen, whatever the policy, so no region is paired with a sentence denying it. On DocMNIST
     this is the reference's test for ``" " + attribute`` in the lower-cased sentence. The choice among several
     candidate sentences is uniform, from ``numpy.random.default_rng(seed)`` (same seed, same choice).
     Sentences come from :func:`villa.text.split_sentences`.
@@ -118,7 +120,7 @@ def choose_sentences(
     chosen = np.full((n, k), "", dtype=object)
     if len(flat) == 0:
         return chosen
-    match = vocabulary.match_matrix(flat)
+    match = vocabulary.affirmed_matrix(flat)
     # a random key per (sentence, attribute); the best-keyed matching sentence of each image wins
     keys = np.random.default_rng(seed).random((len(flat), k))
     keys[~match] = -1.0

@@ -213,7 +213,8 @@ def _stage1_pair_sentences(frame, region_attrs, region_texts, image_of_region, v
     texts = frame["text"].tolist()
     for r in np.flatnonzero(~aligned).tolist():
         image_sentences = split_sentences(texts[image_of_region[r]])
-        matched = vocabulary.match_matrix(image_sentences).any(axis=0) if image_sentences else None
+        # the sentences choose_sentences could have picked
+        matched = vocabulary.affirmed_matrix(image_sentences).any(axis=0) if image_sentences else None
         has = [matched is not None and bool(matched[vocabulary.index(a)]) for a in region_attrs[r]]
         if sum(has) != n_sents[r]:
             raise VillaError("a stage-1 assigned text does not match its assigned attributes: re-run stage 1")

@@ -1,0 +1,205 @@
+"""Detection from region proposals on a shapes set: ground-truth boxes vs proposals vs a box-free table import.
+
+    python benchmarks/regions_experiment.py --out=results/regions [--images=800 --seeds=23,24,25 \\
+        --encoder=default --stage2_epochs=12 --stage2_batch=64 --arms=gt,proposals,table]
+
+One shapes set (``python -m villa.datasets.shapes --images=N --seed=0``) is imported three ways, each an "arm":
+
+- ``gt``: COCO import with the instance boxes as regions (``--regions=boxes``); detection is evaluated on
+  proposals (``detection.regions=auto``), so it measures finding objects, not classifying given boxes;
+- ``proposals``: COCO import with ``--regions=proposals`` (no ground-truth box is used in training or mapping;
+  the instance boxes are kept as the objects for metrics only);
+- ``table``: the same images and captions as a box-free table import with ``--regions=proposals`` (image-level
+  evaluation: no region labels at all).
+
+Per arm: preprocessing (``--encoder``), then per seed stage 1, ViLLA and CLIP stage 2, and evaluation of ViLLA,
+CLIP and the untrained tower. Seeds change stage 1's and stage 2's initialisation and order, not the data. Every
+command runs as its own process with ``OMP_NUM_THREADS=1`` (the commands below are printed as they run); a
+finished step (its output file present) is skipped, so an interrupted run resumes. Results:
+``<out>/results.csv`` (one row per arm, seed and model) and ``<out>/summary.csv`` (mean and 95% Student-t
+interval over the seeds, and ViLLA - CLIP paired by seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parent.parent
+ARMS = ("gt", "proposals", "table")
+MODELS = ("villa", "clip", "untrained")
+METRICS = (
+    "text_to_region_r_precision",
+    "text_to_image_r_precision",
+    "zero_shot_auroc",
+    "detection_ap",
+    "detection_ap50",
+    "mapping_f1_val",
+    "mapping_f1_test",
+    "mapping_precision_val",
+)
+
+
+def run(command: list[str], log: Path) -> None:
+    """Run one villa command (one torch thread), appending its output to ``log``; stop on failure."""
+    print("$", shlex.join(command), flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    start = time.time()
+    with open(log, "a") as fh:
+        fh.write(f"$ {shlex.join(command)}\n")
+        fh.flush()
+        done = subprocess.run(command, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        fh.write(f"# exit {done.returncode} after {time.time() - start:.0f} s\n")
+    if done.returncode != 0:
+        sys.exit(f"error: the command above failed (exit {done.returncode}); see {log}")
+
+
+def prepare(out: Path, images: int, encoder: str, arms: list[str], log: Path) -> dict[str, Path]:
+    """Generate the shapes set and import + preprocess it once per arm; returns arm -> dataset folder."""
+    py = sys.executable
+    shapes = out / "shapes"
+    if not (shapes / "captions.json").is_file():
+        run([py, "-m", "villa.datasets.shapes", f"--out={shapes}", f"--images={images}", "--seed=0",
+             "--no_progress"], log)  # fmt: skip
+    data = {}
+    for arm in arms:
+        folder = out / "data" / f"{arm}_{encoder}"
+        data[arm] = folder
+        if not (folder / "dataset.json").is_file():
+            if arm == "table":
+                table = out / "pairs.jsonl"
+                _write_table(shapes, table)
+                (out / "attributes.yaml").write_text(_vocabulary(shapes))
+                run([py, "-m", "villa.ingest", "table", f"--table={table}", f"--images={shapes / 'images'}",
+                     f"--attributes={out / 'attributes.yaml'}", "--regions=proposals", f"--out={folder}",
+                     "--no_progress"], log)  # fmt: skip
+            else:
+                regions = "boxes" if arm == "gt" else "proposals"
+                run([py, "-m", "villa.ingest", "coco", f"--images={shapes / 'images'}",
+                     f"--instances={shapes / 'instances.json'}", f"--captions={shapes / 'captions.json'}",
+                     f"--regions={regions}", f"--out={folder}", "--no_progress"], log)  # fmt: skip
+        if not (folder / "region_embs" / "manifest.json").is_file():
+            run([py, "preprocess/preprocess_dataset.py", f"--data_dir={folder}", f"--encoder={encoder}",
+                 "--device=cpu"], log)  # fmt: skip
+    return data
+
+
+def _write_table(shapes: Path, table: Path) -> None:
+    """The shapes set as a box-free table: one row per image, its captions joined (as the COCO importer does)."""
+    captions = json.loads((shapes / "captions.json").read_text())
+    texts: dict[int, list[str]] = {}
+    for c in captions["annotations"]:
+        texts.setdefault(int(c["image_id"]), []).append(c["caption"].strip().rstrip(".").strip())
+    files = {int(im["id"]): im["file_name"] for im in captions["images"]}
+    rows = [{"id": i, "image": files[i], "text": " . ".join(t)} for i, t in sorted(texts.items())]
+    table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _vocabulary(shapes: Path) -> str:
+    categories = json.loads((shapes / "instances.json").read_text())["categories"]
+    return "attributes:\n" + "".join(f"  - name: {c['name']}\n    kind: shape\n" for c in categories)
+
+
+def train_and_evaluate(out: Path, arm: str, folder: Path, seed: int, args, log: Path) -> Path:
+    """Stage 1, ViLLA, CLIP and the three evaluations of one arm and seed; returns its checkpoint folder."""
+    py = sys.executable
+    ckpt = out / "runs" / f"{arm}_{args.encoder}" / f"s{seed}"
+    common = [f"data_dir={folder}", f"checkpoint_dir={ckpt}", f"seed={seed}", "device=cpu", "progress=false"]
+    stage1 = ckpt / folder.name / "stage1"
+    if not (stage1 / "mapping_metrics.json").is_file():
+        run([py, "-m", "villa.stage1", "experiment=stage1", *common], log)
+    stage2 = [f"epochs={args.stage2_epochs}", f"batch_size={args.stage2_batch}"]
+    for experiment in ("stage2", "clip"):
+        if (
+            not (ckpt / folder.name / experiment / "best.pkl").is_file()
+            or not (ckpt / folder.name / experiment / "metrics.csv").is_file()
+        ):
+            run([py, "-m", "villa.stage2", f"experiment={experiment}", *common, *stage2], log)
+    for experiment in ("stage2", "clip", "untrained"):
+        if not (ckpt / folder.name / experiment / "metrics.json").is_file():
+            run([py, "-m", "villa.evaluate", f"experiment={experiment}", *common], log)
+    return ckpt / folder.name
+
+
+def collect(out: Path, runs: dict[tuple[str, int], Path]) -> pd.DataFrame:
+    rows = []
+    for (arm, seed), folder in sorted(runs.items()):
+        for model, experiment in zip(MODELS, ("stage2", "clip", "untrained")):
+            metrics = json.loads((folder / experiment / "metrics.json").read_text())
+            detection = metrics.get("detection") or {}
+            mapping = metrics.get("mapping") or {}
+            row = {"arm": arm, "seed": seed, "model": model, "candidates": detection.get("candidates")}
+            for key in METRICS[:3]:
+                row[key] = metrics.get(key)
+            row["detection_ap"] = detection.get("ap")
+            row["detection_ap50"] = detection.get("ap50")
+            row["mapping_f1_val"] = (mapping.get("val") or {}).get("f1")
+            row["mapping_f1_test"] = (mapping.get("test") or {}).get("f1")
+            row["mapping_precision_val"] = (mapping.get("val") or {}).get("precision")
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summarise(results: pd.DataFrame) -> pd.DataFrame:
+    from villa.complexity_sweep import t_interval
+
+    rows = []
+    for (arm, model), group in results.groupby(["arm", "model"], sort=False):
+        for metric in METRICS:
+            values = group[metric].dropna().astype(float).tolist()
+            if values:
+                rows.append({"arm": arm, "model": model, "metric": metric, **t_interval(values)})
+    for arm, group in results.groupby("arm", sort=False):
+        villa = group[group.model == "villa"].set_index("seed")
+        clip = group[group.model == "clip"].set_index("seed")
+        for metric in METRICS[:5]:
+            paired = (villa[metric] - clip[metric]).dropna().astype(float).tolist()
+            if paired:
+                rows.append({"arm": arm, "model": "villa - clip", "metric": metric, **t_interval(paired)})
+    return pd.DataFrame(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--images", type=int, default=800)
+    parser.add_argument("--seeds", default="23,24,25")
+    parser.add_argument("--encoder", default="default")
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--stage2_epochs", type=int, default=12)
+    parser.add_argument("--stage2_batch", type=int, default=64)
+    args = parser.parse_args()
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        sys.exit(f"error: unknown arms {unknown}: use {', '.join(ARMS)}")
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "commands.log"
+    data = prepare(out, args.images, args.encoder, arms, log)
+    runs = {}
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for arm in arms:
+            runs[(arm, seed)] = train_and_evaluate(out, arm, data[arm], seed, args, log)
+    results = collect(out, runs)
+    results.insert(0, "encoder", args.encoder)
+    summary = summarise(results)
+    summary.insert(0, "encoder", args.encoder)
+    results.to_csv(out / f"results_{args.encoder}.csv", index=False)
+    summary.to_csv(out / f"summary_{args.encoder}.csv", index=False)
+    with pd.option_context("display.width", 200, "display.max_rows", 200):
+        print(summary.round(2).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
