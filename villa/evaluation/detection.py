@@ -248,6 +248,7 @@ def zero_shot_detection(
     score: str = "sigmoid",
     tau: float = DEFAULT_TAU,
     background_embs=None,
+    region_objectness=None,
     nms_iou: float | None = DEFAULT_NMS_IOU,
     max_detections_per_image: int | None = COCO_MAX_DETECTIONS,
     attributes: Sequence[str] | None = None,
@@ -271,7 +272,10 @@ def zero_shot_detection(
     Options: ``score``, ``tau`` and ``background_embs`` as in :func:`region_scores` (``"sigmoid"``, the default,
     scores each attribute on its own; ``"softmax"`` makes the K attributes compete; ``"cosine"``); ``nms_iou``:
     per-class NMS within each image at this IoU (None: no NMS); ``max_detections_per_image``: keep each
-    image's top detections across attributes after NMS (COCO's 100; None keeps all, memory ~1 KB per detection);
+    image's top detections across attributes after NMS; ``region_objectness`` ``[M]`` in [0, 1] (optional, e.g.
+    the region proposer's scores): a detection's score becomes the geometric mean of its class score and its
+    region's objectness (RegionCLIP's zero-shot inference with proposal scores), so that background regions
+    rank below objects; (COCO's 100; None keeps all, memory ~1 KB per detection);
     ``attributes``: names of the attributes to evaluate (default all), the others still take part in the
     softmax but yield no detections; ``verbose``: let pycocotools print.
 
@@ -287,6 +291,13 @@ def zero_shot_detection(
         raise VillaError("attribute_names has duplicates")
     scores = region_scores(region_embs, attr_embs, score, tau, background_embs)
     num_regions, num_attrs = scores.shape
+    if region_objectness is not None:
+        objectness = _array(region_objectness, "region_objectness", np.float64).reshape(-1)
+        if len(objectness) != num_regions or not np.isfinite(objectness).all() or (objectness < 0).any():
+            raise VillaError(f"region_objectness must be {num_regions} finite values >= 0")
+        if score == "cosine":
+            raise VillaError("region_objectness needs a score in [0, 1]: use score='sigmoid' or 'softmax'")
+        scores = np.sqrt(np.clip(scores, 0, None) * objectness[:, None])
     if num_attrs != len(names):
         raise VillaError(f"attr_embs has {num_attrs} rows but attribute_names has {len(names)} names")
     if num_attrs == 0:

@@ -160,15 +160,15 @@ def evaluate_model(
     if evaluation == "regions" and detection:
         spec, candidates = detection_candidates(dataset, frame, detection_regions, progress)
         if candidates is None:  # the dataset's own regions, already embedded
-            cand_offsets, cand_boxes, cand_embs = offsets, boxes, embs
+            cand_offsets, cand_boxes, cand_embs, objectness = offsets, boxes, embs, None
         else:
-            cand_offsets, cand_boxes = candidates
+            cand_offsets, cand_boxes, objectness = candidates
             cand_units = RegionTextDataset(
                 store, cand_offsets, cand_boxes, torch.zeros(int(cand_offsets[-1]), 0)
             )
             cand_embs = embed_regions(model, cand_units, resolve_device(device), batch_size, amp, progress)
         metrics["detection"] = detection_metrics(
-            frame, dataset, cand_embs, attr_embs, boxes=cand_boxes, offsets=cand_offsets,
+            frame, dataset, cand_embs, attr_embs, boxes=cand_boxes, offsets=cand_offsets, objectness=objectness,
             score=detection_score, nms_iou=detection_nms_iou, max_per_image=detection_max_per_image,
         )  # fmt: skip
         metrics["detection"]["candidates"] = spec
@@ -198,37 +198,48 @@ def evaluate_model(
 
 def detection_candidates(
     dataset: Dataset, frame, spec: str = "auto", progress: bool = True
-) -> tuple[str, tuple[np.ndarray, np.ndarray] | None]:
+) -> tuple[str, tuple[np.ndarray, np.ndarray, np.ndarray | None] | None]:
     """The candidate regions of zero-shot detection on ``frame``'s images: ``(name, None)`` for the dataset's
-    own regions, else ``(name, (offsets [N + 1], boxes [M, 4]))`` in stored pixels.
+    own regions, else ``(name, (offsets [N + 1], boxes [M, 4], objectness [M] or None))``, boxes in stored pixels.
 
     ``spec``: ``"dataset"`` (the dataset's regions), ``"proposals[:K]"`` or ``"grid:RxC"``
-    (:mod:`villa.regions`), or ``"auto"``: the dataset's regions unless they are the labelled objects' own boxes
-    (:attr:`Dataset.regions_are_objects`: scoring those would classify given boxes, not detect), in which case
-    the proposer's (``proposals``, its default K).
+    (:mod:`villa.regions`), or ``"auto"``: proposals when the dataset's regions are the labelled objects' own
+    boxes (:attr:`Dataset.regions_are_objects`: scoring those would classify given boxes, not detect) or are
+    themselves proposals (recomputed, the same boxes, for their objectness scores), else the dataset's regions.
+    Proposals carry the proposer's objectness, which the detection score uses (:func:`detection_metrics`).
     """
-    from villa.datasets.importing import computed_regions
     from villa.regions import parse_region_spec
 
     text = str(spec).strip().lower()
     if text == "auto":
-        text = "proposals" if dataset.regions_are_objects else "dataset"
+        if dataset.regions_are_objects:
+            text = "proposals"
+        elif (dataset.regions or "").startswith("proposals:"):
+            text = dataset.regions
+        else:
+            text = "dataset"
     if text == "dataset":
         return f"dataset ({dataset.regions or 'regions'})", None
     parsed = parse_region_spec(text, ("grid", "proposals"), what="detection.regions")
-    if parsed.kind == "proposals" and dataset.regions == str(parsed):
-        return f"dataset ({dataset.regions})", None  # the dataset's regions are these proposals already
     sizes = np.asarray(frame["image_size"].tolist(), dtype=np.int64).reshape(-1, 2)
-    boxes = computed_regions(
-        parsed,
-        dataset.image_paths(frame["image_filepath"].tolist()),
-        sizes[:, 0],
-        sizes[:, 1],
-        progress=progress,
-    )
+    paths = dataset.image_paths(frame["image_filepath"].tolist())
+    if parsed.kind == "grid":
+        from villa.regions import grid_boxes
+
+        boxes = [grid_boxes(parsed, int(h), int(w)) for h, w in sizes]
+        objectness = None
+    else:
+        from villa.regions.proposals import propose_for_files
+
+        found = propose_for_files(paths, parsed.max_regions, progress=progress)
+        failed = next((f for f in found if isinstance(f, str)), None)
+        if failed is not None:
+            raise VillaError(failed)
+        boxes = [f.boxes for f in found]
+        objectness = np.concatenate([f.scores for f in found]).astype(np.float64) if found else np.zeros(0)
     offsets = np.concatenate([[0], np.cumsum([len(b) for b in boxes])]).astype(np.int64)
-    flat = np.asarray([b for per_image in boxes for b in per_image], dtype=np.float32).reshape(-1, 4)
-    return str(parsed), (offsets, flat)
+    flat = np.concatenate([np.asarray(b, dtype=np.float32).reshape(-1, 4) for b in boxes]) if boxes else None
+    return str(parsed), (offsets, flat if flat is not None else np.zeros((0, 4), np.float32), objectness)
 
 
 def detection_metrics(
@@ -238,6 +249,7 @@ def detection_metrics(
     attr_embs: torch.Tensor,
     boxes: np.ndarray | None = None,
     offsets: np.ndarray | None = None,
+    objectness: np.ndarray | None = None,
     *,
     score: str = "sigmoid",
     nms_iou: float | None = 0.5,
@@ -249,7 +261,10 @@ def detection_metrics(
     (default: the split's own regions, :func:`region_boxes` / :func:`region_offsets`). Every candidate is
     scored against every attribute prompt by the ``score`` rule over all the vocabulary's attributes
     (``"sigmoid"``: each attribute against the region's mean similarity to the vocabulary, so an attribute
-    needs no competitors), then per-class NMS at ``nms_iou`` and each image's ``max_per_image`` best.
+    needs no competitors); with the candidates' ``objectness [M]`` (region proposals), a detection's score is
+    the geometric mean of that class score and the candidate's objectness, as RegionCLIP's zero-shot
+    inference combines class scores with proposal scores. Then per-class NMS at ``nms_iou`` and each image's
+    ``max_per_image`` best.
     Ground truth: the dataset's labelled objects (``object_boxes``/``object_labels``, e.g. COCO instances under
     proposals), else every labelled region with each of its ``reg_to_attr`` attributes. Overall AP is the
     mean over attributes with ground truth, as COCO's.
@@ -280,12 +295,12 @@ def detection_metrics(
     sizes = {int(i): tuple(int(v) for v in hw) for i, hw in zip(image_ids, frame["image_size"])}
     result = zero_shot_detection(
         region_embs, attr_embs, names, candidate_image, boxes, gt_image, gt_boxes, gt_labels, sizes,
-        score=score, nms_iou=nms_iou, max_detections_per_image=max_per_image,
+        score=score, nms_iou=nms_iou, max_detections_per_image=max_per_image, region_objectness=objectness,
     )  # fmt: skip
     return {
         "ap": None if math.isnan(result["ap"]) else result["ap"],
         "ap50": None if math.isnan(result["ap50"]) else result["ap50"],
-        "score": score,
+        "score": score if objectness is None else f"sqrt({score} x objectness)",
         "nms_iou": nms_iou,
         "max_detections_per_image": max_per_image,
         "ground_truth": "objects" if dataset.has_objects else "regions",
