@@ -150,11 +150,52 @@ def test_metrics_hand_worked():
     assert m["precision"] == pytest.approx(80.0)
     assert m["recall"] == pytest.approx(400 / 6)
     assert m["f1"] == pytest.approx(2 * 80 * (400 / 6) / (80 + 400 / 6))
-    assert m["per_kind"]["digit"] == {"precision": 100.0, "recall": 50.0, "f1": pytest.approx(200 / 3)}
+    assert m["per_kind"]["digit"] == {
+        "precision": 100.0, "recall": 50.0, "f1": pytest.approx(200 / 3), "num_assigned": 1, "num_true": 2
+    }  # fmt: skip
     assert m["per_kind"]["shape"]["precision"] == 50.0 and m["per_kind"]["shape"]["recall"] == 100.0
-    assert m["per_kind"]["size"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    # nothing assigned to a kind that has a true pair: precision is 0/0, recall and F1 are 0 (nothing found)
+    assert m["per_kind"]["size"] == {
+        "precision": None,
+        "recall": 0.0,
+        "f1": 0.0,
+        "num_assigned": 0,
+        "num_true": 1,
+    }
     table = format_metrics_table({"val": m})
     assert "val" in table and "80.0" in table and "digit F1" in table
+
+
+def test_undefined_metrics_are_null_not_zero():
+    import json
+
+    # no region carries a shape or a size: recall and F1 of those kinds are 0/0, not 0
+    truth = attribute_multi_hot([["one", "red"], ["two"]], ATTRIBUTES)
+    assigned = attribute_multi_hot([["one"], ["two", "circle"]], ATTRIBUTES)
+    m = mapping_metrics(assigned, truth, ATTRIBUTES, ATTRIBUTE_KIND)
+    assert m["per_kind"]["size"] == {
+        "precision": None,
+        "recall": None,
+        "f1": None,
+        "num_assigned": 0,
+        "num_true": 0,
+    }
+    # a wrong assignment of a kind without true pairs: precision 0, recall (and F1) undefined
+    assert m["per_kind"]["shape"] == {
+        "precision": 0.0,
+        "recall": None,
+        "f1": None,
+        "num_assigned": 1,
+        "num_true": 0,
+    }
+    assert m["per_kind"]["color"]["precision"] is None and m["per_kind"]["color"]["f1"] == 0.0
+    assert json.loads(json.dumps(m))["per_kind"]["size"]["f1"] is None  # null in mapping_metrics.json
+    empty = mapping_metrics(np.zeros((0, 20), bool), np.zeros((0, 20), bool), ATTRIBUTES, ATTRIBUTE_KIND)
+    assert empty["precision"] is None and empty["recall"] is None and empty["f1"] is None
+    header, line = format_metrics_table({"test": m}).splitlines()
+    cells = dict(zip(header.replace(" F1", "_F1").split(), line.split()))
+    assert cells["size_F1"] == "n/a" and cells["shape_F1"] == "n/a" and cells["color_F1"] == "0.0"
+    assert format_metrics_table({"test": empty}).splitlines()[1].split()[1:4] == ["n/a"] * 3
 
 
 def _frame():
