@@ -32,6 +32,7 @@ from villa.datasets.importing import (
     SkipLog,
     assign_splits,
     box_iou,
+    check_sentences,
     check_vocabulary_matches,
     clip_boxes,
     probe_images,
@@ -171,6 +172,7 @@ def import_coco(
     for c in cap_records:
         texts_of[int(c["image_id"])].append(c["caption"])
     texts = [_caption_text(texts_of.get(i, [])) for i in ids]
+    check_sentences(texts, lambda i: f"{captions}: image {ids[i]}")
 
     # ---- regions: instance boxes, or proposals labelled by IoU with them
     if proposals is not None:

@@ -25,6 +25,7 @@ from villa.datasets.importing import (
     ImportResult,
     SkipLog,
     assign_splits,
+    check_sentences,
     check_vocabulary_matches,
     clip_boxes,
     grid_boxes,
@@ -137,6 +138,7 @@ def import_table(
             )
         seen.add(name)
     texts = [" ".join(str(r.get("text") or "").split()) for r in rows]
+    check_sentences(texts, lambda i: f"table {table} row {i + 1} (image {files[i]})")
 
     # ---- boxes (parsed before the slow image check, so a malformed cell fails fast)
     given_boxes, given_labels = [], []
