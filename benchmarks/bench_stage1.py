@@ -80,7 +80,7 @@ def synthetic(n_images: int, dim: int, seed: int = 0):
     attr_embs = F.normalize(
         torch.randn(len(ATTRIBUTES), dim, generator=torch.Generator().manual_seed(seed)), dim=-1
     )
-    return frame, Stage1Dataset(regions, mask, multi_hot), attr_embs
+    return frame, Stage1Dataset.from_padded(regions, mask, multi_hot), attr_embs
 
 
 def real(data_dir: str):
@@ -275,13 +275,11 @@ def main() -> None:
     device = resolve_device(args.device)
 
     frame, cpu_dataset, attr_embs = real(args.data_dir) if args.data_dir else synthetic(args.images, args.dim)
-    dataset = Stage1Dataset(
-        *(t.to(device) for t in (cpu_dataset.regions, cpu_dataset.mask, cpu_dataset.multi_hot))
-    )
+    dataset = cpu_dataset.to(device)
     attr_embs = attr_embs.to(device)
     dim, k = dataset.regions.shape[-1], len(ATTRIBUTES)
-    counts = cpu_dataset.mask.sum(1).tolist()
-    per_image = [dataset.regions[i, :n] for i, n in enumerate(counts)]  # the baseline's per-image arrays
+    counts = cpu_dataset.counts.tolist()
+    per_image = list(torch.split(dataset.regions, counts))  # the baseline's per-image arrays
     multi_hot = cpu_dataset.multi_hot.float()
     print(
         f"data: {len(dataset)} images, {sum(counts)} regions, dim {dim}, threads {args.threads}, "
@@ -319,7 +317,7 @@ def main() -> None:
         villa_model,
         frame,
         cpu_dataset.regions,
-        cpu_dataset.mask,
+        cpu_dataset.counts,
         attr_embs.cpu(),
         docmnist_vocabulary(),
         seed=0,

@@ -207,10 +207,10 @@ def test_text_that_omits_objects_decides_the_image_attributes(tmp_path):
     assert hot[row].tolist() == [False, False, True]
 
     class NoEmbeddings:
-        def gather(self, ids):
+        def gather_packed(self, ids):
             import torch
 
-            return torch.zeros(len(ids), 3, 4), torch.ones(len(ids), 3, dtype=torch.bool)
+            return torch.zeros(3 * len(ids), 4), torch.full((len(ids),), 3)
 
     data = Stage1Dataset.from_frame(frame, NoEmbeddings(), dataset.vocabulary)
     assert data.multi_hot[row].tolist() == [False, False, True]  # from the text, not from the star's label

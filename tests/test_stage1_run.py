@@ -17,8 +17,9 @@ from villa.mapping.schema import read_mapping, read_mapping_metrics
 DIM = 12
 
 
-def make_dataset(root, counts=(12, 6, 6), dim=DIM, seed=0, encoder="default", drop_image=False):
-    """A few DocMNIST-like rows; a region's embedding is the sum of its attributes' directions + noise."""
+def make_dataset(root, counts=(12, 6, 6), dim=DIM, seed=0, encoder="default", drop_image=False, big_image=0):
+    """A few DocMNIST-like rows; a region's embedding is the sum of its attributes' directions + noise.
+    ``big_image``: the first image has that many regions (7-pixel cells)."""
     rng = np.random.default_rng(seed)
     directions = rng.normal(size=(len(ATTRIBUTES), dim))
     rows, embs = [], []
@@ -27,6 +28,8 @@ def make_dataset(root, counts=(12, 6, 6), dim=DIM, seed=0, encoder="default", dr
         for _ in range(n):
             r = int(rng.integers(1, 4))
             cells = sorted(rng.choice(9, size=r, replace=False).tolist())
+            if big_image and image_id == 0:
+                r, cells = big_image, list(range(big_image))
             regions = []
             for _ in cells:
                 attrs = [DIGIT_WORDS[rng.integers(10)], list(COLORS)[rng.integers(5)]]
@@ -43,7 +46,10 @@ def make_dataset(root, counts=(12, 6, 6), dim=DIM, seed=0, encoder="default", dr
                     "image_size": [84, 84],
                     "image_filepath": f"images/{image_id:06d}.png",
                     "region_coord": [
-                        [28 * (c % 3), 28 * (c // 3), 28 * (c % 3) + 28, 28 * (c // 3) + 28] for c in cells
+                        [28 * (c % 3), 28 * (c // 3), 28 * (c % 3) + 28, 28 * (c // 3) + 28]
+                        if r <= 9
+                        else [7 * (c % 12), 7 * (c // 12 % 12), 7 * (c % 12) + 7, 7 * (c // 12 % 12) + 7]
+                        for c in cells
                     ],
                     "num_regions": r,
                     "split": split,

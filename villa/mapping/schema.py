@@ -8,8 +8,9 @@ assigned_attributes list per region of the attributes assigned to it (vocabulary
 assigned_text       list per region of its assigned text: the attributes' sentences joined with " . "
 =================== ========================================================================
 
-``mapping_metrics.json``: ``{split: {precision, recall, f1, num_assigned, num_true, per_kind: {kind: {same
-keys}}}}`` in percent, ``null`` where a figure is 0/0 (:mod:`villa.mapping.metrics`; ``{}`` for a dataset
+``mapping_metrics.json``: ``{split: {precision, recall, f1, num_assigned, num_true, per_kind: {kind:
+{precision, recall, f1, num_assigned, num_true}}, num_images, small_split}}`` in percent, ``null`` where a
+figure is 0/0 (:mod:`villa.mapping.metrics`), ``small_split`` true under 20 images (``{}`` for a dataset
 without region labels), written LAST: a stage-1 run is complete when it exists.
 A stage-1 run deletes the previous run's outputs before it starts (:func:`clear_outputs`), so a failed rerun
 never leaves files that a later stage would read as current.
