@@ -217,3 +217,9 @@ def test_input_standardisation_removes_shift_and_scale():
     b.set_input_stats(shifted)
     torch.testing.assert_close(b(shifted[None]), a(x[None]), atol=1e-3, rtol=1e-3)
     assert "in_mean" in b.state_dict()  # statistics travel with checkpoints
+
+
+def test_the_number_of_heads_is_always_given():
+    with pytest.raises(TypeError):
+        MappingModel(8)  # no default vocabulary size: the heads follow the dataset's vocabulary
+    assert MappingModel(8, num_attributes=7).W1.shape == (7, 8, 8)
