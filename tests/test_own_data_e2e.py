@@ -60,6 +60,8 @@ def test_generic_experiments_on_an_imported_coco_set(shapes_dataset):
         assert 0 <= result["detection"]["ap50"] <= 100  # COCO instance boxes as regions and objects
     villa = json.loads((run_root / "stage2" / "metrics.json").read_text())
     assert villa["mapping"]["val"]["f1"] == metrics["val"]["f1"]  # the stage-1 figures ride along
+    untrained = json.loads((run_root / "untrained" / "metrics.json").read_text())
+    print("PROBE", {k: (villa[k], untrained[k], json.loads((run_root / "clip" / "metrics.json").read_text())[k]) for k in ("text_to_region_r_precision", "region_to_text_r_precision", "zero_shot_auroc")}, villa["num_images"], villa["warnings"])
 
 
 def test_table_with_grid_regions_is_evaluated_at_the_image_level(tmp_path):
