@@ -83,3 +83,17 @@ def test_stage1_runs_on_a_split_with_one_many_box_image(big, tmp_path):
     result = run_stage1(big, tmp_path / "run", epochs=1, batch_size=4, device="cpu", progress=False, seed=3)
     assert result.metrics["train"]["num_images"] == 30 and 0 < result.metrics["train"]["f1"] <= 100
     assert result.metrics["val"]["small_split"] is True  # 8 images
+
+
+def test_a_many_box_image_keeps_the_padded_resident_steps_within_their_budget(big, tmp_path, monkeypatch):
+    """The resident path pads every batch to the split's largest region count: its step counts against
+    ``resident_data_mb``, so a 100-box image sends a tight budget to the packed DataLoader path."""
+    from villa.mapping import run as stage1_run
+
+    monkeypatch.setattr(stage1_run, "_device_memory_is_separate", lambda device: True)  # (a GPU, on the CPU)
+    common = dict(epochs=1, batch_size=4, device="cpu", progress=False, seed=3)
+    # the data take ~10 KB; a padded step 2 x 4 bytes x 4 images x 100 slots x 20 heads x 12 = 768 KB
+    tight = run_stage1(big, tmp_path / "tight", resident_data_mb=0.5, **common)
+    roomy = run_stage1(big, tmp_path / "roomy", resident_data_mb=2, **common)
+    assert tight.fit.step_mode == "loader" and roomy.fit.step_mode == "resident"
+    assert tight.fit.history[0]["train_loss"] == pytest.approx(roomy.fit.history[0]["train_loss"], rel=1e-5)

@@ -88,8 +88,9 @@ def run_stage1(
 
     Region embeddings are held packed (:class:`~villa.mapping.data.Stage1Dataset`): memory follows the
     number of regions, not the number of images times the largest region count. On CUDA, the train and
-    val embeddings move to the device when together they take at most ``resident_data_mb`` MiB (0: never),
-    in one process: batches are then gathered there and padded to the split's largest region count, every
+    val embeddings move to the device when they and the activations of one padded step take at most
+    ``resident_data_mb`` MiB together (0: never), in one process: batches are then gathered there and padded
+    to the split's largest region count, every
     head runs on every region slot (:class:`MappingLoss` ``static_shapes``: same loss, fixed shapes), the
     validation loss is computed in a few large steps, and with ``cuda_graphs`` each full training step is
     replayed as one CUDA graph. Results agree with the DataLoader path up to float rounding.
@@ -143,10 +144,13 @@ def run_stage1(
         model.set_input_stats(data["train"].regions)
     fit_sets = (data["train"], data.get("val"))
     resident_bytes = sum(d.nbytes for d in fit_sets if d is not None)
+    # a fixed-shape step projects every slot of a batch padded to the largest region count with every head
+    # (hidden layer and output, float32): one image with many boxes makes every step that large
+    padded_step_bytes = 2 * 4 * batch_size * data["train"].max_regions * len(vocabulary) * embeddings.dim
     resident = (
         _device_memory_is_separate(device)
         and not distributed.launched_by_torchrun()
-        and resident_bytes <= resident_data_mb * 2**20
+        and resident_bytes + padded_step_bytes <= resident_data_mb * 2**20
     )
     loss = MappingLoss(attr_embs, tau=temperature, reference_quirk=reference_quirk, static_shapes=resident)
     if resident:
