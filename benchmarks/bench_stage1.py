@@ -11,8 +11,8 @@ step for step, run in the same process on the same data as villa's side:
 * training (:func:`reference_train_epoch`): shuffled batches of 48 images with the last partial batch
   dropped (its DataLoader's ``drop_last=True``); a batch is its images' REAL regions concatenated into
   one ``[M, D]`` tensor plus each image's region count (its ``collate_grouped``: no padding); the model
-  is a ModuleList of the 20 heads ``Linear -> ReLU -> Linear``, run one after the other on all ``M``
-  regions, all 20 at every step (its forward does not skip absent attributes); the loss normalises the
+  is a ModuleList of the K heads ``Linear -> ReLU -> Linear`` (20 on DocMNIST), run one after the other
+  on all ``M`` regions, all K at every step (its forward does not skip absent attributes); the loss normalises the
   projections, scores every region against the attributes present in the batch, takes each image's max
   with one ``max`` per image over ``torch.split`` of the regions, and builds the InfoNCE terms with its
   exp/log formula (which includes the exp(0) quirk); ``torch.optim.AdamW(lr=1e-4)`` with torch's
@@ -21,13 +21,13 @@ step for step, run in the same process on the same data as villa's side:
   Not timed: the published loader's per-item pandas lookups, which run in its 8 DataLoader workers.
 * mapping (:func:`reference_map`): one image at a time, which is the published way: its mapping loop
   reads ``sample["image_id"][0]`` and ``sample["attr_labels"].squeeze()``, so it is only correct with a
-  batch of one image. Per image: all 20 heads on its regions, then for each attribute of its text the
+  batch of one image. Per image: all K heads on its regions, then for each attribute of its text the
   region cosines as a Python list; then, image by image, each attribute goes to the regions scoring
   above ``max - epsilon`` (numpy), the caption is split into sentences and one sentence containing the
   attribute is drawn for each attribute, and each region's sentences are joined. Not timed: writing
   the feather file and the metrics (villa's side does neither here).
 
-villa's side is the package's own code: packed real regions, the 20 heads as one batched op, the
+villa's side is the package's own code: packed real regions, the K heads as one batched op, the
 arg-max backward on the cached forward (``MappingLoss``), fused AdamW (villa's config), and
 ``map_split`` (text's heads only, chunked). Neither side reads region ground truth.
 """
@@ -80,7 +80,7 @@ def synthetic(n_images: int, dim: int, seed: int = 0):
     attr_embs = F.normalize(
         torch.randn(len(ATTRIBUTES), dim, generator=torch.Generator().manual_seed(seed)), dim=-1
     )
-    return frame, Stage1Dataset(regions, mask, multi_hot), attr_embs
+    return frame, Stage1Dataset.from_padded(regions, mask, multi_hot), attr_embs
 
 
 def real(data_dir: str):
@@ -275,13 +275,11 @@ def main() -> None:
     device = resolve_device(args.device)
 
     frame, cpu_dataset, attr_embs = real(args.data_dir) if args.data_dir else synthetic(args.images, args.dim)
-    dataset = Stage1Dataset(
-        *(t.to(device) for t in (cpu_dataset.regions, cpu_dataset.mask, cpu_dataset.multi_hot))
-    )
+    dataset = cpu_dataset.to(device)
     attr_embs = attr_embs.to(device)
     dim, k = dataset.regions.shape[-1], len(ATTRIBUTES)
-    counts = cpu_dataset.mask.sum(1).tolist()
-    per_image = [dataset.regions[i, :n] for i, n in enumerate(counts)]  # the baseline's per-image arrays
+    counts = cpu_dataset.counts.tolist()
+    per_image = list(torch.split(dataset.regions, counts))  # the baseline's per-image arrays
     multi_hot = cpu_dataset.multi_hot.float()
     print(
         f"data: {len(dataset)} images, {sum(counts)} regions, dim {dim}, threads {args.threads}, "
@@ -300,7 +298,7 @@ def main() -> None:
     )
     amp = " + fp16 autocast" if device.type == "cuda" else ""
     print(
-        f"train epoch   baseline (published: real regions concatenated, loop over 20 heads, "
+        f"train epoch   baseline (published: real regions concatenated, loop over {k} heads, "
         f"AdamW{amp}) {slow:8.3f} s"
     )
     print(
@@ -319,7 +317,7 @@ def main() -> None:
         villa_model,
         frame,
         cpu_dataset.regions,
-        cpu_dataset.mask,
+        cpu_dataset.counts,
         attr_embs.cpu(),
         docmnist_vocabulary(),
         seed=0,

@@ -43,8 +43,9 @@ def test_reference_loss_equals_villa_loss(bench):
     reference = bench.ReferenceHeads(16, len(ATTRIBUTES))
     model = _same_weights(reference)
     idx = [7, 2, 5, 0, 9]
-    counts = dataset.mask.sum(1)[idx].tolist()
-    regions = torch.cat([dataset.regions[i, :n] for i, n in zip(idx, counts)])  # real regions only
+    per_image = torch.split(dataset.regions, dataset.counts.tolist())
+    counts = dataset.counts[idx].tolist()
+    regions = torch.cat([per_image[i] for i in idx])  # real regions only
     expected = bench.reference_loss(reference(regions), attr_embs, counts, dataset.multi_hot[idx].float())
     got, _ = MappingLoss(attr_embs, reference_quirk=True)(model, collate_stage1(dataset.__getitems__(idx)))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
@@ -65,11 +66,10 @@ def test_reference_mapping_equals_map_split(bench):
     torch.manual_seed(1)
     reference = bench.ReferenceHeads(16, len(ATTRIBUTES))
     model = _same_weights(reference)
-    counts = dataset.mask.sum(1).tolist()
-    per_image = [dataset.regions[i, :n] for i, n in enumerate(counts)]
+    per_image = list(torch.split(dataset.regions, dataset.counts.tolist()))
     attrs, texts = bench.reference_map(reference, frame, per_image, dataset.multi_hot.float(), attr_embs)
     mapped, _ = map_split(
-        model, frame, dataset.regions, dataset.mask, attr_embs, docmnist_vocabulary(), epsilon=0.2
+        model, frame, dataset.regions, dataset.counts, attr_embs, docmnist_vocabulary(), epsilon=0.2
     )
     assert [[sorted(r) for r in image] for image in attrs] == [
         [sorted(r) for r in image] for image in mapped["assigned_attributes"]
@@ -86,8 +86,8 @@ def test_reference_epoch_trains_on_full_batches_only(bench):
     torch.manual_seed(2)
     reference = bench.ReferenceHeads(16, len(ATTRIBUTES))
     before = [p.detach().clone() for p in reference.parameters()]
-    counts = dataset.mask.sum(1).tolist()
-    per_image = [dataset.regions[i, :n] for i, n in enumerate(counts)]
+    counts = dataset.counts.tolist()
+    per_image = list(torch.split(dataset.regions, counts))
     steps = []
     reference.register_forward_hook(lambda module, inputs, output: steps.append(len(inputs[0])))
     seconds = bench.reference_train_epoch(

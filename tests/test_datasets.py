@@ -207,10 +207,10 @@ def test_text_that_omits_objects_decides_the_image_attributes(tmp_path):
     assert hot[row].tolist() == [False, False, True]
 
     class NoEmbeddings:
-        def gather(self, ids):
+        def gather_packed(self, ids):
             import torch
 
-            return torch.zeros(len(ids), 3, 4), torch.ones(len(ids), 3, dtype=torch.bool)
+            return torch.zeros(3 * len(ids), 4), torch.full((len(ids),), 3)
 
     data = Stage1Dataset.from_frame(frame, NoEmbeddings(), dataset.vocabulary)
     assert data.multi_hot[row].tolist() == [False, False, True]  # from the text, not from the star's label
@@ -303,6 +303,8 @@ def _table_case(tmp_path, case: str) -> list[str]:
     elif case == "bad boxes json":
         table.write_text('image,text,boxes\na.jpg,a cat,"[[1, 2"\n')
         regions = "boxes"
+    elif case == "text too short to split":
+        table.write_text("image,text\na.jpg,a cat\nb.jpg,cat. ok!\n")  # pieces of 3 characters or fewer
     return ["table", f"--table={table}", f"--images={images}", f"--attributes={vocab}",
             f"--regions={regions}", f"--out={tmp_path / 'out'}", "--no_progress"]  # fmt: skip
 
@@ -317,6 +319,7 @@ def _table_case(tmp_path, case: str) -> list[str]:
         ("box outside", "no row of"),
         ("all images missing", "no row of"),
         ("bad boxes json", "'boxes' is not valid JSON"),
+        ("text too short to split", "row 2 (image b.jpg): the text 'cat. ok!' has no sentence longer than 3"),
     ],
 )
 def test_table_bad_input_is_one_line(tmp_path, capsys, case, message):
@@ -334,6 +337,7 @@ def test_table_bad_input_is_one_line(tmp_path, capsys, case, message):
         ("duplicate image ids", "lists image id 1 twice"),
         ("no images folder", "--images folder"),
         ("annotation of unknown image", "annotations of image ids it does not list"),
+        ("caption too short to split", "captions.json: image 4: the text 'A' has no sentence longer than 3"),
     ],
 )
 def test_coco_bad_input_is_one_line(tmp_path, capsys, case, message):
@@ -350,6 +354,8 @@ def test_coco_bad_input_is_one_line(tmp_path, capsys, case, message):
         paths["images"] = tmp_path / "nowhere"
     elif case == "annotation of unknown image":
         instances["annotations"].append({"id": 500, "image_id": 77, "category_id": 1, "bbox": [0, 0, 5, 5]})
+    elif case == "caption too short to split":
+        captions["annotations"][4]["caption"] = "A."  # image 4's only caption
     if case not in ("malformed json", "no images folder"):
         paths["instances"].write_text(json.dumps(instances))
         paths["captions"].write_text(json.dumps(captions))

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from villa.evaluation.metrics import auroc, precision_at_k, r_precision, retrieval_metrics
+from villa.evaluation.metrics import auroc, metric_warnings, precision_at_k, r_precision, retrieval_metrics
+from villa.evaluation.run import format_metrics, summary_keys
 
 
 def test_r_precision_precision_at_k_hand_worked():
@@ -61,3 +62,61 @@ def test_retrieval_metrics_perfect_and_shape_check():
     assert out["zero_shot_auroc"] == pytest.approx(100.0)
     with pytest.raises(ValueError):
         retrieval_metrics(regions, torch.eye(3), torch.eye(2).bool(), ["a", "b"])
+
+
+def test_hand_worked_metrics_are_not_flagged():
+    regions = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.8, 0.6]])
+    labels = torch.tensor([[1, 0], [0, 1], [1, 0], [0, 1]]).bool()
+    out = retrieval_metrics(regions, torch.eye(2), labels, ["a", "b"])
+    assert out["trivial"] == []
+    assert metric_warnings(out, summary_keys("regions"), num_images=20) == []
+
+
+def test_one_attribute_makes_region_to_text_trivial_and_one_image_is_a_small_split():
+    import json
+
+    # one attribute: every labelled region ranks a single attribute, R-Precision 100 whatever the model
+    regions = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([[1], [0], [1], [1], [0]]).bool()
+    out = retrieval_metrics(regions, torch.randn(1, 4), labels, ["a"])
+    assert out["region_to_text_r_precision"] == 100.0
+    assert out["trivial"] == ["region_to_text_r_precision"]
+    # a single image with a single region: text->region is trivial, AUROC undefined (null, not NaN)
+    one = retrieval_metrics(
+        torch.randn(1, 4), torch.randn(3, 4), torch.tensor([[1, 0, 1]]).bool(), list("abc")
+    )
+    assert one["zero_shot_auroc"] is None
+    assert "text_to_region_r_precision" in one["trivial"] and "precision_at_1" in one["trivial"]
+    assert json.loads(json.dumps(one, allow_nan=False))["zero_shot_auroc"] is None  # strict JSON: null
+    metrics = {
+        "model": "m",
+        "dataset": "d",
+        "split": "test",
+        "evaluation": "regions",
+        "num_regions": 1,
+        **one,
+    }
+    metrics["warnings"] = metric_warnings(one, summary_keys("regions"), num_images=1)
+    small, trivial, undefined = metrics["warnings"]
+    assert "only 1 image in this split" in small and "zero_shot_auroc" in undefined
+    assert "text_to_region_r_precision, precision_at_1, precision_at_5, precision_at_10" in trivial
+    text = format_metrics(metrics)
+    rows = {
+        line.split()[0]: line.split()[1:]
+        for line in text.splitlines()[1:]
+        if not line.startswith("  warning")
+    }
+    assert rows["zero_shot_auroc"] == ["n/a"] and rows["text_to_region_r_precision"] == [
+        "100.00",
+        "(trivial)",
+    ]
+    assert text.count("\n  warning: ") == 3 and "nan" not in text.lower().replace("n/a", "")
+
+
+def test_no_query_at_all_gives_null_summaries():
+    out = retrieval_metrics(
+        torch.randn(3, 4), torch.randn(2, 4), torch.zeros(3, 2, dtype=torch.bool), ["a", "b"]
+    )
+    for key in summary_keys("regions"):
+        assert out[key] is None, key
+    assert out["trivial"] == []

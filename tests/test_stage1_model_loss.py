@@ -99,10 +99,13 @@ def test_mapping_loss_callable_on_a_dataset_batch():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0], [1, 0, 0]], dtype=torch.bool)
     multi_hot = torch.zeros(5, 4, dtype=torch.bool)
     multi_hot[[0, 1, 2, 3, 4], [0, 1, 0, 2, 1]] = True
-    data = Stage1Dataset(regions, mask, multi_hot)
-    batch = collate_stage1(data.__getitems__([1, 4]))
-    assert batch["regions"].shape == (2, 1, 8)  # trimmed to the batch's largest region count
-    assert torch.equal(collate_stage1([data[1], data[4]])["multi_hot"], batch["multi_hot"])
+    data = Stage1Dataset.from_padded(regions, mask, multi_hot)
+    assert data.regions.shape == (9, 8) and data.counts.tolist() == [2, 1, 3, 2, 1]  # packed: no padding
+    batch = collate_stage1(data.__getitems__([2, 4]))
+    assert batch["regions"].shape == (4, 8) and batch["mask"].tolist() == [[True] * 3, [True, False, False]]
+    assert torch.equal(batch["regions"], torch.cat([regions[2], regions[4, :1]]))
+    items = collate_stage1([data[2], data[4]])
+    assert all(torch.equal(items[key], batch[key]) for key in batch)
     model = MappingModel(8, num_attributes=4, seed=0)
     loss_fn = MappingLoss(torch.randn(4, 8, generator=gen))
     loss, n = loss_fn(model, collate_stage1(data.__getitems__(range(5))))
@@ -214,3 +217,9 @@ def test_input_standardisation_removes_shift_and_scale():
     b.set_input_stats(shifted)
     torch.testing.assert_close(b(shifted[None]), a(x[None]), atol=1e-3, rtol=1e-3)
     assert "in_mean" in b.state_dict()  # statistics travel with checkpoints
+
+
+def test_the_number_of_heads_is_always_given():
+    with pytest.raises(TypeError):
+        MappingModel(8)  # no default vocabulary size: the heads follow the dataset's vocabulary
+    assert MappingModel(8, num_attributes=7).W1.shape == (7, 8, 8)

@@ -27,7 +27,7 @@ def _split(n: int, r: int = 4, d: int = 8, k: int = 5, seed: int = 0) -> Stage1D
     regions[~mask] = 0.0
     multi_hot = torch.rand(n, k, generator=gen) < 0.4
     multi_hot[:, k - 1] = False  # an attribute no text mentions
-    return Stage1Dataset(regions, mask, multi_hot)
+    return Stage1Dataset.from_padded(regions, mask, multi_hot)
 
 
 @pytest.mark.parametrize("one_proj,adapter", [(False, False), (True, True), (False, True)])
@@ -37,13 +37,13 @@ def test_static_shapes_give_the_packed_loss_and_gradients(one_proj, adapter):
     results = []
     for static in (False, True):
         model = MappingModel(8, num_attributes=5, one_proj=one_proj, adapter=adapter, seed=2)
-        model.set_input_stats(data.regions[data.mask])
+        model.set_input_stats(data.regions)
         batch = data.batch(torch.arange(12)) if static else collate_stage1(data.__getitems__(range(12)))
         loss, n = MappingLoss(attr, reference_quirk=True, static_shapes=static)(model, batch)
         loss.backward()
         results.append((loss.detach(), int(n), [p.grad.clone() for p in model.parameters()]))
     (l1, n1, g1), (l2, n2, g2) = results
-    assert n1 == n2 == int((data.multi_hot & data.mask.any(1, keepdim=True)).sum())
+    assert n1 == n2 == int((data.multi_hot & (data.counts > 0).unsqueeze(1)).sum())
     torch.testing.assert_close(l1, l2)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
@@ -60,7 +60,9 @@ def test_dataset_loss_equals_the_batch_by_batch_validation_loss():
         for start in range(0, 23, 5):  # batches of 5, the last one short
             loss, n = loss_fn(model, collate_stage1(data.__getitems__(range(start, min(start + 5, 23)))))
             total, items = total + float(loss) * int(n), items + int(n)
-    got_total, got_items = loss_fn.dataset_loss(model, data.regions, data.mask, data.multi_hot, batch_size=5)
+    got_total, got_items = loss_fn.dataset_loss(
+        model, data.regions, data.counts, data.multi_hot, batch_size=5
+    )
     assert int(got_items) == items
     assert float(got_total) == pytest.approx(total, rel=1e-5)
 
@@ -87,7 +89,7 @@ def test_resident_fit_matches_the_dataloader_fit(tmp_path):
             progress=False,
             resident=resident,
             cuda_graphs=True,  # (no CUDA here: ignored, eager resident steps)
-            val_loss_fn=(lambda m, s, loss=loss: loss.dataset_loss(m, s.regions, s.mask, s.multi_hot, 8))
+            val_loss_fn=(lambda m, s, loss=loss: loss.dataset_loss(m, s.regions, s.counts, s.multi_hot, 8))
             if resident
             else None,
         )

@@ -17,8 +17,9 @@ from villa.mapping.schema import read_mapping, read_mapping_metrics
 DIM = 12
 
 
-def make_dataset(root, counts=(12, 6, 6), dim=DIM, seed=0, encoder="default", drop_image=False):
-    """A few DocMNIST-like rows; a region's embedding is the sum of its attributes' directions + noise."""
+def make_dataset(root, counts=(12, 6, 6), dim=DIM, seed=0, encoder="default", drop_image=False, big_image=0):
+    """A few DocMNIST-like rows; a region's embedding is the sum of its attributes' directions + noise.
+    ``big_image``: the first image has that many regions (7-pixel cells)."""
     rng = np.random.default_rng(seed)
     directions = rng.normal(size=(len(ATTRIBUTES), dim))
     rows, embs = [], []
@@ -27,6 +28,8 @@ def make_dataset(root, counts=(12, 6, 6), dim=DIM, seed=0, encoder="default", dr
         for _ in range(n):
             r = int(rng.integers(1, 4))
             cells = sorted(rng.choice(9, size=r, replace=False).tolist())
+            if big_image and image_id == 0:
+                r, cells = big_image, list(range(big_image))
             regions = []
             for _ in cells:
                 attrs = [DIGIT_WORDS[rng.integers(10)], list(COLORS)[rng.integers(5)]]
@@ -43,7 +46,10 @@ def make_dataset(root, counts=(12, 6, 6), dim=DIM, seed=0, encoder="default", dr
                     "image_size": [84, 84],
                     "image_filepath": f"images/{image_id:06d}.png",
                     "region_coord": [
-                        [28 * (c % 3), 28 * (c // 3), 28 * (c % 3) + 28, 28 * (c // 3) + 28] for c in cells
+                        [28 * (c % 3), 28 * (c // 3), 28 * (c % 3) + 28, 28 * (c // 3) + 28]
+                        if r <= 9
+                        else [7 * (c % 12), 7 * (c // 12 % 12), 7 * (c % 12) + 7, 7 * (c // 12 % 12) + 7]
+                        for c in cells
                     ],
                     "num_regions": r,
                     "split": split,
@@ -130,9 +136,32 @@ def test_training_learns_a_planted_mapping(tmp_path):
     assert trained.mapped_with == "last.pkl" and untrained.mapped_with == "init"
 
 
-def test_variants_run(dataset, tmp_path):
-    for kw in ({"one_proj": True}, {"adapter": True}, {"reference_quirk": False, "map_weights": "best"}):
-        result = _run(dataset, tmp_path / "v", epochs=1, **kw)
+def test_variants_change_what_they_say(dataset, tmp_path):
+    """Each variant differs from the default run where it should: a variant silently ignored would not."""
+
+    def run(name, **kw):
+        result = _run(dataset, tmp_path / name, epochs=1, **kw)
+        weights = torch.load(tmp_path / name / "last.pkl", weights_only=True)["model"]
+        return result, weights, result.fit.history[0]["train_loss"]
+
+    default, default_weights, default_loss = run("default")
+    assert default.mapped_with == "last.pkl"
+    # one shared head instead of one per attribute
+    one, weights, loss = run("one_proj", one_proj=True)
+    assert weights["W1"].shape == (1, DIM, DIM) and default_weights["W1"].shape == (len(ATTRIBUTES), DIM, DIM)
+    assert loss != pytest.approx(default_loss, rel=1e-3)
+    # the adapter mixes the raw input into every projection: same weights at init, another loss
+    adapter, weights, loss = run("adapter", adapter=True)
+    assert loss != pytest.approx(default_loss, rel=1e-3)
+    # without the quirk every denominator loses n_pos: a lower loss on the same first batches
+    plain, _, loss = run("plain", reference_quirk=False, map_weights="best")
+    assert loss < default_loss - 0.01 and plain.mapped_with == "best.pkl"
+    # a larger epsilon assigns at least as many pairs, and here strictly more
+    wide, _, loss = run("wide", epsilon=10.0)
+    assert loss == default_loss
+    assert wide.metrics["test"]["num_assigned"] > default.metrics["test"]["num_assigned"]
+    assert wide.metrics["test"]["recall"] == 100.0  # every mentioned attribute on every region
+    for result in (one, adapter, plain, wide):
         assert 0 < result.metrics["test"]["f1"] <= 100
 
 

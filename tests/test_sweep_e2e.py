@@ -4,14 +4,24 @@ tables."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from PIL import Image
 
-from villa.complexity_sweep import COMPARISONS, DIFFERENCE_COLUMNS, METHODS, RESULT_COLUMNS, SUMMARY_COLUMNS
+from villa.complexity_sweep import (
+    COMPARISONS,
+    DIFFERENCE_COLUMNS,
+    METHOD_EXPERIMENTS,
+    METHODS,
+    RESULT_COLUMNS,
+    SUMMARY_COLUMNS,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -61,17 +71,48 @@ def test_miniature_sweep_writes_tables_and_plot_and_resumes(tmp_path):
     assert results[results["method"] == "villa"]["mapping_f1"].between(0, 100).all()
     assert results[results["method"] != "villa"]["mapping_f1"].isna().all()
     assert {"detection_ap", "detection_ap50"} <= set(results.columns)
-    averages = results.groupby("seed")["avg_sample_complexity"].first()
-    assert (averages <= 8).all() and averages.nunique() >= 1
+    # every figure is the one its run wrote: the dataset's average complexity, stage 1's test F1, the evaluations
+    digests = set()
+    for seed in (23, 24):
+        cell = out / f"s{seed}" / "c8"
+        rows = results[results["seed"] == seed].set_index("method")
+        record = json.loads((cell / "dataset.json").read_text())
+        assert 6 <= record["avg_train_complexity"] <= 8  # near the target complexity 8, not above it
+        assert (rows["avg_sample_complexity"] == round(record["avg_train_complexity"], 2)).all()
+        digests.add(
+            hashlib.sha256((Path(record["dataset_dir"]) / "annotations.feather").read_bytes()).hexdigest()
+        )
+        mapping = json.loads((cell / "docmnist_stage1" / "mapping_metrics.json").read_text())
+        assert rows.loc["villa", "mapping_f1"] == pytest.approx(mapping["test"]["f1"], abs=0.006)
+        for method, experiment in METHOD_EXPERIMENTS.items():
+            metrics = json.loads((cell / experiment / "metrics.json").read_text())
+            for column in metric_columns:
+                expected = float("nan") if metrics[column] is None else metrics[column]  # (null: no value)
+                assert rows.loc[method, column] == pytest.approx(expected, abs=0.006, nan_ok=True), (
+                    seed,
+                    method,
+                )
+        # trained towers moved away from the untrained one
+        assert (rows.loc["villa", metric_columns] != rows.loc["untrained", metric_columns]).any()
+    assert len(digests) == 2  # each seed made its own dataset
 
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary.columns) == list(SUMMARY_COLUMNS)
     t2r = summary[summary["metric"] == "text_to_region_r_precision"]
     assert t2r["method"].tolist() == list(METHODS) and (t2r["n"] == 2).all()
     assert (t2r["ci95_low"] <= t2r["mean"]).all() and (t2r["mean"] <= t2r["ci95_high"]).all()
+    seed_means = results.groupby("method")["text_to_region_r_precision"].mean()
+    for method, mean in zip(t2r["method"], t2r["mean"]):
+        assert mean == pytest.approx(seed_means[method], abs=0.011)  # the mean over the two seeds
     differences = pd.read_csv(out / "differences.csv")
     assert list(differences.columns) == list(DIFFERENCE_COLUMNS)
     assert set(differences["comparison"]) == {f"{a} - {b}" for a, b in COMPARISONS}
+    paired = results.pivot(index="seed", columns="method", values="text_to_region_r_precision")
+    for a, b in COMPARISONS:
+        row = differences[
+            (differences["comparison"] == f"{a} - {b}") & (differences["metric"] == metric_columns[0])
+        ]
+        assert row["mean"].item() == pytest.approx((paired[a] - paired[b]).mean(), abs=0.011)
     with Image.open(out / "results.png") as image:
         assert image.size[0] > 600
     steps = pd.read_csv(out / "step_times.csv")

@@ -235,3 +235,25 @@ def test_format_summary_and_banded_plot(tmp_path):
     assert written["excludes_zero"].tolist()[0] in (True, "True")
     with Image.open(paths["plot"]) as image:
         assert image.size[0] > 600
+
+
+def test_metrics_without_a_value_are_na_in_the_tables(tmp_path):
+    # an evaluation whose AUROC is undefined (null) and a stage 1 whose F1 is undefined (no true pair)
+    for seed in (23, 24):
+        fake_run(tmp_path, 8, 7.5, 60.0 + seed, seed=seed)
+    villa = tmp_path / "s23" / "c8" / METHOD_EXPERIMENTS["villa"] / "metrics.json"
+    villa.write_text(json.dumps({**json.loads(villa.read_text()), "zero_shot_auroc": None}))
+    mapping = tmp_path / "s23" / "c8" / "docmnist_stage1" / "mapping_metrics.json"
+    mapping.write_text(json.dumps({"test": {"precision": None, "recall": None, "f1": None, "per_kind": {}}}))
+    results = collect_results(tmp_path)
+    first = results.iloc[0]
+    assert math.isnan(first["zero_shot_auroc"]) and math.isnan(first["mapping_f1"])
+    table = format_results(results)
+    header, row = table.splitlines()[:2]
+    cells = dict(zip(header.split(), row.split()))
+    assert cells["zero_shot_auroc"] == "n/a" and cells["mapping_f1"] == "n/a" and "nan" not in table.lower()
+    summary = summarize(results)
+    auroc = summary[(summary["method"] == "villa") & (summary["metric"] == "zero_shot_auroc")]
+    assert auroc["n"].tolist() == [1] and auroc["mean"].tolist() == [70.0]  # the seed with a value
+    assert "nan" not in format_summary(results).lower()
+    write_results(tmp_path, results)  # the tables and the plot cope with the gaps

@@ -182,3 +182,30 @@ def test_a_non_finite_loss_stops_a_cpu_run_at_its_step(tmp_path):
             device=torch.device("cpu"), progress=False,
         )  # fmt: skip
     assert len(calls) == 2  # not the whole epoch of 5 steps
+
+
+def test_the_final_checkpoint_write_makes_no_host_copy_of_the_state(tmp_path, monkeypatch):
+    """A model's state can be gigabytes (stage 1: K heads of D x D weights, two AdamW moments each): an epoch
+    that another follows is snapshotted (training goes on while it is written); the final write reads the
+    state in place, and a pending best model (already a private copy) is not copied again."""
+    from villa.checkpoints import CheckpointWriter
+
+    written = []
+    monkeypatch.setattr(CheckpointWriter, "submit", lambda self, files: written.append(files))
+    model = make_model()
+    fit(
+        model, Points(40, 1), Points(16, 2), mse, collate_fn=lambda b: b, batch_size=8, epochs=3,
+        optimizer_factory=functools.partial(torch.optim.Adam, lr=0.1), run_dir=tmp_path, device=torch.device("cpu"),
+        progress=False, checkpoint_every_s=0,
+    )  # fmt: skip
+    assert [[path.name for path, _ in files] for files in written] == [["best.pkl", "last.pkl"]] * 3
+    live = {model.weight.data_ptr()}
+    (best1, last1), (best3, last3) = written[0], written[-1]
+    assert last3[1]["epoch"] == 3
+    assert last1[1]["model"]["weight"].data_ptr() not in live  # epoch 1 of 3: a snapshot
+    assert last3[1]["model"]["weight"].data_ptr() in live  # the final write: the model itself
+    assert torch.equal(last3[1]["model"]["weight"], model.weight.detach())
+    assert (
+        best1[1]["model"]["weight"].data_ptr() not in live
+        and best3[1]["model"]["weight"].data_ptr() not in live
+    )

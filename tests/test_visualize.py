@@ -126,3 +126,79 @@ def test_mapping_figure_colours_correct_wrong_and_missed(dataset_dir, tmp_path):
         ["--data_dir", str(dataset_dir), "--mapping_dir", str(tmp_path), "--out", str(tmp_path / "m.png")]
     )
     assert out[0].stat().st_size > 1000
+
+
+def _label_boxes(fig, ax) -> np.ndarray:
+    """The drawn label boxes of ``ax`` as [x0, y0, x1, y1] pixels."""
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    boxes = [
+        t.get_bbox_patch().get_window_extent(renderer) for t in ax.texts if t.get_bbox_patch() is not None
+    ]
+    return np.asarray([[b.x0, b.y0, b.x1, b.y1] for b in boxes])
+
+
+def _overlaps(boxes: np.ndarray, tolerance: float = 0.5) -> int:
+    a, b = boxes[:, None], boxes[None, :]
+    clash = (a[..., 0] < b[..., 2] - tolerance) & (a[..., 2] > b[..., 0] + tolerance)
+    clash &= (a[..., 1] < b[..., 3] - tolerance) & (a[..., 3] > b[..., 1] + tolerance)
+    return int(np.triu(clash, 1).sum())
+
+
+@pytest.fixture(scope="module")
+def large_dataset(tmp_path_factory):
+    """One 3000x2000 photo-sized image with 40 small boxes packed in a corner, each with 2 or 3 labels."""
+    from villa.datasets import Vocabulary, write_dataset
+
+    root = tmp_path_factory.mktemp("large") / "large"
+    (root / "images").mkdir(parents=True)
+    height, width = 2000, 3000
+    ramp = np.linspace(0, 255, width, dtype=np.uint8)
+    Image.fromarray(np.stack([np.tile(ramp, (height, 1))] * 3, axis=-1)).save(root / "images" / "0.png")
+    names = ["red", "green", "blue", "round", "square", "large", "small"]
+    boxes = [
+        [100 + 70 * (c % 8), 100 + 70 * (c // 8), 160 + 70 * (c % 8), 160 + 70 * (c // 8)] for c in range(40)
+    ]
+    labels = [
+        [names[c % 3], names[3 + c % 2]] + ([names[5 + c % 2]] if c % 3 == 0 else []) for c in range(40)
+    ]
+    columns = {
+        "image_id": [0], "image_filepath": ["images/0.png"], "image_size": [[height, width]], "split": ["train"],
+        "text": [" . ".join(f"there is something {n}" for n in names)], "region_coord": [boxes],
+        "num_regions": [40], "reg_to_attr": [labels],
+    }  # fmt: skip
+    write_dataset(root, columns, Vocabulary.from_names(names), source="test")
+    return root
+
+
+def test_labels_on_a_large_image_do_not_overlap_and_scale(large_dataset, dataset_dir, tmp_path):
+    from villa.datasets import read_annotations
+    from villa.mapping.schema import mapping_inputs, write_mapping, write_mapping_metrics
+
+    frame = read_annotations(large_dataset)
+    frame["assigned_attributes"] = [
+        [regions[0][:1] + ["small"], *regions[1:]] for regions in frame["reg_to_attr"]
+    ]
+    frame["assigned_text"] = [[" . ".join(a) for a in regions] for regions in frame["assigned_attributes"]]
+    write_mapping(tmp_path, "train", frame)
+    write_mapping_metrics(tmp_path, {}, mapping_inputs(large_dataset))
+    fig = visualize.draw_mapping(large_dataset, tmp_path, "train")
+    right = fig.axes[1]
+    boxes = _label_boxes(fig, right)
+    assert len(boxes) == sum(
+        len(set(a) | set(t)) for a, t in zip(frame["assigned_attributes"][0], frame["reg_to_attr"][0])
+    )
+    assert _overlaps(boxes) == 0
+    frame_px = right.get_window_extent()
+    inside = (boxes[:, 0] >= frame_px.x0 - 1) & (boxes[:, 2] <= frame_px.x1 + 1)
+    inside &= (boxes[:, 1] >= frame_px.y0 - 1) & (boxes[:, 3] <= frame_px.y1 + 1)
+    assert inside.all()  # there is room in the image: no label is pushed out of it
+    # fonts and lines grow with the image: larger than on an 84-pixel DocMNIST image
+    small = visualize.draw_grid(dataset_dir, split="val", n=1, seed=0)
+    small_font, large_font = small.axes[0].texts[0].get_fontsize(), right.texts[0].get_fontsize()
+    assert large_font >= 2 * small_font
+    assert right.patches[0].get_linewidth() >= 2 * small.axes[0].patches[0].get_linewidth()
+    # the grid too: one panel, its 40 multi-line labels apart
+    grid = visualize.draw_grid(large_dataset, split="train", n=1)
+    assert _overlaps(_label_boxes(grid, grid.axes[0])) == 0 and len(grid.axes[0].texts) == 40
+    assert fig.get_size_inches()[0] > 2 * small.get_size_inches()[0]  # the figure grew with the image

@@ -69,18 +69,21 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *args, **kw
     return Path(path)
 
 
-def host_copy(obj, to_host: bool = True):
+def host_copy(obj, to_host: bool = True, copy: bool = True):
     """``obj`` with every tensor copied (to host memory, or where it is with ``to_host=False``) and every
-    dict / list / tuple rebuilt, so that training can go on changing the originals."""
+    dict / list / tuple rebuilt, so that training can go on changing the originals.
+
+    ``copy=False`` (with ``to_host``): tensors are only moved to host memory, one already there is kept as it
+    is; for a state that nothing changes any more (a private copy, or the state after the last step)."""
     if torch.is_tensor(obj):
-        return obj.detach().to("cpu", copy=True) if to_host else obj.detach().clone()
+        return obj.detach().to("cpu", copy=copy) if to_host else obj.detach().clone()
     if isinstance(obj, dict):
-        out = type(obj)((key, host_copy(value, to_host)) for key, value in obj.items())
+        out = type(obj)((key, host_copy(value, to_host, copy)) for key, value in obj.items())
         if hasattr(obj, "_metadata"):  # (a state dict's module versions, read by load_state_dict)
             out._metadata = obj._metadata
         return out
     if isinstance(obj, (list, tuple)):
-        return type(obj)(host_copy(value, to_host) for value in obj)
+        return type(obj)(host_copy(value, to_host, copy) for value in obj)
     return obj
 
 
@@ -99,11 +102,12 @@ class CheckpointWriter:
         self._error: BaseException | None = None
 
     @staticmethod
-    def snapshot(model: torch.nn.Module, *args, to_host: bool = True, **kwargs) -> dict:
+    def snapshot(model: torch.nn.Module, *args, to_host: bool = True, copy: bool = True, **kwargs) -> dict:
         """A checkpoint as of now (arguments as :func:`checkpoint_payload`), for :meth:`submit`: in host memory,
         or with ``to_host=False`` copied where the tensors live (on a GPU a fast copy; :func:`host_copy` it
-        before submitting)."""
-        return host_copy(checkpoint_payload(model, *args, **kwargs), to_host)
+        before submitting). ``copy=False``: host tensors are not copied (the state must not change until
+        written)."""
+        return host_copy(checkpoint_payload(model, *args, **kwargs), to_host, copy)
 
     def save(self, path: str | os.PathLike, model: torch.nn.Module, *args, **kwargs) -> Path:
         """Write the checkpoint of ``model`` (arguments as :func:`checkpoint_payload`) as of now."""

@@ -39,6 +39,7 @@ import pandas as pd
 from villa.artifacts import damaged, file_sha256, one_line, read_json
 from villa.errors import VillaError
 from villa.io import atomic_path, write_json
+from villa.report import NA, fmt
 
 DEFAULT_SEED = 23
 #: every method of the sweep, in table order
@@ -739,10 +740,10 @@ def write_results(out_dir: str | Path, results: pd.DataFrame) -> dict[str, Path]
 
 
 def format_results(results: pd.DataFrame) -> str:
-    """The results table as aligned text."""
+    """The results table as aligned text; a metric without a value prints as "n/a"."""
     if results.empty:
         return "(no finished runs)"
-    return results.to_string(index=False, float_format=lambda v: f"{v:.1f}", na_rep="")
+    return results.to_string(index=False, float_format=lambda v: f"{v:.1f}", na_rep=NA)
 
 
 def format_summary(results: pd.DataFrame, metric: str = "text_to_region_r_precision") -> str:
@@ -755,8 +756,8 @@ def format_summary(results: pd.DataFrame, metric: str = "text_to_region_r_precis
 
     def cell(row) -> str:
         if row["n"] < 2:
-            return f"{row['mean']:.1f} (n=1)"
-        return f"{row['mean']:.1f} [{row['ci95_low']:.1f}, {row['ci95_high']:.1f}]"
+            return f"{fmt(row['mean'], '.1f')} (n=1)"
+        return f"{fmt(row['mean'], '.1f')} [{fmt(row['ci95_low'], '.1f')}, {fmt(row['ci95_high'], '.1f')}]"
 
     means = rows.assign(value=rows.apply(cell, axis=1)).pivot(
         index="target_sample_complexity", columns="method", values="value"

@@ -28,6 +28,7 @@ DEMO = {
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
     from villa.complexity_sweep import format_results, read_split_metrics, run_sweep
+    from villa.report import fmt
 
     out_dir = Path(argv[0]) if argv else project_dir() / "results" / "demo"
     started = time.perf_counter()
@@ -37,7 +38,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'T':>4} {'precision':>10} {'recall':>8} {'f1':>6}")
     for complexity in DEMO["complexities"]:
         test = read_split_metrics(out_dir, complexity)
-        print(f"{complexity:>4} {test['precision']:>10.1f} {test['recall']:>8.1f} {test['f1']:>6.1f}")
+        print(
+            f"{complexity:>4} {fmt(test['precision'], '>10.1f')} {fmt(test['recall'], '>8.1f')} "
+            f"{fmt(test['f1'], '>6.1f')}"
+        )
     print("\nRetrieval on the test split (%):")
     print(format_results(results))
     print(f"\nplot: {out_dir / 'results.png'}   table: {out_dir / 'results.csv'}")

@@ -579,12 +579,17 @@ class RegionEmbeddings:
             out[sel] = self._shards[s][rows[sel] - self._shard_starts[s]]
         return out
 
+    def gather_packed(self, image_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The real regions of ``image_ids``, image by image: embeddings ``[M, D]`` float32 and the
+        per-image region counts ``[N]`` long (memory follows M, not N times the largest count)."""
+        rows, counts = self.rows(image_ids)
+        return torch.from_numpy(self.take(rows)), torch.from_numpy(counts.astype(np.int64))
+
     def gather(self, image_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded embeddings ``[N, R_max, D]`` and region mask ``[N, R_max]`` (True = real region)."""
-        rows, counts = self.rows(image_ids)
-        flat = torch.from_numpy(self.take(rows))
+        flat, counts = self.gather_packed(image_ids)
         r_max = int(counts.max()) if len(counts) else 0
-        mask = torch.arange(r_max)[None, :] < torch.from_numpy(counts)[:, None]
+        mask = torch.arange(r_max)[None, :] < counts[:, None]
         padded = torch.zeros(len(counts), r_max, self.dim)
         padded[mask] = flat
         return padded, mask

@@ -621,8 +621,18 @@ def fit(
                     or time.perf_counter() - last_written >= checkpoint_every_s
                 )
                 if due:  # (written while the next epoch trains; finished before fit returns or raises)
-                    files = [(run_dir / BEST, host_copy(pending_best))] if pending_best is not None else []
-                    last = writer.snapshot(model, optimizer, scheduler, epoch + 1, config, extra, **state)
+                    # the pending best is already a private copy; after the final epoch nothing changes the
+                    # model or the optimiser, so the last write reads them in place: no host copies of a
+                    # state that can be gigabytes (K heads of D x D weights and two AdamW moments each)
+                    final = epoch + 1 == epochs or result.stopped_early
+                    files = (
+                        [(run_dir / BEST, host_copy(pending_best, copy=False))]
+                        if pending_best is not None
+                        else []
+                    )
+                    last = writer.snapshot(
+                        model, optimizer, scheduler, epoch + 1, config, extra, copy=not final, **state
+                    )
                     # best first: last.pkl never names a newer best.pkl than the one on disk
                     writer.submit(files + [(run_dir / LAST, last)])
                     pending_best, last_written = None, time.perf_counter()

@@ -28,12 +28,34 @@ from villa.datasets import SPLITS, Dataset
 from villa.errors import VillaError, exit_on_error
 
 _BOX_COLOR = "#00e5ff"
+#: a panel's longest side in inches: the image's pixels / PIXELS_PER_INCH, within these bounds
+PANEL_INCHES = (4.2, 12.0)
+PIXELS_PER_INCH = 110
 
 
 def _new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+def panel_inches(height: int, width: int, largest: float = PANEL_INCHES[1]) -> tuple[float, float]:
+    """(width, height) in inches of an image panel: the longest side grows with the image's pixels from
+    ``PANEL_INCHES[0]`` (84-pixel images) to ``largest`` (a few thousand pixels), so a large image gets the
+    room its regions need; the aspect ratio is kept."""
+    long_side = min(max(max(height, width) / PIXELS_PER_INCH, PANEL_INCHES[0]), largest)
+    scale = long_side / max(height, width, 1)
+    return width * scale, height * scale
+
+
+def label_style(panel: tuple[float, float]) -> dict[str, float]:
+    """Font size (points) of region labels and captions and box line width for a panel of ``panel`` inches:
+    both grow with the panel, so a label keeps the same share of a bigger picture."""
+    long_side = max(panel)
+    return {
+        "fontsize": float(np.clip(1.5 * long_side, 6.0, 16.0)),
+        "linewidth": float(np.clip(0.22 * long_side, 0.8, 3.0)),
+    }
 
 
 def _load_image(dataset: Dataset, filepath: str) -> np.ndarray:
@@ -48,9 +70,113 @@ def _region_labels(row: dict) -> list[list[str]]:
     return [list(a) for a in labels] if labels is not None else [[] for _ in row["region_coord"]]
 
 
+def _draw_regions(ax, boxes, stacks, style: dict, alpha: float = 0.6) -> list[list]:
+    """Draw each box of ``boxes`` ([x0, y0, x1, y1] pixels) and, at its top-left corner, its stack of
+    ``(text, colour)`` label lines (one stack per box; an empty stack draws nothing). Returns the label
+    artists per stack, for :func:`_place_labels`."""
+    groups = []
+    for (x1, y1, x2, y2), lines in zip(boxes, stacks, strict=True):
+        ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, edgecolor=_BOX_COLOR,
+                               linewidth=style["linewidth"]))  # fmt: skip
+        group = []
+        for text, color in lines:
+            label = ax.annotate(
+                text, (x1 - 0.5, y1 - 0.5), xytext=(0, 0), textcoords="offset points", color=color,
+                fontsize=style["fontsize"], va="top", ha="left", annotation_clip=False,
+                bbox={"boxstyle": "square,pad=0.2", "facecolor": "black", "alpha": alpha, "edgecolor": "none"},
+            )  # fmt: skip
+            label.set_in_layout(False)  # labels never move the axes
+            group.append(label)
+        if group:
+            groups.append(group)
+    return groups
+
+
+def _place_labels(fig: Figure, groups_per_axes: list[list[list]]) -> None:
+    """Stack each group's lines and move the groups so that no two labels of an axes overlap.
+
+    The figure is laid out once (for the axes positions and the text sizes), then frozen. Each group (one box's lines)
+    starts at its box's top-left corner; when that spot is taken it goes to the nearest free spot of a
+    grid of offsets around it, preferring spots inside the axes (greedy, in reading order of the boxes).
+    Offsets are in points, so the result is the same at any ``dpi``."""
+    fig.draw_without_rendering()  # (the layout and text sizes, no pixels)
+    fig.set_layout_engine("none")  # the axes stay where the first draw put them
+    renderer = fig.canvas.get_renderer()
+    px_per_pt = fig.dpi / 72.0
+    for groups in groups_per_axes:
+        if not groups:
+            continue
+        ax = groups[0][0].axes
+        frame = ax.get_window_extent(renderer)
+        placed = np.zeros((0, 4))  # x0, y0, x1, y1 in pixels
+        order = sorted(
+            groups, key=lambda g: (-g[0].get_window_extent(renderer).y1, g[0].get_window_extent(renderer).x0)
+        )
+        for group in order:
+            boxes = [t.get_bbox_patch().get_window_extent(renderer) for t in group]
+            anchor = group[0].get_window_extent(renderer)  # every line starts at the box's corner
+            gap = 1.0
+            # line k goes below line k - 1; rect of the stacked group, relative to line 0's position
+            shifts = np.concatenate([[0.0], -np.cumsum([b.height + gap for b in boxes[:-1]])])
+            rel = np.array([
+                min(b.x0 for b in boxes) - anchor.x0,
+                boxes[-1].y0 + shifts[-1] - anchor.y0,
+                max(b.x1 for b in boxes) - anchor.x0,
+                boxes[0].y1 - anchor.y0,
+            ])  # fmt: skip
+            width, height = rel[2] - rel[0], rel[3] - rel[1]
+            offset = _free_offset(anchor.x0, anchor.y0, rel, width, height, placed, frame)
+            rect = rel + [anchor.x0 + offset[0], anchor.y0 + offset[1]] * 2
+            placed = np.vstack([placed, rect])
+            for text, shift in zip(group, shifts):
+                text.xyann = (offset[0] / px_per_pt, (offset[1] + shift) / px_per_pt)
+            if offset != (0.0, 0.0):  # moved away from its box: a leader line from the box's corner
+                corner = ax.transData.transform(group[0].xy)
+                nearest = np.clip(corner, rect[:2], rect[2:])
+                ends = ax.transData.inverted().transform(np.stack([corner, nearest]))
+                ax.plot(ends[:, 0], ends[:, 1], color=_BOX_COLOR, alpha=0.8, clip_on=False,
+                        linewidth=0.5 * group[0].get_fontsize() / 6)  # fmt: skip
+
+
+def _free_offset(x: float, y: float, rel: np.ndarray, width: float, height: float, placed: np.ndarray,
+                 frame) -> tuple[float, float]:  # fmt: skip
+    """The offset (pixels) nearest to (0, 0) that puts the rect ``rel`` (relative to ``(x, y)``) over no rect
+    of ``placed``; offsets inside ``frame`` first. Candidates: a grid of steps of half the rect's width and
+    its height, reaching one frame size in each direction (then further out, if the frame is full)."""
+    step_x, step_y = max(width / 2, 1.0), max(height, 1.0)
+    for reach in (1, 3):
+        nx = int(np.ceil(reach * frame.width / step_x)) + 1
+        ny = int(np.ceil(reach * frame.height / step_y)) + 1
+        dx = step_x * np.arange(-nx, nx + 1)
+        dy = step_y * np.arange(-ny, ny + 1)
+        gx, gy = np.meshgrid(dx, dy)
+        gx, gy = gx.ravel(), gy.ravel()
+        rects = rel[None, :] + np.stack([x + gx, y + gy, x + gx, y + gy], axis=1)
+        inside = (
+            (rects[:, 0] >= frame.x0)
+            & (rects[:, 2] <= frame.x1)
+            & (rects[:, 1] >= frame.y0)
+            & (rects[:, 3] <= frame.y1)
+        )
+        # nearest first; below and to the right before above and to the left; inside the frame first
+        cost = np.abs(gx) + 1.5 * np.abs(gy) + 0.01 * ((gy > 0) + (gx < 0)) + np.where(inside, 0.0, 1e9)
+        order = np.argsort(cost, kind="stable")
+        for chunk in np.array_split(order, max(1, len(order) // 512)):
+            cand = rects[chunk]
+            clash = (
+                (cand[:, None, 0] < placed[None, :, 2]) & (cand[:, None, 2] > placed[None, :, 0])
+                & (cand[:, None, 1] < placed[None, :, 3]) & (cand[:, None, 3] > placed[None, :, 1])
+            ).any(axis=1)  # fmt: skip
+            if not clash.all():
+                best = chunk[int(np.argmin(clash))]
+                return float(gx[best]), float(gy[best])
+    return 0.0, float(placed[:, 1].min() - rel[3] - y - 1.0) if len(placed) else 0.0  # below everything
+
+
 def draw_grid(dataset_dir: str | os.PathLike, split: str = "train", n: int = 9, seed: int = 0) -> Figure:
     """A grid of ``n`` random images of ``split`` (chosen with ``seed``), each with its region boxes labelled
-    with their ground-truth attributes and its caption underneath."""
+    with their ground-truth attributes and its caption underneath. Panels, fonts and lines scale with the
+    images (:func:`panel_inches`, :func:`label_style`); labels are moved apart so that none overlap."""
     if n < 1:
         raise VillaError(f"n must be a positive integer, got {n}")
     dataset = Dataset.open(dataset_dir)
@@ -60,38 +186,30 @@ def draw_grid(dataset_dir: str | os.PathLike, split: str = "train", n: int = 9, 
     picked = frame.iloc[rows]
     cols = math.ceil(math.sqrt(len(picked)))
     grid_rows = math.ceil(len(picked) / cols)
-    fig = _new_figure(4.2 * cols, 5.4 * grid_rows)
+    sizes = np.asarray(picked["image_size"].tolist(), dtype=np.int64).reshape(-1, 2)
+    panel = panel_inches(int(sizes[:, 0].max()), int(sizes[:, 1].max()), largest=8.0)
+    style = label_style(panel)
+    caption = 0.35 * style["fontsize"] / 6  # inches under a panel for the title and about 4 caption lines
+    fig = _new_figure(panel[0] * cols, (panel[1] + 3 * caption) * grid_rows)
     axes = fig.subplots(grid_rows, cols, squeeze=False).ravel()
     for ax in axes[len(picked) :]:
         ax.set_axis_off()
+    wrap = max(30, int(62 * panel[0] / 4.2 * 6 / style["fontsize"]))
+    groups = []
     for ax, row in zip(axes, picked.to_dict("records"), strict=False):
         image = _load_image(dataset, row["image_filepath"])
         ax.imshow(image, interpolation="nearest")
         labels = _region_labels(row)
-        for (x1, y1, x2, y2), attrs in zip(row["region_coord"], labels, strict=True):
-            ax.add_patch(
-                Rectangle(
-                    (x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, edgecolor=_BOX_COLOR, linewidth=1
-                )
-            )
-            ax.text(
-                x1 + 0.5,
-                y1 + 1,
-                "\n".join(attrs),
-                color="white",
-                fontsize=5.5,
-                va="top",
-                ha="left",
-                bbox={"facecolor": "black", "alpha": 0.55, "pad": 0.6, "edgecolor": "none"},
-            )
+        stacks = [[("\n".join(attrs), "white")] if attrs else [] for attrs in labels]
+        groups.append(_draw_regions(ax, row["region_coord"], stacks, style, alpha=0.55))
         ax.set_xticks([])
         ax.set_yticks([])
         complexity = sum(len(a) for a in labels)
-        ax.set_title(
-            f"#{row['image_id']}  ({row['num_regions']} regions, complexity {complexity})", fontsize=8
-        )
-        ax.set_xlabel(textwrap.fill(row["text"], width=62), fontsize=5.5, loc="left")
-    fig.suptitle(f"{dataset.name} / {split}", fontsize=10)
+        ax.set_title(f"#{row['image_id']}  ({row['num_regions']} regions, complexity {complexity})",
+                     fontsize=style["fontsize"] * 1.4)  # fmt: skip
+        ax.set_xlabel(textwrap.fill(row["text"], width=wrap), fontsize=style["fontsize"], loc="left")
+    fig.suptitle(f"{dataset.name} / {split}", fontsize=style["fontsize"] * 1.8)
+    _place_labels(fig, groups)
     return fig
 
 
@@ -105,7 +223,7 @@ def draw_mapping(
 
     Assigned attributes are green when the region truly carries them and red when not; true attributes
     that stage 1 did not assign are listed grey in brackets. ``image_id`` None picks the split's first
-    image with the most regions.
+    image with the most regions. Panels, fonts and lines scale with the image; labels never overlap.
     """
     from villa.mapping.schema import check_mapping_inputs, read_mapping
 
@@ -120,30 +238,27 @@ def draw_mapping(
             raise VillaError(f"image_id {image_id} is not in the {split} mapping of {mapping_dir}")
         row = match.iloc[0].to_dict()
     image = _load_image(dataset, row["image_filepath"])
-    fig = _new_figure(9.0, 5.6)
+    panel = panel_inches(*image.shape[:2])
+    style = label_style(panel)
+    fontsize = style["fontsize"]
+    fig = _new_figure(2 * panel[0] + 0.4, panel[1] + 0.9 * fontsize / 6)
     left, right = fig.subplots(1, 2)
     left.imshow(image, interpolation="nearest")
-    left.set_title(f"image #{row['image_id']} and its caption", fontsize=10)
-    left.set_xlabel(textwrap.fill(row["text"], width=70), fontsize=6.5, loc="left")
+    left.set_title(f"image #{row['image_id']} and its caption", fontsize=fontsize * 1.4)
+    wrap = max(30, int(70 * panel[0] / 4.3 * 6.5 / fontsize))
+    left.set_xlabel(textwrap.fill(row["text"], width=wrap), fontsize=fontsize, loc="left")
     right.imshow(image, interpolation="nearest")
-    right.set_title("region-attribute pairs found by stage 1", fontsize=10)
-    for (x1, y1, x2, y2), truth, assigned in zip(
-        row["region_coord"], _region_labels(row), row["assigned_attributes"], strict=True
-    ):
-        right.add_patch(
-            Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, edgecolor=_BOX_COLOR, linewidth=1)
-        )
+    right.set_title("region-attribute pairs found by stage 1", fontsize=fontsize * 1.4)
+    stacks = []
+    for truth, assigned in zip(_region_labels(row), row["assigned_attributes"], strict=True):
         lines = [(a, "#3dff6e" if a in truth else "#ff4d4d") for a in assigned]
-        lines += [(f"({a})", "#9e9e9e") for a in truth if a not in assigned]
-        for k, (word, color) in enumerate(lines):
-            right.text(
-                x1 + 0.8, y1 + 1.2 + 3.6 * k, word, color=color, fontsize=7, va="top", ha="left",
-                bbox={"facecolor": "black", "alpha": 0.6, "pad": 0.4, "edgecolor": "none"},
-            )  # fmt: skip
+        stacks.append(lines + [(f"({a})", "#9e9e9e") for a in truth if a not in assigned])
+    groups = _draw_regions(right, row["region_coord"], stacks, style)
     for ax in (left, right):
         ax.set_xticks([])
         ax.set_yticks([])
-    right.set_xlabel("green: correct   red: wrong   (grey): missed", fontsize=7, loc="left")
+    right.set_xlabel("green: correct   red: wrong   (grey): missed", fontsize=fontsize, loc="left")
+    _place_labels(fig, [groups])
     return fig
 
 

@@ -35,6 +35,7 @@ from villa.datasets.importing import (
     SkipLog,
     assign_splits,
     check_output,
+    check_sentences,
     check_vocabulary_matches,
     computed_regions,
     probe_images,
@@ -187,6 +188,7 @@ def import_coco(
     for c in cap_records:
         texts_of[int(c["image_id"])].append(c["caption"])
     texts = [_caption_text(texts_of.get(i, [])) for i in ids]
+    check_sentences(texts, lambda i: f"{captions}: image {ids[i]}")
 
     # ---- regions: instance boxes, or proposals labelled by IoU with them (computed ones come after the
     # image check below, so that only readable images are proposed)

@@ -240,6 +240,19 @@ def check_vocabulary_matches(vocabulary: Vocabulary, texts: Sequence[str]) -> li
     return lines
 
 
+def check_sentences(texts: Sequence[str], where: Callable[[int], str]) -> None:
+    """Refuse a non-empty text of which :func:`villa.text.split_sentences` keeps no sentence (every piece
+    three characters or fewer): the stages could not use it. One line, naming the row with ``where(i)``."""
+    from villa.text import MIN_SENTENCE_CHARS, split_sentences
+
+    for i, text in enumerate(texts):
+        if text and not split_sentences(text):
+            raise VillaError(
+                f"{where(i)}: the text {text!r} has no sentence longer than {MIN_SENTENCE_CHARS} characters "
+                "(sentences end at '.', '!', '?' and ';'): write a longer text or leave the image out"
+            )
+
+
 # --------------------------------------------------------------------------- publishing
 def check_output(
     out: str | os.PathLike, overwrite: bool, inputs: dict[str, str | os.PathLike | None]

@@ -27,6 +27,7 @@ from villa.datasets.importing import (
     SkipLog,
     assign_splits,
     check_output,
+    check_sentences,
     check_vocabulary_matches,
     computed_regions,
     probe_images,
@@ -143,6 +144,7 @@ def import_table(
             )
         seen.add(name)
     texts = [" ".join(str(r.get("text") or "").split()) for r in rows]
+    check_sentences(texts, lambda i: f"table {table} row {i + 1} (image {files[i]})")
 
     # ---- boxes (parsed before the slow image check, so a malformed cell fails fast)
     given_boxes, given_labels = [], []

@@ -2,6 +2,12 @@
 
 All functions take cosine similarities (or any scores) and boolean ground truth; nothing loops over
 regions or attributes in Python.
+
+A summary metric without a value (no query with a relevant item, no attribute with both positive and
+negative regions) is None: ``null`` in ``metrics.json``, "n/a" when printed. :func:`retrieval_metrics` also
+lists the metrics that are ``trivial`` on the data (the same value whatever the model: region->text
+R-Precision with one attribute), and :func:`metric_warnings` turns those, the undefined ones and a small
+split into one-line warnings.
 """
 
 from __future__ import annotations
@@ -62,9 +68,20 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.where((pos > 0) & (neg > 0), auc, torch.full_like(auc, float("nan")))
 
 
-def _nanmean_percent(values: torch.Tensor) -> float:
+#: a split with fewer images gets the ``small_split`` flag and a warning
+SMALL_SPLIT_IMAGES = 20
+
+
+def _nanmean_percent(values: torch.Tensor) -> float | None:
     valid = values[~torch.isnan(values)]
-    return float(valid.mean() * 100) if len(valid) else float("nan")
+    return float(valid.mean() * 100) if len(valid) else None
+
+
+def _all_relevant(labels: torch.Tensor) -> bool:
+    """Whether every query of ``labels [Q, N]`` that has a relevant item has only relevant items (its
+    ranking cannot be wrong), with at least one such query."""
+    counted = labels.any(dim=1)
+    return bool(counted.any()) and bool(labels[counted].all())
 
 
 def retrieval_metrics(
@@ -81,6 +98,10 @@ def retrieval_metrics(
     Text->region: every attribute ranks all M regions (R-Precision, precision@1/5/10), macro over
     attributes carried by at least one region. Region->text: every region ranks the K attributes
     (R-Precision), mean over regions with at least one attribute. Zero-shot AUROC per attribute, macro.
+    A summary without any query to average is None. ``trivial`` lists the summary keys whose every query
+    has only relevant items, so the score is 100 whatever the embeddings (region->text with one
+    attribute, or when every region carries every attribute; text->region when every region carries every
+    attribute, e.g. a single region).
     """
     regions = torch.nn.functional.normalize(region_embs.double(), dim=1)
     attrs = torch.nn.functional.normalize(attr_embs.double().to(regions.device), dim=1)
@@ -109,6 +130,11 @@ def retrieval_metrics(
         }
         for k, name in enumerate(attribute_names)
     }
+    trivial = []
+    if _all_relevant(t2r_labels):
+        trivial += ["text_to_region_r_precision", *(f"precision_at_{p}" for p in PRECISION_KS)]
+    if _all_relevant(labels):
+        trivial.append("region_to_text_r_precision")
     return {
         "text_to_region_r_precision": _nanmean_percent(per_rp),
         "region_to_text_r_precision": _nanmean_percent(r2t),
@@ -117,4 +143,31 @@ def retrieval_metrics(
         "num_regions": int(regions.shape[0]),
         "num_attributes_present": int((counts > 0).sum()),
         "per_attribute": per_attribute,
+        "trivial": trivial,
     }
+
+
+def metric_warnings(metrics: dict, keys: Sequence[str], num_images: int, unit: str = "region") -> list[str]:
+    """One-line warnings about the summary ``keys`` of ``metrics`` (a :func:`retrieval_metrics` dict whose
+    ``trivial`` names keys among ``keys``): a split under :data:`SMALL_SPLIT_IMAGES` images, the trivial
+    metrics (one line per reason) and the metrics without a value. ``unit``: what was ranked, ``region`` or
+    ``image``."""
+    out = []
+    if num_images < SMALL_SPLIT_IMAGES:
+        out.append(
+            f"only {num_images} image{'' if num_images == 1 else 's'} in this split (under {SMALL_SPLIT_IMAGES}): "
+            "every figure rests on very few examples"
+        )
+    trivial = [k for k in keys if k in metrics.get("trivial", ())]
+    ranking_texts = [k for k in trivial if k.startswith(f"{unit}_to_text")]
+    ranking_units = [k for k in trivial if k not in ranking_texts]
+    for group, why in (
+        (ranking_units, f"every {unit} carries every attribute present (e.g. a single {unit})"),
+        (ranking_texts, f"every {unit} carries every attribute it ranks (e.g. a single attribute)"),
+    ):
+        if group:
+            out.append(f"trivial here, 100 whatever the model: {', '.join(group)} ({why})")
+    undefined = [k for k in keys if k not in trivial and metrics.get(k) is None]
+    if undefined:
+        out.append(f"undefined here (n/a): {', '.join(undefined)} (no attribute or {unit} could be scored)")
+    return out

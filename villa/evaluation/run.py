@@ -5,6 +5,11 @@ regions, plus (for a ViLLA model) the stage-1 mapping precision/recall/F1 per sp
 region labels: the same metrics at the image level, each image's whole-image embedding against the attributes
 its text mentions (text->image R-Precision, zero-shot AUROC per attribute). ``metrics.json`` says which
 evaluation ran (``"evaluation": "regions" | "images"``).
+
+A metric without a value is ``null`` (printed "n/a"). ``metrics.json`` also holds ``trivial`` (summary keys
+that are 100 whatever the model on this data, e.g. region->text R-Precision with one attribute),
+``small_split`` (true under :data:`~villa.evaluation.metrics.SMALL_SPLIT_IMAGES` images) and ``warnings``
+(one line each, printed by :func:`format_metrics`).
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ from villa.datasets import Dataset, region_boxes, region_offsets, region_truth
 from villa.device import autocast, resolve_device
 from villa.embeddings import TEXT_EMBS_DIR, check_encoder, load_attr_embs, preprocessed_encoder, read_manifest
 from villa.errors import VillaError
-from villa.evaluation.metrics import PRECISION_KS, retrieval_metrics
+from villa.evaluation.metrics import PRECISION_KS, SMALL_SPLIT_IMAGES, metric_warnings, retrieval_metrics
 from villa.images import DEFAULT_CACHE_MB, ResizePolicy, size_sorted_batches
 from villa.io import write_json
+from villa.report import fmt
 from villa.vlm.data import RegionTextDataset, image_store
 
 METRICS_FILE = "metrics.json"
@@ -174,8 +180,12 @@ def evaluate_model(
         metrics["detection"]["candidates"] = spec
     if evaluation == "images":
         metrics = {k.replace("region", "image"): v for k, v in metrics.items()}
+        metrics["trivial"] = [k.replace("region", "image") for k in metrics["trivial"]]
         for per in metrics["per_attribute"].values():
             per["num_images"] = per.pop("num_regions")
+    unit = "region" if evaluation == "regions" else "image"
+    metrics["small_split"] = len(frame) < SMALL_SPLIT_IMAGES
+    metrics["warnings"] = metric_warnings(metrics, summary_keys(evaluation), len(frame), unit)
     metrics = {
         "model": label or ("untrained" if checkpoint is None else checkpoint.parent.name),
         "evaluation": evaluation,
@@ -312,24 +322,33 @@ def detection_metrics(
 
 
 def format_metrics(metrics: dict) -> str:
-    """One line per summary metric, e.g. ``text_to_region_r_precision  63.21``, then the mapping F1s."""
+    """One line per summary metric, e.g. ``text_to_region_r_precision  63.21`` ("n/a": no value, "(trivial)":
+    100 whatever the model), then the mapping F1s, then one ``warning:`` line per :func:`metric_warnings`."""
     evaluation = metrics.get("evaluation", "regions")
     units = metrics.get("num_regions") if evaluation == "regions" else metrics.get("num_images")
     lines = [
         f"{metrics.get('model')} on {metrics.get('dataset')}/{metrics.get('split')} "
         f"({units} {evaluation}{'' if evaluation == 'regions' else ', no region labels: image-level'})"
     ]
-    lines += [f"  {key:<28} {metrics[key]:6.2f}" for key in summary_keys(evaluation)]
+    trivial = set(metrics.get("trivial") or ())
+    lines += [
+        f"  {key:<28} {fmt(metrics.get(key), '6.2f')}{'  (trivial)' if key in trivial else ''}"
+        for key in summary_keys(evaluation)
+    ]
     detection = metrics.get("detection")
     if detection and detection.get("ap") is not None:
         where = f"  ({detection.get('candidates', 'regions')}, {detection.get('score')} scores)"
-        lines.append(f"  {'zero_shot_detection_ap':<28} {detection['ap']:6.2f}{where}")
-        lines.append(f"  {'zero_shot_detection_ap50':<28} {detection['ap50']:6.2f}")
+        lines.append(f"  {'zero_shot_detection_ap':<28} {fmt(detection['ap'], '6.2f')}{where}")
+        lines.append(f"  {'zero_shot_detection_ap50':<28} {fmt(detection['ap50'], '6.2f')}")
     for split, m in (metrics.get("mapping") or {}).items():
-        kinds = "".join(f"  {k} {v['f1']:.1f}" for k, v in m.get("per_kind", {}).items())
+        if not isinstance(m, dict) or "f1" not in m:  # (not a split's figures)
+            continue
+        kinds = "".join(f"  {k} {fmt(v.get('f1'), '.1f')}" for k, v in m.get("per_kind", {}).items())
         lines.append(
-            f"  stage-1 mapping {split:<5} P {m['precision']:.1f}  R {m['recall']:.1f}  F1 {m['f1']:.1f}{kinds}"
+            f"  stage-1 mapping {split:<5} P {fmt(m.get('precision'), '.1f')}  R {fmt(m.get('recall'), '.1f')}  "
+            f"F1 {fmt(m.get('f1'), '.1f')}{kinds}"
         )
+    lines += [f"  warning: {w}" for w in metrics.get("warnings") or ()]
     return "\n".join(lines)
 
 

@@ -2,7 +2,7 @@
 
 - :mod:`villa.mapping.model`   MappingModel: K projection heads run as one batched op
 - :mod:`villa.mapping.loss`    the max-over-regions InfoNCE loss
-- :mod:`villa.mapping.data`    in-memory stage-1 dataset (padded region embeddings + multi-hot)
+- :mod:`villa.mapping.data`    in-memory stage-1 dataset (packed region embeddings + multi-hot)
 - :mod:`villa.mapping.assign`  region-attribute assignment and per-region assigned text
 - :mod:`villa.mapping.metrics` precision / recall / F1 against ground truth (evaluation only)
 - :mod:`villa.mapping.schema`  THE reader/writer of ``mapping_{split}.feather`` and ``mapping_metrics.json``

@@ -104,15 +104,18 @@ def packed_similarity(
 class MappingLoss:
     """``loss_fn(model, batch)`` for :func:`villa.training.fit`.
 
-    ``batch``: ``regions [B, R, D]``, ``mask [B, R]``, ``multi_hot [B, K]`` (see :mod:`villa.mapping.data`).
-    Only the heads of attributes present in the batch run, and only on real regions (padding is packed
-    away). Returns ``(loss, number of terms)`` so epoch losses are averaged over terms; the number of
-    terms is a 0-d tensor on the batch's device (reading it would wait for the device).
+    ``batch`` (see :mod:`villa.mapping.data`): ``mask [B, R]`` bool, ``multi_hot [B, K]`` and ``regions``,
+    either packed ``[M, D]`` (the batch's real regions, image by image, in the order of ``mask``'s True
+    entries: :meth:`~villa.mapping.data.Stage1Dataset.__getitems__`) or padded ``[B, R, D]``.
+    Only the heads of attributes present in the batch run, and only on real regions. Returns
+    ``(loss, number of terms)`` so epoch losses are averaged over terms; the number of terms is a 0-d
+    tensor on the batch's device (reading it would wait for the device).
 
-    ``static_shapes=True`` (for device-resident data and CUDA graphs): every head runs on every region
-    slot of the padded batch, padding masked out, so no step depends on the batch's content for a
-    tensor's shape and nothing waits for the device. Same loss and gradients: absent attributes have no
-    terms, and padding never wins a max.
+    ``static_shapes=True`` (for device-resident data and CUDA graphs; padded batches only,
+    :meth:`~villa.mapping.data.Stage1Dataset.batch`): every head runs on every region slot of the padded
+    batch, padding masked out, so no step depends on the batch's content for a tensor's shape and nothing
+    waits for the device. Same loss and gradients: absent attributes have no terms, and padding never
+    wins a max.
 
     Training shortcut (exact): ``S(i, a)`` is a max over regions, so its gradient flows through the
     arg-max region alone. With a plain :class:`MappingModel` (no active dropout) all regions are scored
@@ -164,7 +167,7 @@ class MappingLoss:
         # under torchrun every rank scores the attributes present anywhere in the global batch
         head_index = any_across_ranks(multi_hot.any(0)).nonzero().squeeze(1)  # [Kp]
         embs = self.embeddings_on(regions.device).index_select(0, head_index)
-        packed = regions[mask].unsqueeze(0)  # [1, M, D]
+        packed = (regions if regions.dim() == 2 else regions[mask]).unsqueeze(0)  # [1, M, D]
         present = multi_hot[:, head_index]
         # (a batch without real regions has nothing to cache; all its scores are -inf)
         if not self._can_shortcut(model) or len(packed[0]) == 0:
@@ -187,6 +190,8 @@ class MappingLoss:
         """:meth:`scores` over all K heads and all ``B * R`` region slots: shapes fixed by the batch's
         shape alone, no boolean indexing, no host sync (the padded twin of the packed path)."""
         regions, mask, present = batch["regions"], batch["mask"].bool(), batch["multi_hot"].bool()
+        if regions.dim() != 3:
+            raise ValueError("static_shapes needs padded regions [B, R, D] (Stage1Dataset.batch)")
         b, r, d = regions.shape
         embs = self.embeddings_on(regions.device)  # [K, D]
         if not self._can_shortcut(model):
@@ -246,32 +251,43 @@ class MappingLoss:
 
     @torch.no_grad()
     def dataset_loss(
-        self, model, regions: torch.Tensor, mask: torch.Tensor, multi_hot: torch.Tensor, batch_size: int
+        self, model, regions: torch.Tensor, counts: torch.Tensor, multi_hot: torch.Tensor, batch_size: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss of a whole split as unshuffled batches of ``batch_size`` would give it, in a few large steps.
 
         An image's score ``S(i, a)`` does not depend on its batch, so all images are scored at once (in
-        chunks), then the contrastive terms are taken per consecutive group of ``batch_size`` images, each
-        group with its own negatives. Equals the sum over the batches of ``loss * n_terms`` (up to float
-        rounding) with a few large kernels instead of one small step per batch.
+        chunks of images holding about 32M projected floats), then the contrastive terms are taken per
+        consecutive group of ``batch_size`` images, each group with its own negatives. Equals the sum over
+        the batches of ``loss * n_terms`` (up to float rounding) with a few large kernels instead of one
+        small step per batch.
 
         Args:
-            regions: ``[N, R, D]``; mask: ``[N, R]`` bool; multi_hot: ``[N, K]`` bool (any device).
+            regions: ``[M, D]`` packed real regions, image by image; counts: ``[N]`` long, regions per
+                image; multi_hot: ``[N, K]`` bool (any device).
 
         Returns:
             ``(sum of terms, number of terms)``, 0-d tensors on the model's device.
         """
         device = next(model.parameters()).device
-        embs = self.embeddings_on(device)
-        n, r, d = regions.shape
-        k = len(embs)
-        # images per scoring chunk: a whole number of batches, about 32M projected floats
-        per_chunk = max(1, (1 << 25) // max(r * k * d, 1) // batch_size) * batch_size
+        embs = F.normalize(self.embeddings_on(device), dim=-1)  # (as region_scores normalises them)
+        n, k, d = len(counts), len(embs), regions.shape[1]
+        host_counts = counts.cpu()  # (one sync per validation: chunk bounds are host numbers)
+        ends = torch.cumsum(host_counts, 0)
+        # images per scoring chunk: projected floats (rows x K x D) up to about 32M, at least one image
+        rows_per_chunk = max(1, (1 << 25) // max(k * d, 1))
         scores = torch.full((n, k), float("-inf"), device=device)
-        for start in range(0, n, per_chunk):
-            chunk = slice(start, start + per_chunk)
-            x = regions[chunk].to(device, non_blocking=True).float()
-            scores[chunk] = region_scores(model(x), embs, mask[chunk].to(device).bool(), self.tau)
+        start = 0
+        while start < n:
+            row0 = int(ends[start - 1]) if start else 0
+            stop = max(start + 1, int(torch.searchsorted(ends, row0 + rows_per_chunk, right=True)))
+            row1 = int(ends[stop - 1])
+            if row1 > row0:
+                x = regions[row0:row1].to(device, non_blocking=True).float()
+                proj = F.normalize(model(x.unsqueeze(0))[0].float(), dim=-1)  # [m, K, D]
+                sim = torch.einsum("mkd,kd->mk", proj, embs) / self.tau
+                image = torch.repeat_interleave(host_counts[start:stop].to(device))  # [m] chunk-local image
+                scores[start:stop].scatter_reduce_(0, image.unsqueeze(1).expand(-1, k), sim, "amax")
+            start = stop
         present = multi_hot.to(device).bool()
         pad = -n % batch_size  # the last, short batch: padded with images that have no attribute and no score
         if pad:

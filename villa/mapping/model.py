@@ -12,7 +12,8 @@ ADAPTER_RATIO = 0.2
 
 
 class MappingModel(nn.Module):
-    """K heads ``Linear(D, D) -> ReLU -> Linear(D, D)`` stored as stacked parameters.
+    """K heads ``Linear(D, D) -> ReLU -> Linear(D, D)`` stored as stacked parameters, one per attribute of
+    the dataset's vocabulary (``num_attributes``, whatever its size).
 
     Parameters ``W1 [H, D_in, D_out]``, ``b1 [H, D]``, ``W2 [H, D_in, D_out]``, ``b2 [H, D]`` (a head
     computes ``relu(x @ W1[h] + b1[h]) @ W2[h] + b2[h]``; in-by-out so batched matmuls need no
@@ -32,7 +33,7 @@ class MappingModel(nn.Module):
     def __init__(
         self,
         emb_dim: int,
-        num_attributes: int = 20,
+        num_attributes: int,
         one_proj: bool = False,
         adapter: bool = False,
         dropout: float = 0.0,

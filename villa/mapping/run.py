@@ -16,6 +16,7 @@ from villa.datasets import SPLITS, Dataset, region_truth
 from villa.device import resolve_device
 from villa.embeddings import RegionEmbeddings, load_attr_embs
 from villa.errors import VillaError
+from villa.evaluation.metrics import SMALL_SPLIT_IMAGES
 from villa.mapping.assign import EPSILON, map_split
 from villa.mapping.data import Stage1Dataset, collate_stage1
 from villa.mapping.loss import TEMPERATURE, MappingLoss
@@ -37,7 +38,8 @@ class Stage1Result:
 
 def default_optimizer(lr: float = 1e-4, weight_decay: float = 0.01, fused: bool = True) -> Callable:
     """AdamW as in the reference (torch's default weight decay). ``fused`` runs the update as one kernel:
-    the 20 heads hold about 6M parameters and the per-tensor update loop was a third of a CPU step."""
+    the heads hold ``2 K D^2`` weights (about 6M for DocMNIST's 20 attributes) and a per-tensor update loop
+    would take a third of a CPU step."""
     return functools.partial(torch.optim.AdamW, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
@@ -85,9 +87,12 @@ def run_stage1(
     of the annotations and region embeddings it was made from, which later stages check), and prints the
     metrics table. ``map_weights`` picks the weights that map: ``best`` (lowest val loss) or ``last``.
 
-    On CUDA, the train and val embeddings move to the device when together they take at most
-    ``resident_data_mb`` MiB (0: never), in one process: batches are then gathered there, every head runs
-    on every padded region slot (:class:`MappingLoss` ``static_shapes``: same loss, fixed shapes), the
+    Region embeddings are held packed (:class:`~villa.mapping.data.Stage1Dataset`): memory follows the
+    number of regions, not the number of images times the largest region count. On CUDA, the train and
+    val embeddings move to the device when they and the activations of one padded step take at most
+    ``resident_data_mb`` MiB together (0: never), in one process: batches are then gathered there and padded
+    to the split's largest region count, every
+    head runs on every region slot (:class:`MappingLoss` ``static_shapes``: same loss, fixed shapes), the
     validation loss is computed in a few large steps, and with ``cuda_graphs`` each full training step is
     replayed as one CUDA graph. Results agree with the DataLoader path up to float rounding.
     The previous run's mappings and metrics are deleted first, so a failed run leaves none behind.
@@ -138,13 +143,16 @@ def run_stage1(
     # (standardisation statistics live in the model's buffers, hence in every checkpoint)
     model = MappingModel(**model_config, seed=seed)
     if standardize:
-        model.set_input_stats(data["train"].regions[data["train"].mask])
+        model.set_input_stats(data["train"].regions)
     fit_sets = (data["train"], data.get("val"))
     resident_bytes = sum(d.nbytes for d in fit_sets if d is not None)
+    # a fixed-shape step projects every slot of a batch padded to the largest region count with every head
+    # (hidden layer and output, float32): one image with many boxes makes every step that large
+    padded_step_bytes = 2 * 4 * batch_size * data["train"].max_regions * len(vocabulary) * embeddings.dim
     resident = (
         _device_memory_is_separate(device)
         and not distributed.launched_by_torchrun()
-        and resident_bytes <= resident_data_mb * 2**20
+        and resident_bytes + padded_step_bytes <= resident_data_mb * 2**20
     )
     loss = MappingLoss(attr_embs, tau=temperature, reference_quirk=reference_quirk, static_shapes=resident)
     if resident:
@@ -176,7 +184,7 @@ def run_stage1(
         resident=resident,
         cuda_graphs=cuda_graphs,
         val_loss_fn=(
-            (lambda m, split: loss.dataset_loss(m, split.regions, split.mask, split.multi_hot, batch_size))
+            (lambda m, split: loss.dataset_loss(m, split.regions, split.counts, split.multi_hot, batch_size))
             if resident
             else None
         ),
@@ -201,7 +209,7 @@ def run_stage1(
             model,
             split_frame,
             data[split].regions,
-            data[split].mask,
+            data[split].counts,
             attr_embs,
             vocabulary,
             epsilon=epsilon,
@@ -214,10 +222,19 @@ def run_stage1(
         if dataset.has_region_labels:
             truth = region_truth(split_frame, vocabulary.names)
             metrics[split] = mapping_metrics(assigned, truth, vocabulary.names, vocabulary.kinds)
+            metrics[split]["num_images"] = len(split_frame)
+            metrics[split]["small_split"] = len(split_frame) < SMALL_SPLIT_IMAGES
     write_mapping_metrics(run_dir, metrics, inputs)  # last: its presence marks a complete run
     print(f"mapping with {mapped_with} (epsilon {epsilon}) -> {run_dir}")
     if metrics:
         print(format_metrics_table(metrics), flush=True)
+        for split, m in metrics.items():
+            if m["small_split"]:
+                print(
+                    f"warning: only {m['num_images']} {split} images (under {SMALL_SPLIT_IMAGES}): "
+                    "its figures rest on very few examples",
+                    flush=True,
+                )
     else:
         print("no region labels in this dataset: mapping precision/recall cannot be measured", flush=True)
     distributed.barrier()

@@ -8,14 +8,15 @@ assigned_attributes list per region of the attributes assigned to it (vocabulary
 assigned_text       list per region of its assigned text: the attributes' sentences joined with " . "
 =================== ========================================================================
 
-``mapping_metrics.json``: ``{split: {precision, recall, f1, per_kind: {kind: {precision, recall, f1}}}}``
-in percent (no split for a dataset without region labels), plus ``"inputs"``: what the mapping was made from
-(:func:`mapping_inputs`: the resolved dataset folder, the sha256 of its ``annotations.feather`` and of its
-``region_embs/manifest.json``, which records every embedding file's checksum). Written LAST: a stage-1 run is
-complete when it exists. Every consumer of a mapping calls :func:`check_mapping_inputs` first, which refuses a
-mapping made from other inputs, or one that does not record them. A stage-1 run deletes the previous run's
-outputs before it starts (:func:`clear_outputs`), so a failed rerun never leaves files that a later stage
-would read as current.
+``mapping_metrics.json``: ``{split: {precision, recall, f1, num_assigned, num_true, per_kind: {kind:
+{precision, recall, f1, num_assigned, num_true}}, num_images, small_split}}`` in percent, ``null`` where a
+figure is 0/0 (:mod:`villa.mapping.metrics`), ``small_split`` true under 20 images (no split for a dataset
+without region labels), plus ``"inputs"``: what the mapping was made from (:func:`mapping_inputs`: the
+resolved dataset folder, the sha256 of its ``annotations.feather`` and of its ``region_embs/manifest.json``,
+which records every embedding file's checksum). Written LAST: a stage-1 run is complete when it exists. Every
+consumer of a mapping calls :func:`check_mapping_inputs` first, which refuses a mapping made from other
+inputs, or one that does not record them. A stage-1 run deletes the previous run's outputs before it starts
+(:func:`clear_outputs`), so a failed rerun never leaves files that a later stage would read as current.
 """
 
 from __future__ import annotations
