@@ -5,7 +5,8 @@ Fields (:func:`environment`)::
     format          1
     stage           the entry point (stage1, stage2, evaluate, sweep)
     started         UTC time, ISO 8601
-    command         the full command line (argv, the interpreter first), and command_line, the same as a string
+    command         the full command line (the interpreter, ``-m <module>`` or the script, the arguments),
+                    and command_line, the same as one string
     cwd             the working directory
     seed, world_size   the run's seed and its number of processes (torchrun's WORLD_SIZE, 1 without)
     python, platform   Python version, operating system
@@ -136,6 +137,9 @@ def environment(stage: str, *, seed: int | None = None, device=None, world_size:
     import torch
 
     argv = [sys.executable, *sys.argv]
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:  # `python -m villa.stage2 ...`, as typed (argv[0] is the file)
+        argv = [sys.executable, "-m", spec.name.removesuffix(".__main__"), *sys.argv[1:]]
     packages = {name: _version(name) for name in PACKAGES}
     packages.update({name: v for name in TRACKER_PACKAGES if (v := _version(name)) is not None})
     return {

@@ -15,9 +15,10 @@ and their settings, one key each (the lightning-hydra-template convention)::
 
 What a tracker run holds (:class:`Tracker`): the run's resolved config as parameters, the ``tags`` config
 (key -> value; the sweep sets ``seed``, ``complexity`` and ``method``), per epoch ``loss/train``,
-``loss/val``, ``lr``, ``time/epoch_s`` and ``time/data_s`` (step = epoch), and final figures: ``best/epoch``
-and ``best/val_loss`` after training, stage 1's mapping precision / recall / F1 (``mapping/<split>/f1``),
-and evaluation's headline metrics (``<split>/<metric>``, e.g. ``test/text_to_region_r_precision``).
+``loss/val``, ``lr``, ``time/epoch_s`` and ``time/data_s`` (step = epoch), and final figures:
+``summary/best_epoch`` and ``summary/best_val_loss`` after training, stage 1's mapping precision / recall / F1
+(``mapping/<split>/f1``), and evaluation's headline metrics (``<split>/<metric>``, e.g.
+``test/text_to_region_r_precision``).
 
 A run folder's tracker runs are recorded in ``<run folder>/trackers.json`` and in every checkpoint
 (``trackers``): a resumed training run continues them, and evaluation into the run folder of the training run
@@ -52,6 +53,7 @@ REQUIREMENTS = {
     "mlflow": ("mlflow", "mlflow"),
 }
 RUN_IDS_FILE = "trackers.json"
+WANDB_MODES = ("offline", "online", "disabled")
 #: per-epoch metric names (a :func:`villa.training.fit` history row's key -> the tracker's name)
 EPOCH_METRICS = {
     "train_loss": "loss/train",
@@ -93,6 +95,9 @@ class TrackerSettings:
             )
         backends = {b: dict(logger[b] or {}) for b in BACKENDS if b in logger}
         check_installed(backends)
+        mode = str((backends.get("wandb") or {}).get("mode") or "offline")
+        if mode not in WANDB_MODES:
+            raise VillaError(f"logger.wandb.mode must be {', '.join(WANDB_MODES)}; got '{mode}'")
         tags = {str(k): _tag_value(v) for k, v in (_plain(tags) or {}).items()}
         return cls(backends=backends, tags=tags, name=None if name is None else str(name))
 
@@ -114,10 +119,8 @@ def tracker_settings(cfg) -> TrackerSettings:
 
 def _plain(node):
     """A config node (OmegaConf or plain) as plain Python containers, interpolations resolved."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        return node
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
     if isinstance(node, DictConfig | ListConfig):
         return OmegaConf.to_container(node, resolve=True)
     return node
@@ -208,7 +211,7 @@ class _TensorBoard(Tracker):
     name = "tensorboard"
 
     def __init__(
-        self, run_dir: Path, settings: Mapping, run_id: str | None, step: int, name: str, tags: dict
+        self, run_dir: Path, settings: Mapping, run_id: str | None, step: int | None, name: str, tags: dict
     ):
         from torch.utils.tensorboard import SummaryWriter
 
@@ -257,13 +260,11 @@ class _WandB(Tracker):
     name = "wandb"
 
     def __init__(
-        self, run_dir: Path, settings: Mapping, run_id: str | None, step: int, name: str, tags: dict
+        self, run_dir: Path, settings: Mapping, run_id: str | None, step: int | None, name: str, tags: dict
     ):
         import wandb
 
         mode = str(settings.get("mode") or "offline")
-        if mode not in ("offline", "online", "disabled"):
-            raise VillaError(f"logger.wandb.mode must be offline, online or disabled, got '{mode}'")
         self.run = wandb.init(
             project=settings.get("project") or "villa",
             entity=settings.get("entity"),
@@ -284,7 +285,8 @@ class _WandB(Tracker):
         self.last_step = step or 0
         if mode == "offline":
             print(
-                f"wandb: offline run {self.run_id} in {run_dir / 'wandb'} (upload: wandb sync {run_dir / 'wandb'})"
+                f"wandb: offline run {self.run_id} in {run_dir / 'wandb'} "
+                f"(upload: wandb sync {run_dir / 'wandb'}/offline-run-*)"
             )
 
     def log_params(self, params: Mapping) -> None:
@@ -313,7 +315,7 @@ class _MLflow(Tracker):
     name = "mlflow"
 
     def __init__(
-        self, run_dir: Path, settings: Mapping, run_id: str | None, step: int, name: str, tags: dict
+        self, run_dir: Path, settings: Mapping, run_id: str | None, step: int | None, name: str, tags: dict
     ):
         uri = settings.get("tracking_uri") or (run_dir / "mlruns").resolve().as_uri()
         if uri.startswith("file:"):

@@ -644,7 +644,11 @@ def fit(
         _draw_curves(result, desc)
         if result.best_epoch is not None:
             monitored = "val_loss" if has_val else "train_loss"
-            tracker.log_summary({"best/epoch": result.best_epoch, f"best/{monitored}": result.best_val_loss})
+            best = {
+                "summary/best_epoch": result.best_epoch,
+                f"summary/best_{monitored}": result.best_val_loss,
+            }
+            tracker.log_summary(best)
     return result
 
 
