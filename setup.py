@@ -1,5 +1,13 @@
 from setuptools import find_packages, setup
 
+#: experiment trackers (logger=tensorboard|wandb|mlflow|many; docs/tracking.md), each an optional extra
+TRACKERS = {
+    "tensorboard": ["tensorboard>=2.14"],
+    "wandb": ["wandb>=0.19.10"],  # wandb.init(reinit="create_new"): one run after another in a sweep
+    # the tracking client and its file store; `pip install mlflow` adds the `mlflow ui` server
+    "mlflow": ["mlflow-skinny>=2.10"],
+}
+
 setup(
     name="villa",
     version="0.1.0",
@@ -35,6 +43,10 @@ setup(
             "ruff>=0.5",
             "pre-commit>=3",
             "scikit-image>=0.21",  # the shape cross-check in tests/test_docmnist_generate.py
+            *(
+                req for reqs in TRACKERS.values() for req in reqs
+            ),  # tests/test_tracking.py reads each one back
         ],
+        **TRACKERS,
     },
 )

@@ -10,6 +10,8 @@ A checkpoint is a ``torch.save`` dict (loadable with ``weights_only=True``)::
     best_val_loss, best_epoch, epochs_without_improvement, stopped_early
     config                      the resolved run config (plain dict) or None
     extra                       stage-specific plain data (e.g. the encoder config)
+    trackers                    the run's experiment-tracker run ids, backend -> id (villa.tracking), so that a
+                                resumed run continues them; absent from older checkpoints, which still load
 """
 
 from __future__ import annotations

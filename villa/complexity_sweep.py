@@ -18,6 +18,12 @@ to one set of tables; a final plain run collects them all:
 ``differences.csv`` per complexity and comparison (:data:`COMPARISONS`, paired by seed: the seeds share the
                     data), per metric: n, mean difference, std, 95% t-interval, whether it excludes 0
 ``results.png``     R-Precision against average complexity: mean lines with 95% interval bands
+``env.json``        what ran the sweep (:mod:`villa.environment`); every stage's run folder has its own
+
+With trackers (``logger=tensorboard``, ``wandb``, ``mlflow`` or ``many``), each cell of a seed, complexity
+and method is one tracker run (stage 2's epochs and its evaluation; stage 1 is a run of its own, method
+``stage1``) tagged ``seed``, ``complexity`` and ``method``; MLflow runs share one file store,
+``out_dir/mlruns``, W&B runs one group, the out_dir's name, and ``tensorboard --logdir out_dir`` shows them all.
 """
 
 from __future__ import annotations
@@ -223,6 +229,34 @@ def _stage_overrides(
     return [f"{key}={'null' if value is None else value}" for key, value in _dotted(values).items()]
 
 
+def _tracker_overrides(trackers, out_dir: Path, cell: dict) -> list[str]:
+    """A stage's overrides for the sweep's trackers (:class:`villa.tracking.TrackerSettings`): the same
+    loggers and settings, MLflow's file store ``out_dir/mlruns`` and W&B's group the out_dir's name unless
+    given, and the tags with the cell's ``seed``, ``complexity`` and ``method``."""
+    out = [f"logger=[{','.join(['csv', *trackers.backends])}]"]
+    for backend, settings in trackers.backends.items():
+        settings = dict(settings)
+        if backend == "mlflow" and not settings.get("tracking_uri"):
+            settings["tracking_uri"] = (out_dir / "mlruns").resolve().as_uri()
+        if backend == "wandb" and not settings.get("group"):
+            settings["group"] = out_dir.resolve().name
+        out += [f"logger.{backend}.{key}={_override_value(value)}" for key, value in settings.items()]
+    tags = {**trackers.tags, **cell}
+    return out + [f"++tags.{key}={_override_value(value)}" for key, value in tags.items()]
+
+
+def _override_value(value) -> str:
+    """``value`` as a Hydra override value: null, a number or boolean as is, any string quoted."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{text}'"
+
+
 def _dotted(values: dict, prefix: str = "") -> dict:
     """Nested settings as Hydra's dotted keys: ``{"optimizer": {"lr": 1e-3}}`` -> ``{"optimizer.lr": 1e-3}``, so
     that ``+stage1.optimizer.lr=1e-3`` on the sweep's command line changes one key of the stage's optimiser
@@ -276,19 +310,26 @@ def run_sweep(
     stage1: dict | None = None,
     stage2: dict | None = None,
     progress: bool = True,
+    logger: dict | None = None,
+    tags: dict | None = None,
 ) -> pd.DataFrame:
     """Run (or resume) the sweep over ``seeds`` x ``complexities`` for ``methods`` and return the results
-    table of every cell finished under ``out_dir`` (the tables and the plot are written there too)."""
+    table of every cell finished under ``out_dir`` (the tables and the plot are written there too).
+    ``logger``: the trackers of every stage (a ``logger`` config node, e.g. ``{"tensorboard": {}}``), their
+    runs tagged with ``tags`` and each cell's seed, complexity and method."""
     from villa.datasets import Dataset
+    from villa.environment import write_environment
     from villa.evaluation.run import evaluate_from_config
     from villa.hydra_app import compose
     from villa.mapping.run import run_stage1_from_config
     from villa.preprocess import preprocess_dataset
+    from villa.tracking import TrackerSettings
     from villa.vlm.run import run_stage2_from_config
 
     complexities = _distinct_ints(complexities, "complexities", 1)
     seeds = _distinct_ints(seeds, "seeds", 0)
     methods = check_methods(methods)
+    trackers = TrackerSettings.of(logger, tags)  # (a missing tracker package: refused before any work)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_layout(out_dir)
@@ -313,6 +354,7 @@ def run_sweep(
     steps = _Steps(out_dir, total=per_cell * len(seeds) * len(complexities))
     # the current seed's MNIST digit pools, loaded by its first generate step
     digit_pools: dict[int, dict] = {}
+    write_environment(out_dir, "sweep", seed=seeds[0] if len(seeds) == 1 else seeds, device=device)
 
     for seed in seeds:
         common = {
@@ -382,9 +424,14 @@ def run_sweep(
             )
             steps.run(seed, complexity, "preprocess", embedded, preprocess)
 
+            def tracked(method: str, seed=seed, complexity=complexity) -> list[str]:
+                cell = {"seed": seed, "complexity": complexity, "method": method}
+                return _tracker_overrides(trackers, out_dir, cell)
+
             stage1_dir = run_root / "docmnist_stage1"
             if needs_stage1:
-                cfg1 = compose(_stage_overrides("docmnist_stage1", dataset_dir, run_root, common, stage1))
+                overrides1 = _stage_overrides("docmnist_stage1", dataset_dir, run_root, common, stage1)
+                cfg1 = compose(overrides1 + tracked("stage1"))
                 steps.run(
                     seed,
                     complexity,
@@ -403,7 +450,9 @@ def run_sweep(
                 overrides = dict(stage2)
                 if method in STAGE1_METHODS:
                     overrides["stage_1_ckpt_dir"] = str(stage1_dir)
-                cfg2 = compose(_stage_overrides(experiment, dataset_dir, run_root, common, overrides))
+                cfg2 = compose(
+                    _stage_overrides(experiment, dataset_dir, run_root, common, overrides) + tracked(method)
+                )
                 done_marker = run_root / experiment / TRAINED_MARKER
 
                 def train(c=cfg2, marker=done_marker):
@@ -414,7 +463,9 @@ def run_sweep(
             for method in cell_methods:
                 experiment = METHOD_EXPERIMENTS[method]
                 extra = {"stage_1_ckpt_dir": str(stage1_dir)} if method in STAGE1_METHODS else {}
-                cfg_eval = compose(_stage_overrides(experiment, dataset_dir, run_root, common, extra))
+                cfg_eval = compose(
+                    _stage_overrides(experiment, dataset_dir, run_root, common, extra) + tracked(method)
+                )
                 steps.run(
                     seed,
                     complexity,

@@ -216,6 +216,9 @@ def check_command_line(argv: Sequence[str], config_name: str = "default") -> Non
         key = getattr(err, "full_key", None)
         message = str(err).strip().splitlines()[0]
         raise VillaError(f"cannot resolve {key}: {message}" if key else message) from None
+    from villa.tracking import check_installed
+
+    check_installed(cfg.get("logger"))  # (before Hydra makes the run folder)
 
 
 def _is_config_error(err: Exception) -> bool:
@@ -328,6 +331,8 @@ def training_arguments(cfg: DictConfig) -> dict:
     stage adapters add their own keys."""
     from hydra.utils import instantiate
 
+    from villa.tracking import tracker_settings
+
     return {
         "device": cfg.device,
         "seed": int(cfg.seed),
@@ -345,4 +350,5 @@ def training_arguments(cfg: DictConfig) -> dict:
         "cpu_keep_freed_memory": bool(cfg.cpu_keep_freed_memory),
         "checkpoint_every_s": float(cfg.checkpoint_every_s),
         "config": to_container(cfg),
+        "logger": tracker_settings(cfg),  # (a missing tracker package: refused before any work)
     }

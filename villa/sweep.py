@@ -36,6 +36,8 @@ def main(cfg: DictConfig) -> None:
         stage1=OmegaConf.to_container(cfg.stage1),
         stage2=OmegaConf.to_container(cfg.stage2),
         progress=cfg.progress,
+        logger=OmegaConf.to_container(cfg.logger, resolve=True),
+        tags=OmegaConf.to_container(cfg.tags, resolve=True),
     )
     print(format_results(results))
     summary = format_summary(results)

@@ -2,7 +2,8 @@
 
 ``fit`` owns everything around the model's loss: device placement, mixed precision (CUDA only),
 gradient scaling, DistributedDataParallel under torchrun, seeded per-epoch shuffling, validation,
-learning-rate scheduling, early stopping, ``metrics.csv``, atomic ``last.pkl`` / ``best.pkl`` and resume.
+learning-rate scheduling, early stopping, ``metrics.csv``, ``curves.png``, the experiment trackers' per-epoch
+metrics (:mod:`villa.tracking`), atomic ``last.pkl`` / ``best.pkl`` and resume.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from villa import distributed
+from villa import distributed, tracking
 from villa.artifacts import one_line
 from villa.checkpoints import BEST, LAST, CheckpointWriter, host_copy, load_checkpoint, unwrap
+from villa.curves import CURVES_FILE, plot_curves
 from villa.device import autocast, keep_cpu_memory, needs_grad_scaler
 from villa.errors import VillaError
 from villa.io import atomic_path, remove_own_file
@@ -162,9 +164,16 @@ def _write_metrics(run_dir: Path, history: list[dict]) -> None:
 
 def _is_run_file(path: Path) -> bool:
     """Whether ``path`` is a file :func:`fit` writes: a ``torch.save`` archive (``last.pkl``/``best.pkl``,
-    a zip holding ``data.pkl``) or the epoch table (a CSV whose header starts ``epoch,train_loss``)."""
+    a zip holding ``data.pkl``), the epoch table (a CSV whose header starts ``epoch,train_loss``) or the
+    curves (a PNG)."""
     import zipfile
 
+    if path.name == CURVES_FILE:
+        try:
+            with open(path, "rb") as fh:
+                return fh.read(8) == b"\x89PNG\r\n\x1a\n"
+        except OSError:
+            return False
     if path.name == METRICS_FILE:
         try:
             with open(path, encoding="utf-8") as fh:
@@ -409,6 +418,7 @@ def fit(
     cuda_graphs: bool = False,
     val_loss_fn: Callable | None = None,
     checkpoint_every_s: float = 0.0,
+    tracker: tracking.Trackers | None = None,
 ) -> FitResult:
     """Train ``model`` with ``loss_fn(model, batch)`` and return the per-epoch history.
 
@@ -435,6 +445,11 @@ def fit(
     its device and written as ``best.pkl`` before the next ``last.pkl``, so the two files always agree with
     each other (``metrics.csv`` is rewritten every epoch and may run ahead of them); a resumed run repeats at
     most about ``checkpoint_every_s`` seconds plus one epoch of training.
+
+    ``tracker`` (:func:`villa.tracking.open_tracker`, not started) gets every epoch's losses, learning rate and
+    times and, at the end, the best epoch; it starts here, continuing the runs a resumed checkpoint names
+    (``trackers``), and is left open for the caller to add its final figures and close. At the end of
+    training (also when a resumed run has nothing left to train) ``curves.png`` is drawn from the history.
     """
     if epochs < 0:
         raise VillaError(f"epochs must be >= 0, got {epochs}")
@@ -462,6 +477,9 @@ def fit(
     result = FitResult(run_dir=run_dir)
     epochs_without_improvement = 0
     start_epoch = 0
+    if tracker is None or not ctx.is_main:  # (only global rank 0 logs)
+        tracker = tracking.open_tracker(None, run_dir)
+    tracker_ids = None
     if resume and (run_dir / LAST).is_file():
         ckpt = load_checkpoint(run_dir / LAST)
         try:
@@ -487,13 +505,23 @@ def fit(
         result.best_val_loss = ckpt.get("best_val_loss")
         result.stopped_early = bool(ckpt.get("stopped_early", False))
         epochs_without_improvement = int(ckpt.get("epochs_without_improvement", 0))
+        tracker_ids = ckpt.get("trackers")
         if ctx.is_main:
             print(f"resuming {desc} from {run_dir / LAST} after epoch {start_epoch}")
         if result.stopped_early:
+            tracker.start(tracker_ids, step=start_epoch)  # (the caller may still log its final figures)
+            if ctx.is_main:
+                _draw_curves(result, desc)
             return result
     elif ctx.is_main:
-        for stale in (LAST, BEST, METRICS_FILE):  # a previous run's; a file villa did not write is refused
+        for stale in (
+            LAST,
+            BEST,
+            METRICS_FILE,
+            CURVES_FILE,
+        ):  # a previous run's; one villa did not write is refused
             remove_own_file(run_dir / stale, _is_run_file, f"this run's {stale}")
+    tracker.start(tracker_ids, step=start_epoch)
 
     train_model = model
     if ctx.enabled and device.type == "cuda":
@@ -610,6 +638,7 @@ def fit(
                     "epochs_without_improvement": epochs_without_improvement,
                     "stopped_early": result.stopped_early,
                     "scaler": scaler.state_dict() if scaler is not None else None,
+                    "trackers": tracker.run_ids,
                 }
                 if improved:  # (a copy where the model lives: to host memory only when written)
                     pending_best = writer.snapshot(
@@ -637,6 +666,7 @@ def fit(
                     writer.submit(files + [(run_dir / LAST, last)])
                     pending_best, last_written = None, time.perf_counter()
                 _write_metrics(run_dir, result.history)
+                tracker.log_metrics(epoch + 1, tracking.epoch_metrics(row))
                 val_text = f" val_loss {val_loss:.4f}" if val_loss is not None else ""
                 print(
                     f"{desc} epoch {epoch + 1}/{epochs}: train_loss {train_loss:.4f}{val_text} "
@@ -650,4 +680,21 @@ def fit(
                         f"{desc}: early stop, no val-loss improvement for {epochs_without_improvement} epochs"
                     )
                 break
+    if ctx.is_main:
+        _draw_curves(result, desc)
+        if result.best_epoch is not None:
+            monitored = "val_loss" if has_val else "train_loss"
+            best = {
+                "summary/best_epoch": result.best_epoch,
+                f"summary/best_{monitored}": result.best_val_loss,
+            }
+            tracker.log_summary(best)
     return result
+
+
+def _draw_curves(result: FitResult, desc: str) -> None:
+    """``curves.png`` of the run so far (nothing before the first epoch)."""
+    if result.history:
+        plot_curves(
+            result.run_dir / CURVES_FILE, result.history, result.best_epoch, f"{desc}: {result.run_dir.name}"
+        )

@@ -353,7 +353,13 @@ def format_metrics(metrics: dict) -> str:
 
 
 def evaluate_from_config(cfg) -> dict:
-    """Hydra adapter: evaluate the experiment's ``eval_checkpoint`` (null = untrained) into ``run_dir/metrics.json``."""
+    """Hydra adapter: evaluate the experiment's ``eval_checkpoint`` (null = untrained) into ``run_dir/metrics.json``
+    (with ``env.json``); the ``logger`` trackers get the headline metrics, in the training run's tracker runs
+    when ``run_dir`` is the training run's folder (:func:`villa.tracking.read_run_ids`)."""
+    from villa.environment import write_environment
+    from villa.hydra_app import to_container
+    from villa.tracking import headline_metrics, open_tracker, read_run_ids, tracker_settings
+
     stage = cfg.get("stage")
     if stage not in ("stage2", "evaluate"):
         raise VillaError(
@@ -362,6 +368,8 @@ def evaluate_from_config(cfg) -> dict:
     from villa.hydra_app import claim_runs_folder
 
     claim_runs_folder(cfg)
+    tracker = open_tracker(tracker_settings(cfg), cfg.run_dir, params=to_container(cfg))
+    write_environment(cfg.run_dir, "evaluate", seed=int(cfg.seed), device=resolve_device(cfg.device))
     metrics = evaluate_model(
         data_dir=cfg.data_dir,
         encoder=cfg.encoder,
@@ -382,6 +390,9 @@ def evaluate_from_config(cfg) -> dict:
         # (stage 2's experiments declare pairs and stage_1_ckpt_dir; the untrained tower has neither)
         stage_1_ckpt_dir=cfg.get("stage_1_ckpt_dir") if cfg.get("pairs", "villa") == "villa" else None,
     )
+    tracker.start(read_run_ids(cfg.run_dir))
+    tracker.log_summary(headline_metrics(metrics), step=metrics.get("epoch") or 0)
+    tracker.close()
     print(format_metrics(metrics))
     print(f"wrote {Path(cfg.run_dir) / METRICS_FILE}")
     return metrics

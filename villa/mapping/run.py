@@ -15,6 +15,7 @@ from villa.checkpoints import BEST, LAST, load_model_state
 from villa.datasets import SPLITS, Dataset, region_truth
 from villa.device import resolve_device
 from villa.embeddings import RegionEmbeddings, load_attr_embs
+from villa.environment import write_environment
 from villa.errors import VillaError
 from villa.evaluation.metrics import SMALL_SPLIT_IMAGES
 from villa.mapping.assign import EPSILON, map_split
@@ -23,6 +24,7 @@ from villa.mapping.loss import TEMPERATURE, MappingLoss
 from villa.mapping.metrics import format_metrics_table, mapping_metrics
 from villa.mapping.model import MappingModel
 from villa.mapping.schema import clear_outputs, mapping_inputs, write_mapping, write_mapping_metrics
+from villa.tracking import mapping_figures, open_tracker
 from villa.training import FitResult, fit
 
 MAP_WEIGHTS = ("best", "last")
@@ -76,6 +78,7 @@ def run_stage1(
     resident_data_mb: float = 2048,
     cuda_graphs: bool = True,
     config: dict | None = None,
+    logger=None,
 ) -> Stage1Result:
     """Train the mapping model on ``data_dir``'s train split and write the mapping of every split.
 
@@ -96,6 +99,9 @@ def run_stage1(
     validation loss is computed in a few large steps, and with ``cuda_graphs`` each full training step is
     replayed as one CUDA graph. Results agree with the DataLoader path up to float rounding.
     The previous run's mappings and metrics are deleted first, so a failed run leaves none behind.
+    ``env.json`` is written at the start and ``curves.png`` after training; ``logger``
+    (:class:`villa.tracking.TrackerSettings` or a ``logger`` config node) names the experiment trackers that
+    get the run's epochs and mapping metrics.
     """
     if not epsilon >= 0:
         raise VillaError(f"mapping.epsilon must be >= 0, got {epsilon}")
@@ -108,8 +114,10 @@ def run_stage1(
     dataset, run_dir = Dataset.open(data_dir), Path(run_dir)
     data_dir = dataset.root
     device = resolve_device(device)
+    tracker = open_tracker(logger, run_dir, params=config)  # (a missing tracker package: refused here)
     if distributed.global_rank() == 0:  # (the process group is not joined yet: fit joins it)
         clear_outputs(run_dir)
+    write_environment(run_dir, "stage1", seed=seed, device=device)
 
     frame = dataset.annotations()
     embeddings = RegionEmbeddings.open(data_dir, expected_encoder=encoder)
@@ -181,6 +189,7 @@ def run_stage1(
         progress=progress,
         cpu_keep_freed_memory=cpu_keep_freed_memory,
         checkpoint_every_s=checkpoint_every_s,
+        tracker=tracker,
         resident=resident,
         cuda_graphs=cuda_graphs,
         val_loss_fn=(
@@ -225,6 +234,8 @@ def run_stage1(
             metrics[split]["num_images"] = len(split_frame)
             metrics[split]["small_split"] = len(split_frame) < SMALL_SPLIT_IMAGES
     write_mapping_metrics(run_dir, metrics, inputs)  # last: its presence marks a complete run
+    tracker.log_summary(mapping_figures(metrics))
+    tracker.close()
     print(f"mapping with {mapped_with} (epsilon {epsilon}) -> {run_dir}")
     if metrics:
         print(format_metrics_table(metrics), flush=True)

@@ -135,6 +135,7 @@ def run_stage2(
     checkpoint_every_s: float = 30.0,
     activation_checkpointing: bool = False,
     config: dict | None = None,
+    logger=None,
 ):
     """Train the image model on region-text pairs: ``pairs`` is a mode of :func:`villa.vlm.data.build_pairs`
     (``villa``, the ``clip`` baseline, or the ablations ``all_regions``, ``random_mapping``, ``oracle``).
@@ -143,12 +144,18 @@ def run_stage2(
     decoded in memory when they fit ``image_cache_mb``, else are decoded per batch. ``activation_checkpointing``
     recomputes the tower's activations in the backward pass instead of keeping them (less memory, one more
     forward a step; same results).
-    Writes ``run_dir/{metrics.csv,last.pkl,best.pkl}`` through :func:`villa.training.fit`; returns its FitResult.
+    Writes ``run_dir/{metrics.csv,last.pkl,best.pkl,curves.png}`` through :func:`villa.training.fit` and
+    ``env.json``; ``logger`` (:class:`villa.tracking.TrackerSettings` or a ``logger`` config node) names the
+    experiment trackers that also get the run. Returns the FitResult.
     """
     from villa.encoders import get_encoder
+    from villa.environment import write_environment
+    from villa.tracking import open_tracker
     from villa.training import fit
 
     dev = resolve_device(device)
+    tracker = open_tracker(logger, run_dir, params=config)  # (a missing tracker package: refused here)
+    write_environment(run_dir, "stage2", seed=seed, device=dev)
     encoder, clip_weights = preprocessed_encoder(Dataset.open(data_dir).root, encoder, clip_weights)
     enc = get_encoder(encoder, clip_weights=clip_weights, device="cpu")
     train_set, val_set = build_stage2_datasets(
@@ -169,7 +176,7 @@ def run_stage2(
         f"{len(val_set)} val images / {val_set.num_pairs} pairs, encoder {enc.name}, device {dev}",
         flush=True,
     )
-    return fit(
+    result = fit(
         model,
         train_set,
         val_set,
@@ -194,7 +201,10 @@ def run_stage2(
         progress=progress,
         cpu_keep_freed_memory=cpu_keep_freed_memory,
         checkpoint_every_s=checkpoint_every_s,
+        tracker=tracker,
     )
+    tracker.close()
+    return result
 
 
 def run_stage2_from_config(cfg):
