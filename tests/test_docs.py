@@ -1,6 +1,6 @@
 """The documentation holds: links resolve, documented command lines parse, CSV-backed figures reproduce.
 
-Scope: ``README.md`` and ``docs/*.md``.
+Scope: ``README.md``, ``benchmarks/README.md`` and ``docs/*.md``.
 
 - Every relative link (files and ``#anchors`` of markdown headings) resolves.
 - Every ``python -m villa...`` / ``python ...`` / ``python3 ...`` / ``torchrun ...`` / ``make ...`` command line in
