@@ -1,4 +1,4 @@
-"""Benchmark region-embedding preprocessing (issue #3).
+"""Benchmark region-embedding preprocessing.
 
 Prints, for the ``default`` encoder and for the RN50 architecture (random weights):
 

@@ -1,4 +1,4 @@
-"""Memory that does not grow with the dataset (issue #12): peak memory of preprocessing and stage 2 at 5,000 and
+"""Memory that does not grow with the dataset: peak memory of preprocessing and stage 2 at 5,000 and
 20,000 images, and stage-2 throughput with images cached in memory vs decoded per batch.
 
 For each size N it builds a COCO-format set with the synthetic generator and imports it (skipped when already

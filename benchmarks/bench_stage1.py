@@ -4,7 +4,7 @@
     python benchmarks/bench_stage1.py --data-dir data/docmnist_30000_15.2
     python benchmarks/bench_stage1.py --data-dir DIR --device cuda     # both sides on the GPU
 
-The baseline is our own re-implementation of what the published ViLLA stage-1 code does (SPEC section 4;
+The baseline is our own re-implementation of what the published ViLLA stage-1 code does (docs/method.md section 4;
 github.com/StanfordMIMI/villa: ``Stage1_RN50``, ``Stage1_Loss``, ``utils/train.py``, ``utils/mapping.py``),
 step for step, run in the same process on the same data as villa's side:
 

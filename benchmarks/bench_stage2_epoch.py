@@ -13,7 +13,7 @@ metrics must agree to float tolerance: the script prints the differences and exi
 **How the baseline runs.** Each measurement runs in a fresh worker process (this file with ``--worker``):
 ``current`` imports ``villa`` from a copy of this tree's package taken at the start (uncommitted changes
 included), ``baseline`` from ``git archive <baseline-rev> villa`` unpacked into a temporary folder
-(``<baseline-rev>`` resolved to its commit once at the start; default ``7dcfd81``, the last main before the fast region head), so the baseline is that
+(``<baseline-rev>`` resolved to its commit once at the start; default ``7dcfd81``, a tree whose region head runs torchvision's RoIAlign on 14x14 crops), so the baseline is that
 commit's code doing its real work its real way (same batch size, schedule, data and seed), not a copy or a
 flag. Separate processes are
 needed because one of the levers (``villa.device.keep_cpu_memory``) is a process-wide allocator setting that
@@ -343,7 +343,7 @@ def main() -> None:
     parser.add_argument(
         "--baseline-rev",
         default="7dcfd81",
-        help="git revision of the baseline (default 7dcfd81: the last main before the fast region head)",
+        help="git revision of the baseline (default 7dcfd81: a tree whose region head runs torchvision's RoIAlign on 14x14 crops)",
     )
     parser.add_argument("--eval-split", default="test", help="split of the short eval; '' skips it")
     parser.add_argument("--profile", action="store_true")

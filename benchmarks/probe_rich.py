@@ -5,7 +5,7 @@
 For every region of the train and val splits it computes, with the ``default`` encoder's untrained image
 tower, the stage-1 region embeddings of both recipes of ``preprocess/preprocess_docmnist.py``:
 
-* ``reference``: ``--region_features=reference`` (the SPEC recipe: stem + layer1-3, RoIAlign on the
+* ``reference``: ``--region_features=reference`` (the reference recipe, docs/method.md section 3.2: stem + layer1-3, RoIAlign on the
   stride-16 map, layer4, attention pool);
 * ``rich``: ``--region_features=rich`` (the default), the final 384-d vector, as preprocessing writes it;
 * ``rich block <name>``: each block of the rich descriptor alone (``villa/encoders/rich.py``), after its

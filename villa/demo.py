@@ -1,4 +1,4 @@
-"""``make demo``: the whole pipeline end to end on small DocMNIST datasets, in about five minutes on 2 CPU cores.
+"""``make demo``: the whole pipeline end to end on small DocMNIST datasets, on the CPU or a GPU (docs/performance.md).
 
 Runs a miniature complexity sweep (one seed: generate, preprocess, stage 1, ViLLA stage 2, CLIP baseline,
 evaluation), then prints the stage-1 mapping quality, the retrieval table and where the plot is.
