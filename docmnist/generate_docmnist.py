@@ -1,4 +1,4 @@
-"""Generate a DocMNIST dataset (SPEC section 2).
+"""Generate a DocMNIST dataset (docs/method.md section 2).
 
     python3 docmnist/generate_docmnist.py --attribute_budget=30000 --target_sample_complexity=16
 

@@ -7,7 +7,7 @@
 Works on any dataset folder (``python -m villa.ingest`` or the DocMNIST generator makes one). The ``default``
 encoder works offline; its image tower is untrained (see villa/encoders/__init__.py), so by default its
 stage-1 region embeddings are the richer untrained descriptor of villa/encoders/rich.py
-(``--region_features=rich``); ``--region_features=reference`` gives the SPEC recipe. The stage-2 image tower
+(``--region_features=rich``); ``--region_features=reference`` gives the reference recipe (docs/method.md section 3.2). The stage-2 image tower
 is the reference recipe either way. Images are resized by the encoder's policy (villa/images.py).
 """
 

@@ -25,7 +25,7 @@ def statuses(text: str, vocabulary: Vocabulary = FINDINGS) -> dict[str, int]:
     return {name: int(row[k]) for k, name in enumerate(vocabulary.names) if row[k]}
 
 
-# --------------------------------------------------------------------------- the examples
+# --------------------------------------------------------------------------- report and caption examples
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

@@ -1,4 +1,4 @@
-"""No stage imports DocMNIST code: DocMNIST is one dataset among others (issue #11).
+"""No stage imports DocMNIST code: DocMNIST is one dataset among others.
 
 A static scan of every module's imports (``import x`` and ``from x import y``, at any depth of the file, so a
 lazy import inside a function counts too). Only the DocMNIST package itself and the DocMNIST complexity sweep

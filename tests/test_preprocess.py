@@ -109,7 +109,7 @@ def test_attr_embs_roundtrip(processed):
     assert all(v.dtype == torch.float32 and v.shape == (384,) for v in raw.values())
     names, embs = load_attr_embs(folder, ATTRIBUTES)
     torch.testing.assert_close(embs.norm(dim=1), torch.ones(len(ATTRIBUTES)))
-    # recompute one attribute by the SPEC recipe: encode prompts, average, L2-normalise
+    # recompute one attribute by the recipe of docs/method.md section 3.1: encode prompts, average, L2-normalise
     prompt_embs = get_encoder("default").encode_text(attribute_prompts("circle"))
     expected = torch.nn.functional.normalize(prompt_embs.mean(0), dim=0)
     torch.testing.assert_close(raw["circle"], expected, atol=1e-5, rtol=1e-4)

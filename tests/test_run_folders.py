@@ -40,8 +40,8 @@ def _check_layout(runs: dict[str, Path], ckpt: Path, name: str) -> None:
 
 @pytest.mark.parametrize("relative", [".", ".."])
 def test_dot_and_dotdot_name_the_folder_they_stand_for(relative, tmp_path, monkeypatch):
-    """``data_dir=.`` gave an empty name shared by every such dataset, ``data_dir=..`` a run folder above
-    ``checkpoint_dir``; both now name the dataset folder itself, inside ``checkpoint_dir``."""
+    """``data_dir=.`` and ``data_dir=..`` name the dataset folder they stand for, inside ``checkpoint_dir`` (not
+    an empty name shared by every such dataset, nor a folder above ``checkpoint_dir``)."""
     data = _dataset(tmp_path / "work" / "my_photos")
     cwd = data if relative == "." else _dataset(data / "sub")
     monkeypatch.chdir(cwd)

@@ -1,4 +1,4 @@
-"""Device-resident stage-1 training (issue #15): the fixed-shape loss, the whole-split validation loss and the
+"""Device-resident stage-1 training: the fixed-shape loss, the whole-split validation loss and the
 resident epoch loop give what the DataLoader path gives; checkpoints written in the background are complete.
 
 The CUDA-graph replay itself needs a GPU (benchmarks/gpu_smoke.py checks it); on the CPU the same resident

@@ -29,7 +29,7 @@ def default_encoder():
 
 
 def reference_embed(model, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """SPEC section 3 with no villa shortcut: stem + layer1-3, torchvision RoIAlign, layer4, stock pool."""
+    """The reference recipe (docs/method.md section 3.2) with no villa shortcut: stem + layer1-3, torchvision RoIAlign, layer4, stock pool."""
     v = model.visual
     feats = v.layer3(v.layer2(v.layer1(v.stem(images))))
     rois = roi_align(

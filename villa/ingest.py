@@ -4,7 +4,7 @@
     python -m villa.ingest table --table=pairs.csv --images=IMG_DIR --attributes=attributes.yaml \\
         --regions=proposals --out=DATA_DIR
 
-Then ``python3 preprocess/preprocess_dataset.py --data_dir=DATA_DIR`` and the stages (README, "Your own data").
+Then ``python3 preprocess/preprocess_dataset.py --data_dir=DATA_DIR`` and the stages (README, "Your own data"; docs/datasets.md).
 The importers are :mod:`villa.datasets.coco` and :mod:`villa.datasets.table`.
 """
 

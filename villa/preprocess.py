@@ -1,4 +1,4 @@
-"""Precompute a dataset's embeddings (SPEC section 3): attribute, region and sentence embeddings.
+"""Precompute a dataset's embeddings (docs/method.md section 3): attribute, region and sentence embeddings.
 
 Writes into the dataset folder, through :mod:`villa.embeddings` (the schema owner):
 
@@ -567,7 +567,7 @@ def build_parser():
         choices=REGION_FEATURES,
         default=None,
         help="stage-1 region embeddings: rich (untrained multi-block descriptor, default for the "
-        "untrained default encoder) | reference (SPEC recipe, default for pretrained towers)",
+        "untrained default encoder) | reference (the reference recipe, default for pretrained towers)",
     )
     parser.add_argument(
         "--amp",

@@ -428,7 +428,7 @@ def fit(
     On CUDA, ``channels_last`` stores the model's convolutions and 4-D inputs NHWC (ignored on CPU).
     On the CPU, ``cpu_keep_freed_memory`` makes the process keep freed heap memory for reuse (off by default)
     (:func:`villa.device.keep_cpu_memory`, process-wide, not undone): stage-2 steps run faster but the peak
-    RSS is higher (on 4,000 images of 200x150, batch 256: 7.5 GB instead of 4.8 GB; see the README).
+    RSS is higher (on 4,000 images of 200x150, batch 256: 7.5 GB instead of 4.8 GB; docs/performance.md, "The CPU allocator setting").
 
     Small datasets can live on the device: with ``resident=True`` ``train_set`` and ``val_set`` are already
     there and give a whole batch with ``batch(index)`` (``index [B]`` long on the device; fixed shapes,

@@ -5,7 +5,7 @@
 writes ``shapes_coco/images/*.jpg``, ``instances.json`` and ``captions.json`` exactly as COCO publishes them
 (plus ``shapes.json``, the generator's settings: the mark of a folder it wrote, the only kind ``--overwrite``
 replaces; an existing folder is refused without it), so it exercises the same importer (``python -m villa.ingest coco ...``) as real COCO data. It is the worked example
-of the README's "Your own data", the fixture of the importer tests and the data of the scale benchmark.
+of docs/datasets.md ("A worked example: shapes amid clutter"), the fixture of the importer tests and the data of the scale benchmark.
 
 Each JPEG (height and width drawn per image) has a textured background with random line and dot clutter and
 2-6 non-overlapping filled shapes of random colour and size. The categories include a two-word one

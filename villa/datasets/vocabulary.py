@@ -328,7 +328,7 @@ def vocabulary_from_dict(data, where: str = "vocabulary") -> Vocabulary:
     """Build a :class:`Vocabulary` from the parsed YAML (``{"attributes": [...], "negated": ..., "uncertain":
     ...}``); one-line errors."""
     if not isinstance(data, dict) or not isinstance(data.get("attributes"), list):
-        raise VillaError(f"{where} must hold a list under 'attributes:' (see the README, 'Your own data')")
+        raise VillaError(f"{where} must hold a list under 'attributes:' (see docs/datasets.md, 'The vocabulary and the matcher')")
     unknown = sorted(map(str, set(data) - {"attributes", "negated", "uncertain"}))
     if unknown:
         raise VillaError(

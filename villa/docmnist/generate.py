@@ -1,4 +1,4 @@
-"""DocMNIST generation (SPEC section 2): plan every image's regions, render them in bulk, write the dataset.
+"""DocMNIST generation (docs/method.md section 2): plan every image's regions, render them in bulk, write the dataset.
 
 The work is split in two so that bad input fails before anything slow happens:
 
@@ -651,7 +651,7 @@ def _integer(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog="generate_docmnist.py",
-        description="Generate a DocMNIST dataset (SPEC section 2) under <data_root>/docmnist_<N>_<avg>/.",
+        description="Generate a DocMNIST dataset (docs/method.md section 2) under <data_root>/docmnist_<N>_<avg>/.",
     )
     parser.add_argument(
         "--attribute_budget", type=_integer, required=True, help="train region-attribute pairs"

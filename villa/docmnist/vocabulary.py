@@ -1,4 +1,4 @@
-"""DocMNIST's attribute vocabulary and caption templates (SPEC section 2).
+"""DocMNIST's attribute vocabulary and caption templates (docs/method.md section 2.2).
 
 Everything dataset-specific that the models and losses must not hard-code lives here.
 """

@@ -96,7 +96,7 @@ class Encoder(abc.ABC):
     name: str
     dim: int
     device: torch.device
-    #: stage-1 region embeddings written by preprocessing: ``"reference"`` (the SPEC recipe through
+    #: stage-1 region embeddings written by preprocessing: ``"reference"`` (the reference recipe, docs/method.md section 3.2, through
     #: ``build_image_model()``) or ``"rich"`` (:mod:`villa.encoders.rich`, for untrained towers)
     default_region_features: str = "reference"
     #: resize policy applied when images are decoded (never inside the model): upscale so that the

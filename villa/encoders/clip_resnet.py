@@ -1,6 +1,6 @@
 """Region image tower around CLIP's modified ResNet (imported from open_clip, not copied).
 
-Reference recipe (SPEC section 3): images (float in [0, 1], no mean/std normalisation) go through
+Reference recipe (docs/method.md section 3.2): images (float in [0, 1], no mean/std normalisation) go through
 the stem and layer1-3; every region box is RoIAligned (14x14, ``spatial_scale = feat_w / img_w``,
 ``sampling_ratio=0``, ``aligned=True``) from that feature map; the crops go through layer4 (stride 2
 -> 7x7) and the attention pool (built for ``image_size=224``, i.e. a 7x7 grid).
@@ -206,7 +206,7 @@ def _is_pool2(module: nn.Module) -> bool:
 
 
 class RegionImageEncoder(nn.Module):
-    """Region embeddings from whole images and pixel boxes (SPEC section 3 recipe).
+    """Region embeddings from whole images and pixel boxes (the reference recipe, docs/method.md section 3.2).
 
     ``self.visual`` is an open_clip ``ModifiedResNet``, so the state dict has CLIP's ``visual.*``
     key layout. Inputs are used as given (floats in [0, 1]); no CLIP mean/std normalisation,

@@ -1,1 +1,1 @@
-"""Retrieval evaluation of image models on DocMNIST regions (SPEC section 6)."""
+"""Evaluation of image models: retrieval and zero-shot detection (docs/method.md section 6)."""

@@ -1,4 +1,4 @@
-"""Retrieval metrics between regions and attribute texts (SPEC section 6), vectorised in torch.
+"""Retrieval metrics between regions and attribute texts (docs/method.md section 6.1), vectorised in torch.
 
 All functions take cosine similarities (or any scores) and boolean ground truth; nothing loops over
 regions or attributes in Python.

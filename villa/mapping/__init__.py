@@ -1,4 +1,4 @@
-"""Stage 1 of ViLLA: the self-supervised mapping model and region-attribute assignment (SPEC section 4).
+"""Stage 1 of ViLLA: the self-supervised mapping model and region-attribute assignment (docs/method.md section 4).
 
 - :mod:`villa.mapping.model`   MappingModel: K projection heads run as one batched op
 - :mod:`villa.mapping.loss`    the max-over-regions InfoNCE loss

@@ -1,4 +1,4 @@
-"""Region-attribute assignment (SPEC section 4) and each region's assigned text, vectorised over a split."""
+"""Region-attribute assignment (docs/method.md sections 4.5-4.6) and each region's assigned text, vectorised over a split."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage-1 loss (SPEC section 4): InfoNCE on the best region's score, against images without the attribute."""
+"""Stage-1 loss (docs/method.md section 4.3): InfoNCE on the best region's score, against images without the attribute."""
 
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ def mapping_metrics(
 ) -> dict:
     """Precision, recall and F1 (percent) of assigned region-attribute pairs, overall and per kind.
 
-    precision = correct pairs / assigned pairs, recall = correct pairs / true pairs (SPEC section 4);
+    precision = correct pairs / assigned pairs, recall = correct pairs / true pairs (docs/method.md section 4.7);
     None where a denominator is 0 (see the module docstring); ``num_assigned`` / ``num_true`` are the
     denominators.
 

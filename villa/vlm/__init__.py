@@ -1,1 +1,1 @@
-"""Stage 2: the region-text contrastive vision-language model (SPEC section 5)."""
+"""Stage 2: the region-text contrastive vision-language model (docs/method.md section 5)."""

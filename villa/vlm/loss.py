@@ -1,4 +1,4 @@
-"""Stage-2 contrastive loss (SPEC section 5)."""
+"""Stage-2 contrastive loss (docs/method.md section 5.3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage 2: train the region-text contrastive image model (SPEC section 5) or the CLIP baseline."""
+"""Stage 2: train the region-text contrastive image model (docs/method.md section 5) or the CLIP baseline."""
 
 from __future__ import annotations
 
