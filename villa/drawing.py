@@ -101,11 +101,37 @@ class Visualizer:
         for box, colour in zip(boxes, colours):
             self._draw.rectangle([float(v) for v in box], outline=tuple(colour), width=self.line_width)
         if labels is not None:
-            for box, label, colour in zip(boxes, labels, colours):
-                self._label(box, str(label), tuple(colour))
+            placed = [
+                self._place(box, str(label), tuple(colour))
+                for box, label, colour in zip(boxes, labels, colours)
+            ]
+            placed = [p for p in placed if p is not None]
+            for _, _, colour, leader in placed:  # leader lines first: labels are drawn over them
+                if leader is not None:
+                    self._draw.line(leader, fill=colour, width=max(1, self.line_width // 2))
+            for spot, text, colour, _ in placed:
+                self._paint(spot, text, colour)
         return self
 
     def _label(self, box: np.ndarray, text: str, colour: tuple[int, int, int]) -> None:
+        placed = self._place(box, text, colour)
+        if placed is not None:
+            self._paint(placed[0], text, colour)
+
+    def _paint(
+        self, spot: tuple[float, float, float, float], text: str, colour: tuple[int, int, int]
+    ) -> None:
+        pad = max(1, self.font_px // 6)
+        left = self._draw.textbbox((0, 0), text, font=self.font)[0]
+        self._draw.rectangle(spot, fill=colour)
+        ink = (
+            (0, 0, 0) if 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2] > 140 else (255, 255, 255)
+        )
+        self._draw.text((spot[0] + pad - left, spot[1] + pad), text, fill=ink, font=self.font)
+
+    def _place(self, box: np.ndarray, text: str, colour: tuple[int, int, int]):
+        """Reserve a free place for a label of ``box``: (rectangle, text, colour, leader line or None), or None
+        (counted in :attr:`dropped`) when there is no room left."""
         pad = max(1, self.font_px // 6)
         left, top, right, bottom = self._draw.textbbox((0, 0), text, font=self.font)
         w, h = right + 2 * pad, bottom + 2 * pad
@@ -120,30 +146,23 @@ class Visualizer:
 
         candidates = [fit(x0, y0 - h), fit(x0, y0), fit(x0, y1), fit(x0, y1 - h)]
         spot = next((r for r in candidates if not _overlaps(r, self.label_boxes)), None)
-        leader = False
-        if spot is None:  # the nearest free row, at the box's left edge then anywhere along the row
+        leader = None
+        if spot is None:  # the nearest free place: rows, then columns, by distance from the box's top left
             rows = np.arange(0.0, max(canvas_h - h, 0.0) + 1, max(1.0, h / 2))
             rows = rows[np.argsort(np.abs(rows - (y0 - h)), kind="stable")]
-            columns = [x0] + list(np.arange(0.0, max(canvas_w - w, 0.0) + 1, max(1.0, w / 4)))
+            columns = np.arange(0.0, max(canvas_w - w, 0.0) + 1, max(1.0, w / 4))
+            columns = columns[np.argsort(np.abs(columns - x0), kind="stable")]
             for y in rows:
                 spot = next((fit(x, y) for x in columns if not _overlaps(fit(x, y), self.label_boxes)), None)
                 if spot is not None:
-                    leader = True
+                    target = (min(max(spot[0], x0), x1), y0 if spot[1] < y0 else y1)
+                    leader = [(spot[0] + w / 2, spot[1] + h / 2), target]
                     break
         if spot is None:
             self.dropped += 1
-            return
-        if leader:
-            target = (min(max(spot[0], x0), x1), y0 if spot[1] < y0 else y1)
-            self._draw.line(
-                [(spot[0] + w / 2, spot[1] + h / 2), target], fill=colour, width=max(1, self.line_width // 2)
-            )
-        self._draw.rectangle(spot, fill=colour)
-        ink = (
-            (0, 0, 0) if 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2] > 140 else (255, 255, 255)
-        )
-        self._draw.text((spot[0] + pad - left, spot[1] + pad), text, fill=ink, font=self.font)
+            return None
         self.label_boxes.append(list(spot))
+        return spot, text, colour, leader
 
     # ---------------------------------------------------------------- heatmaps
     def draw_heatmap(
