@@ -217,6 +217,19 @@ def test_long_query_is_truncated_with_a_warning(model, image):
         model.encode_text(["short enough"])
 
 
+def test_damaged_run_folder(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run[0], copy)
+    (copy / "best.pkl").write_bytes((copy / "best.pkl").read_bytes()[:500])
+    with pytest.raises(
+        VillaError, match="best.pkl in .* (is truncated|cannot be read|is damaged|is not)"
+    ) as info:
+        villa.load(copy)
+    assert "\n" not in str(info.value)
+
+
 def test_not_a_model(tmp_path):
     with pytest.raises(VillaError, match="no model at"):
         villa.load(tmp_path / "nowhere")
