@@ -86,7 +86,28 @@ def main(argv: list[str] | None = None) -> None:
         if todo(runs / experiment / "metrics.json"):
             run([py, "-m", "villa.evaluate", f"experiment={experiment}", *common], env)
     precision = ["float16=true"] if args.float16 else []
-    run([py, "-m", "villa.export", f"run_dir={runs / 'stage2'}", f"out={args.out}", *precision], env)
+    made = " ".join(
+        ["python benchmarks/make_example_model.py", f"--encoder={args.encoder}", f"--images={args.images}",
+         f"--epochs={args.epochs}", f"--batch_size={args.batch_size}", f"--stage1_epochs={args.stage1_epochs}"]
+        + (["--float16"] if args.float16 else [])
+    )  # fmt: skip
+    note = (
+        f"**How this model was made**: `{made}` (see docs/predict.md): the shapes worked example "
+        f"(python -m villa.datasets.shapes --images={args.images} --seed=0, then ingest, preprocessing, stage 1, "
+        "stage 2), each step in its own process with OMP_NUM_THREADS=1, in a scratch folder (the paths below)."
+    )
+    run(
+        [
+            py,
+            "-m",
+            "villa.export",
+            f"run_dir={runs / 'stage2'}",
+            f"out={args.out}",
+            f"note='{note}'",
+            *precision,
+        ],
+        env,
+    )
     run(
         [py, "-m", "villa.export", f"run_dir={runs / 'clip'}", f"out={work / 'export_clip'}", *precision], env
     )
