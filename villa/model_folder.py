@@ -355,13 +355,13 @@ def model_card(model, config: dict, note: str | None = None) -> str:
                      + ", ".join(model.vocabulary.names))  # fmt: skip
     lines += ["", "## Training", ""]
     run_dir = info.get("run_dir")
-    if run_dir:
-        from villa.artifacts import stage_command
-
-        lines.append(f"- command: `{stage_command(run_dir)}`")
-        cfg = info.get("config") or {}
-        lines.append(f"- epochs run: {info.get('epoch')}, best epoch: {info.get('best_epoch')}, batch size "
-                     f"{cfg.get('batch_size')}, seed {cfg.get('seed')}")  # fmt: skip
+    cfg = info.get("config") or {}
+    if run_dir and cfg.get("task_name"):
+        lines.append(f"- command (from the run's resolved config): `{_training_command(cfg)}`")
+        lines.append(f"- epochs run: {info.get('epoch')}, best epoch (lowest val loss, the weights here): "
+                     f"{info.get('best_epoch')}")  # fmt: skip
+    elif run_dir:
+        lines.append(f"- run folder: `{run_dir}` (no resolved config recorded)")
     else:
         lines.append("- not recorded")
     lines += ["", "## Metrics", ""]
@@ -402,6 +402,26 @@ def model_card(model, config: dict, note: str | None = None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _training_command(cfg: dict) -> str:
+    """The stage-2 command of a run, from its resolved config: the experiment, the dataset and the settings that
+    shape the weights (a Hydra record in the run folder may be a later ``villa.evaluate``'s)."""
+    import shlex
+
+    optimizer = cfg.get("optimizer") if isinstance(cfg.get("optimizer"), dict) else {}
+    settings = {
+        "experiment": cfg.get("task_name"),
+        "data_dir": cfg.get("data_dir"),
+        "epochs": cfg.get("epochs"),
+        "batch_size": cfg.get("batch_size"),
+        "seed": cfg.get("seed"),
+        "optimizer.lr": optimizer.get("lr"),
+        "tau": cfg.get("tau"),
+    }
+    return "python -m villa.stage2 " + " ".join(
+        shlex.quote(f"{k}={v}") for k, v in settings.items() if v is not None
+    )
 
 
 def _policy_text(policy) -> str:
