@@ -1,12 +1,13 @@
 """Grounding quality on held-out shapes images: does the top-scoring box for a shape's prompt hit that shape?
 
     python benchmarks/bench_grounding.py [--villa=villa/example_model] [--clip=/tmp/villa_example/export_clip]
-        [--encoder=default] [--images=300 --seed=1] [--regions=proposals] [--csv=FILE]
+        [--encoder=default] [--images=300 --seed=1] [--regions=proposals] [--score=sigmoid|cosine] [--csv=FILE]
 
 Held-out images come from ``python -m villa.datasets.shapes --seed=1`` (the example model trained on seed 0's
 images), made here into ``--work``. For every image and every shape category its captions mention (the
 vocabulary's text matcher, as in training) that is in the image, each model grounds the category's prompt
-(``Model.ground``, top 1, sigmoid score against the training vocabulary) among two candidate sets:
+(``Model.ground``, top 1, sigmoid score against the training vocabulary; ``--score=cosine``: the box of highest
+raw cosine instead) among two candidate sets:
 
 - ``proposals``: the region proposer's boxes (``--regions``; the same boxes for every model);
 - ``ground-truth boxes``: the image's own instance boxes (every shape of the image): which one is the star?
@@ -23,7 +24,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -61,6 +61,16 @@ def heldout_set(work: Path, images: int, seed: int) -> tuple[Path, list[dict]]:
     return folder, out
 
 
+def _shown(source: str) -> str:
+    """A model's source, relative to the repository when inside it."""
+    path = Path(source)
+    return (
+        str(path.resolve().relative_to(ROOT))
+        if path.is_absolute() and path.resolve().is_relative_to(ROOT)
+        else source
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -80,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--regions", default="proposals", help="proposal spec (default: %(default)s)")
     parser.add_argument("--work", default="/tmp/villa_bench_grounding", help="where the held-out set is made")
+    parser.add_argument("--score", default="sigmoid", choices=("sigmoid", "cosine"),
+                        help="rank boxes by Model.ground's score (default) or by the raw cosine")  # fmt: skip
     parser.add_argument("--csv", default=None, help="also write the table here")
     args = parser.parse_args(argv)
 
@@ -116,14 +128,19 @@ def main(argv: list[str] | None = None) -> None:
             for kind, candidates in (("proposals", proposals), ("boxes", r["boxes"])):
                 if not len(candidates):
                     continue
-                rows = model.ground(prepared[name], queries, candidates, top_k=1, nms_iou=None)
-                for row in rows:
-                    hits[name][kind] += bool((box_iou([row["box"]], truth[row["query"]]) >= 0.5).any())
+                if args.score == "sigmoid":  # what Model.ground returns first
+                    rows = model.ground(prepared[name], queries, candidates, top_k=1, nms_iou=None)
+                    tops = [(row["query"], row["box"]) for row in rows]
+                else:  # the raw cosine instead
+                    boxes, labels, _, cosines = model.score(prepared[name], queries, candidates)
+                    tops = [(q, boxes[int(np.argmax(cosines[:, j]))]) for j, q in enumerate(labels)]
+                for query, box in tops:
+                    hits[name][kind] += bool((box_iou([box], truth[query]) >= 0.5).any())
 
     table = [
         {
             "model": name,
-            "source": models[name].source,
+            "source": _shown(models[name].source),
             "proposals_hit_rate": 100 * hits[name]["proposals"] / max(pairs, 1),
             "gt_boxes_hit_rate": 100 * hits[name]["boxes"] / max(pairs, 1),
             "pairs": pairs,
@@ -131,10 +148,11 @@ def main(argv: list[str] | None = None) -> None:
         for name in models
     ]
     print(f"held-out shapes: {len(records)} images (python -m villa.datasets.shapes --seed={args.seed} "
-          f"--images={args.images}, in {folder}), {pairs} (image, mentioned shape) pairs; regions {spec}")  # fmt: skip
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}"
-    )
+          f"--images={args.images}, in {folder}), {pairs} (image, mentioned shape) pairs; regions {spec}; "
+          f"boxes ranked by {args.score}")  # fmt: skip
+    from bench_predict import cpu_model
+
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (1 min)")
     print()
     print(f"| model | top box hits the shape: among {spec} (%) | among the ground-truth boxes (%) |")
     print("|---|---|---|")

@@ -1,6 +1,6 @@
 """Make the example model shipped in ``villa/example_model/`` from the shapes worked example.
 
-    python benchmarks/make_example_model.py [--encoder=default] [--images=700 --epochs=10 --batch_size=64]
+    python benchmarks/make_example_model.py [--encoder=default] [--images=700 --epochs=20 --batch_size=64]
         [--work=/tmp/villa_example] [--out=villa/example_model] [--float16]
 
 Runs the README's commands in order, each in its own process (one torch thread each, ``OMP_NUM_THREADS=1``):
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--images", type=int, default=700, help="shapes images to train on (default: %(default)s)"
     )
-    parser.add_argument("--epochs", type=int, default=10, help="stage-2 epochs (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=20, help="stage-2 epochs (default: %(default)s)")
     parser.add_argument("--batch_size", type=int, default=64, help="stage-2 batch (default: %(default)s)")
     parser.add_argument("--stage1_epochs", type=int, default=30, help="stage-1 epochs (default: %(default)s)")
     parser.add_argument("--work", default="/tmp/villa_example", help="scratch folder (default: %(default)s)")
