@@ -14,7 +14,7 @@ setup(
     description="ViLLA: fine-grained vision-language learning from data with high image-text sample complexity",
     python_requires=">=3.10",
     packages=find_packages(include=["villa", "villa.*"]),
-    package_data={"villa": ["configs/*.yaml", "configs/*/*.yaml"]},
+    package_data={"villa": ["configs/*.yaml", "configs/*/*.yaml", "example_model/*"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.1,<2.15",

@@ -6,6 +6,7 @@ import functools
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
@@ -17,6 +18,28 @@ EXIT_INTERRUPTED = 130
 
 class VillaError(Exception):
     """An error caused by the user's input or environment; its message is the whole story."""
+
+
+class VillaWarning(UserWarning):
+    """Input villa corrected and went on with (a box clipped to its image, a query truncated); its message is
+    one line. Entry points print it as ``warning: <message>``."""
+
+
+def print_villa_warnings() -> None:
+    """From now on, print every :class:`VillaWarning` as one line ``warning: <message>`` on stderr (the entry
+    points' form); other warnings keep Python's format."""
+    original = warnings.showwarning
+    if getattr(original, "_villa", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, VillaWarning):
+            print(f"warning: {message}", file=sys.stderr if file is None else file, flush=True)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    show._villa = True
+    warnings.showwarning = show
 
 
 def _under_torchrun() -> bool:

@@ -172,7 +172,16 @@ def compose(overrides: Sequence[str] = (), config_name: str = "default") -> Dict
 #: Hydra flags after which the pre-check stands aside (help, shell completion, other config sources)
 _UNCHECKED_FLAGS = ("help", "hydra_help", "version", "shell_completion", "info", "experimental_rerun")
 #: what to write for a missing mandatory (``???``) value, by key
-_MISSING_HINTS = {"data_dir": "<dataset folder>", "checkpoint_dir": "<folder>", "task_name": "<run name>"}
+_MISSING_HINTS = {
+    "data_dir": "<dataset folder>",
+    "checkpoint_dir": "<folder>",
+    "task_name": "<run name>",
+    "model": "<run or export folder>",
+    "images": "<file, folder or glob>",
+    "queries": '\'["a red star","two half moons"]\'',
+    "out": "<folder>",
+    "run_dir": "<stage-2 run folder>",
+}
 
 
 def check_command_line(argv: Sequence[str], config_name: str = "default") -> None:

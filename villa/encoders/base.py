@@ -120,6 +120,17 @@ class Encoder(abc.ABC):
     def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
         """Embed ``texts``: float32 ``[N, D]`` on CPU, NOT normalised, no grad."""
 
+    @property
+    def text_token_limit(self) -> int | None:
+        """The most tokens the text tower reads (special tokens included): :meth:`encode_text` truncates
+        longer texts. None: no limit known."""
+        return None
+
+    def count_text_tokens(self, texts: list[str]) -> list[int]:
+        """How many tokens each text has for the text tower, special tokens included, before truncation
+        (compare with :attr:`text_token_limit`). Towers without a limit return zeros."""
+        return [0] * len(texts)
+
     @abc.abstractmethod
     def build_image_model(self) -> RegionImageEncoder:
         """A fresh region image tower (on CPU, eval mode) holding this encoder's initial weights.

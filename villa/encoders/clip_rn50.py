@@ -270,6 +270,16 @@ class ClipRN50Encoder(Encoder):
         ]
         return torch.cat(out) if out else torch.zeros(0, self.dim)
 
+    @property
+    def text_token_limit(self) -> int:
+        return RN50_TEXT["context_length"]
+
+    def count_text_tokens(self, texts: list[str]) -> list[int]:
+        if self._text is None:
+            return [0] * len(texts)
+        # the tokenizer adds a start and an end token and cuts at the context length
+        return [len(self._tokenizer.encode(text)) + 2 for text in texts]
+
     def build_image_model(self) -> RegionImageEncoder:
         # built on meta then given copies of the weights: skips a random init that would be overwritten
         with torch.device("meta"):

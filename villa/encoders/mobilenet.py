@@ -244,6 +244,13 @@ class MobileNetV2Encoder(Encoder):
     def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
         return self.text.encode(texts, batch_size)
 
+    @property
+    def text_token_limit(self) -> int:
+        return self.text.max_length
+
+    def count_text_tokens(self, texts: list[str]) -> list[int]:
+        return self.text.count_tokens(texts)
+
     def build_image_model(self) -> MobileNetV2RegionEncoder:
         backbone = pretrained_mobilenet_v2(self._state)
         return MobileNetV2RegionEncoder(backbone.features, self.dim, self.head_seed).eval()

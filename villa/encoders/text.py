@@ -87,6 +87,15 @@ class HFTextTower:
                 hf_logging.enable_progress_bar()
         self._tokenizer, self._model = tokenizer, model.eval().to(self.device)
 
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens of each text, special tokens included, before truncation to :attr:`max_length`."""
+        if self._model is None:
+            self._load()
+        ids = self._tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)[
+            "input_ids"
+        ]
+        return [len(row) for row in ids]
+
     @torch.no_grad()  # not inference_mode: callers may use the result next to tensors that need grad
     def encode(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
         """``[N, hidden_size]`` float32 on CPU, mean-pooled over the attention mask, not normalised."""
@@ -154,6 +163,13 @@ class HFEncoder(Encoder):
 
     def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
         return self.text.encode(texts, batch_size)
+
+    @property
+    def text_token_limit(self) -> int:
+        return self.text.max_length
+
+    def count_text_tokens(self, texts: list[str]) -> list[int]:
+        return self.text.count_tokens(texts)
 
     def build_image_model(self) -> RegionImageEncoder:
         visual = seeded_modified_resnet(self.image_layers, self.image_width, self.dim, self.image_seed)
