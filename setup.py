@@ -33,6 +33,7 @@ setup(
         "pycocotools>=2.0.6",
         "huggingface-hub>=0.20",  # clip_weights=openai: open_clip's Hub cache and download
         "safetensors>=0.4",  # the Hub copy of OpenAI's RN50 is a safetensors state dict
+        "scikit-image>=0.21",  # the region proposer's Felzenszwalb segmentation (villa.regions.proposals)
     ],
     extras_require={
         "test": [
@@ -42,7 +43,6 @@ setup(
             "ipykernel>=6",
             "ruff>=0.5",
             "pre-commit>=3",
-            "scikit-image>=0.21",  # the shape cross-check in tests/test_docmnist_generate.py
             *(
                 req for reqs in TRACKERS.values() for req in reqs
             ),  # tests/test_tracking.py reads each one back
