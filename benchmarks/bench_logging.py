@@ -53,10 +53,10 @@ def uptime() -> str:
 
 
 class Clock:
-    """Timestamps of the trackers' calls in the training loop (wraps :class:`villa.tracking.Trackers`)."""
+    """Timestamps of the trackers' calls in the training loop (wraps :class:`villa.engine.tracking.Trackers`)."""
 
     def __init__(self):
-        import villa.tracking as tracking
+        import villa.engine.tracking as tracking
 
         self.reset()
         clock = self
@@ -90,7 +90,7 @@ class Clock:
 
 def generate(root: Path, budget: int, complexity: int) -> Path:
     from villa.docmnist.generate import generate_docmnist
-    from villa.preprocess import preprocess_dataset
+    from villa.features.preprocess import preprocess_dataset
 
     root.mkdir(parents=True, exist_ok=True)
     marker = root / f"bench_logging_{budget}_{complexity}.txt"
@@ -132,8 +132,8 @@ def main() -> None:
     os.environ["WANDB_SILENT"] = "true"
     import torch
 
-    from villa.environment import cpu_model
-    from villa.training import read_metrics
+    from villa.engine.environment import cpu_model
+    from villa.engine.training import read_metrics
     from villa.vlm.run import run_stage2
 
     if args.threads:

@@ -31,9 +31,9 @@ from villa.datasets import Dataset, read_annotations
 from villa.encoders import get_encoder
 from villa.encoders.clip_resnet import RegionImageEncoder, build_modified_resnet
 from villa.encoders.rich import RichRegionFeatures
-from villa.errors import exit_on_error
-from villa.paths import resolve_dataset_dir
-from villa.preprocess import iter_region_batches, preprocess_dataset, to_model_input
+from villa.features.preprocess import iter_region_batches, preprocess_dataset, to_model_input
+from villa.storage.errors import exit_on_error
+from villa.storage.paths import resolve_dataset_dir
 
 
 def scratch_copy(dataset_dir: Path, into: Path) -> Path:

@@ -161,7 +161,7 @@ def stage2_cmd(py, data, ckpt, task, cache_mb, workers, extra=()) -> list[str]:
 
 def epoch_seconds(run_dir: Path) -> dict:
     """The last epoch's seconds, from the ``metrics.csv`` the child process's ``fit`` wrote."""
-    from villa.training import read_metrics
+    from villa.engine.training import read_metrics
 
     row = read_metrics(run_dir)[-1]
     return {"epoch_s": row["seconds"], "data_s": row["data_seconds"]}
@@ -193,7 +193,7 @@ def scale_rows(args, py: str, work: Path) -> list[dict]:
 
 def throughput_rows(args, py: str, work: Path) -> list[dict]:
     """Stage-2 epoch time on DocMNIST, cached vs streaming, alternating in one run."""
-    from villa.paths import resolve_dataset_dir
+    from villa.storage.paths import resolve_dataset_dir
 
     data = resolve_dataset_dir(args.docmnist)
     ckpt = work / "ckpt_docmnist"

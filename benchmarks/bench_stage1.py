@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from villa.device import resolve_device
 from villa.docmnist.vocabulary import ATTRIBUTES, docmnist_vocabulary
+from villa.engine.device import resolve_device
 from villa.mapping.assign import map_split
 from villa.mapping.data import Stage1Dataset, collate_stage1
 from villa.mapping.loss import TEMPERATURE, MappingLoss
@@ -85,7 +85,7 @@ def synthetic(n_images: int, dim: int, seed: int = 0):
 
 def real(data_dir: str):
     from villa.datasets import Dataset
-    from villa.embeddings import RegionEmbeddings, load_attr_embs
+    from villa.features.embeddings import RegionEmbeddings, load_attr_embs
 
     dataset = Dataset.open(data_dir)
     frame = dataset.annotations("train")

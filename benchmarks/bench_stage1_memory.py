@@ -52,7 +52,7 @@ def make_dataset(
     import torch
 
     from villa.datasets import Vocabulary, write_dataset
-    from villa.embeddings import save_attr_embs, write_region_embeddings
+    from villa.features.embeddings import save_attr_embs, write_region_embeddings
 
     rng = np.random.default_rng(seed)
     names = [f"attr{k:03d}" for k in range(attributes)]

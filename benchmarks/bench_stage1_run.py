@@ -49,7 +49,7 @@ def worker(args) -> None:
     import torch
 
     import villa
-    from villa.hydra_app import compose
+    from villa.engine.hydra_app import compose
     from villa.mapping.run import run_stage1_from_config
 
     overrides = [

@@ -21,9 +21,9 @@ import pandas as pd
 import torch
 
 from villa.datasets import Dataset, read_annotations
-from villa.embeddings import TextEmbeddingCache
-from villa.errors import exit_on_error
-from villa.paths import checkpoint_root, resolve_dataset_dir
+from villa.features.embeddings import TextEmbeddingCache
+from villa.storage.errors import exit_on_error
+from villa.storage.paths import checkpoint_root, resolve_dataset_dir
 from villa.vlm.data import build_dataset, build_pairs, collate_region_text, text_embeddings
 from villa.vlm.run import DEFAULT_OPTIMIZER, RegionTextLoss
 

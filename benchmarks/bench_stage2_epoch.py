@@ -16,7 +16,7 @@ included), ``baseline`` from ``git archive <baseline-rev> villa`` unpacked into 
 (``<baseline-rev>`` resolved to its commit once at the start; default ``7dcfd81``, a tree whose region head runs torchvision's RoIAlign on 14x14 crops), so the baseline is that
 commit's code doing its real work its real way (same batch size, schedule, data and seed), not a copy or a
 flag. Separate processes are
-needed because one of the levers (``villa.device.keep_cpu_memory``) is a process-wide allocator setting that
+needed because one of the levers (``villa.engine.device.keep_cpu_memory``) is a process-wide allocator setting that
 would otherwise speed the baseline up too; the parent only starts the workers, alternating baseline/current
 ``--repeats`` times, and records the load (``uptime``) around each. Both workers get the same ``--threads``
 (0: torch's default, one per core) and the same environment (``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY``:
@@ -248,8 +248,8 @@ def worker(args) -> None:
             out["eval_s"] = time.perf_counter() - t0
             out["eval"] = {k: metrics[k] for k in EVAL_KEYS if k in metrics}
     if args.profile:
+        from villa.datasets.images import ResizePolicy
         from villa.encoders import get_encoder
-        from villa.images import ResizePolicy
         from villa.vlm.run import build_stage2_datasets
 
         enc = get_encoder("default", device="cpu")

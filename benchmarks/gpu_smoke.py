@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from villa import device as villa_device
-from villa.device import amp_dtype, needs_grad_scaler, resolve_device
+from villa.engine import device as villa_device
+from villa.engine.device import amp_dtype, needs_grad_scaler, resolve_device
 
 CHECKS: list[tuple[str, bool, str]] = []
 
@@ -48,7 +48,7 @@ class DtypeProbe:
 def stage2_fit(data_dir: Path, stage1_dir: Path, run_dir: Path, device: torch.device, epochs: int):
     """Stage-2 ViLLA training through the shared loop, with a probe on the model; returns (result, model, probe)."""
     from villa.encoders import get_encoder
-    from villa.training import fit
+    from villa.engine.training import fit
     from villa.vlm.data import collate_region_text
     from villa.vlm.run import DEFAULT_OPTIMIZER, DEFAULT_SCHEDULER, RegionTextLoss, build_stage2_datasets
 
@@ -86,12 +86,12 @@ def main() -> int:
     parser.add_argument("--stage1-epochs", type=int, default=5)
     args = parser.parse_args()
 
-    from villa.checkpoints import load_checkpoint
     from villa.docmnist.generate import generate_docmnist
-    from villa.embeddings import RegionEmbeddings, load_attr_embs
+    from villa.engine.checkpoints import load_checkpoint
     from villa.evaluation.run import evaluate_model
+    from villa.features.embeddings import RegionEmbeddings, load_attr_embs
+    from villa.features.preprocess import preprocess_dataset
     from villa.mapping.run import run_stage1
-    from villa.preprocess import preprocess_dataset
 
     started = time.perf_counter()
     device = resolve_device(args.device)

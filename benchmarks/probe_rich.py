@@ -31,12 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from villa.datasets import Dataset
-from villa.device import resolve_device
 from villa.docmnist.vocabulary import COLORS, DIGIT_WORDS, SHAPES, SIZES
 from villa.encoders import get_encoder
 from villa.encoders.rich import BLOCK_DIM, BLOCKS, RichRegionFeatures
-from villa.errors import VillaError
-from villa.preprocess import embed_regions
+from villa.engine.device import resolve_device
+from villa.features.preprocess import embed_regions
+from villa.storage.errors import VillaError
 
 #: kind -> (annotation column, classes; None is the class "none")
 KINDS = {

@@ -32,11 +32,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from villa.datasets import Dataset
-    from villa.device import autocast, resolve_device
-    from villa.embeddings import preprocessed_encoder
+    from villa.datasets.images import ResizePolicy
     from villa.encoders import get_encoder
-    from villa.images import ResizePolicy
-    from villa.training import _backward_and_step, move_to_device
+    from villa.engine.device import autocast, resolve_device
+    from villa.engine.training import _backward_and_step, move_to_device
+    from villa.features.embeddings import preprocessed_encoder
     from villa.vlm.data import collate_region_text
     from villa.vlm.run import DEFAULT_OPTIMIZER, RegionTextLoss, build_stage2_datasets
 

@@ -149,7 +149,7 @@ def collect(out: Path, runs: dict[tuple[str, int], Path]) -> pd.DataFrame:
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
-    from villa.complexity_sweep import t_interval
+    from villa.docmnist.complexity_sweep import t_interval
 
     rows = []
     for (arm, model), group in results.groupby(["arm", "model"], sort=False):

@@ -3,7 +3,7 @@
 python3 preprocess/preprocess_docmnist.py --data_dir=docmnist_30000_15.2
 """
 
-from villa.preprocess import cli_main as main
+from villa.features.preprocess import cli_main as main
 
 if __name__ == "__main__":
     main()

@@ -44,7 +44,7 @@ def tiny_docmnist(tmp_path_factory):
     Even split sizes let a 2-process torchrun see exactly the batches of a single process.
     """
     from villa.docmnist.generate import generate_docmnist
-    from villa.preprocess import preprocess_dataset
+    from villa.features.preprocess import preprocess_dataset
 
     root = tmp_path_factory.mktemp("tiny_docmnist")
     result = generate_docmnist(

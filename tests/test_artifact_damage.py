@@ -137,7 +137,7 @@ def pristine(tmp_path_factory) -> Pristine:
     from conftest import synthetic_digit_pools
 
     from villa.docmnist.generate import generate_docmnist
-    from villa.preprocess import preprocess_dataset
+    from villa.features.preprocess import preprocess_dataset
 
     root = tmp_path_factory.mktemp("damage") / "pristine"
     result = generate_docmnist(

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from villa.checkpoints import load_checkpoint, save_checkpoint
-from villa.complexity_sweep import _check_settings, collect_results, write_step_times
-from villa.embeddings import (
+from villa.docmnist.complexity_sweep import _check_settings, collect_results, write_step_times
+from villa.engine.checkpoints import load_checkpoint, save_checkpoint
+from villa.features.embeddings import (
     RegionEmbeddings,
     RegionEmbeddingWriter,
     TextEmbeddingCache,
@@ -19,8 +19,8 @@ from villa.embeddings import (
     read_manifest,
     save_attr_embs,
 )
-from villa.errors import VillaError
 from villa.mapping.schema import read_mapping, read_mapping_metrics
+from villa.storage.errors import VillaError
 
 DIM = 3
 REBUILD = "re-run python3 preprocess/preprocess_dataset.py --data_dir="
@@ -120,7 +120,9 @@ def test_checksums_by_policy(tmp_path, monkeypatch):
     RegionEmbeddings.open(tmp_path, verify=False)
     monkeypatch.setenv("VILLA_VERIFY_CHECKSUMS", "0")
     RegionEmbeddings.open(tmp_path)
-    monkeypatch.setattr("villa.embeddings.CHECKSUM_LIMIT", 10)  # a "large" dataset: sizes only by default
+    monkeypatch.setattr(
+        "villa.features.embeddings.CHECKSUM_LIMIT", 10
+    )  # a "large" dataset: sizes only by default
     monkeypatch.delenv("VILLA_VERIFY_CHECKSUMS")
     RegionEmbeddings.open(tmp_path)
     monkeypatch.setenv("VILLA_VERIFY_CHECKSUMS", "1")

@@ -11,7 +11,7 @@ import torch
 
 from villa.encoders import clip_rn50
 from villa.encoders.clip_rn50 import fetch_openai_rn50, find_cached_openai_rn50
-from villa.errors import VillaError
+from villa.storage.errors import VillaError
 
 HUB_REPO = "models--timm--resnet50_clip.openai"
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from villa.hydra_app import CONFIG_DIR, compose, implied_experiment
+from villa.engine.hydra_app import CONFIG_DIR, compose, implied_experiment
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
@@ -52,7 +52,7 @@ def test_nested_stage_settings_of_the_sweep_change_one_key():
     optimiser keeps its target and other settings (a dict literal would not parse, or would replace the node)."""
     from omegaconf import OmegaConf
 
-    from villa.complexity_sweep import _stage_overrides
+    from villa.docmnist.complexity_sweep import _stage_overrides
 
     sweep = compose(["+stage1.optimizer.lr=1e-3", "+stage2.optimizer.weight_decay=0.1"], config_name="sweep")
     for stage, experiment in (("stage1", "docmnist_stage1"), ("stage2", "docmnist_stage2")):

@@ -12,7 +12,7 @@ from PIL import Image
 from villa.datasets import Dataset, Vocabulary, load_vocabulary_file, plural, region_truth
 from villa.datasets.coco import import_coco
 from villa.datasets.table import import_table
-from villa.errors import VillaError
+from villa.storage.errors import VillaError
 
 
 # --------------------------------------------------------------------------- vocabulary and matcher
@@ -152,7 +152,7 @@ def test_coco_import(tmp_path):
     assert frame.loc[3, "num_regions"] == 1
     # images are referenced where they are (no copy), any mode decodes to RGB
     assert dataset.image_root == paths["images"].resolve()
-    from villa.images import decode_image
+    from villa.datasets.images import decode_image
 
     grey = decode_image(dataset.image_paths([frame.loc[3, "image_filepath"]])[0])
     assert grey.shape == (150, 150, 3) and (grey[..., 0] == grey[..., 1]).all()

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from villa.errors import VillaError
 from villa.evaluation.detection import (
     format_detection,
     objects_from_multi_hot,
     region_scores,
     zero_shot_detection,
 )
+from villa.storage.errors import VillaError
 
 NAMES = ["zero", "one", "two", "three"]
 

@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 from villa.datasets import read_annotations
+from villa.datasets.text import split_sentences
 from villa.docmnist import generate as gen
 from villa.docmnist.vocabulary import ATTRIBUTE_KIND, ATTRIBUTES, COLORS, DIGIT_WORDS, TEMPLATES
-from villa.errors import VillaError
-from villa.text import split_sentences
+from villa.storage.errors import VillaError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -5,7 +5,7 @@ Scope: ``README.md``, ``benchmarks/README.md`` and ``docs/*.md``.
 - Every relative link (files and ``#anchors`` of markdown headings) resolves.
 - Every ``python -m villa...`` / ``python ...`` / ``python3 ...`` / ``torchrun ...`` / ``make ...`` command line in
   a fenced code block parses: for a Hydra entry point every key exists in the composed config
-  (:func:`villa.hydra_app.check_command_line`, ``+key=`` allowed, placeholder values such as ``DATA_DIR`` or
+  (:func:`villa.engine.hydra_app.check_command_line`, ``+key=`` allowed, placeholder values such as ``DATA_DIR`` or
   ``<set>`` allowed) and the experiment suits the entry point; for an argparse command every flag is known to
   its parser (and values satisfy its types and choices); a module or script that does not exist fails.
 - Every number of a CSV-backed table or of a tagged number (the convention at the top of ``docs/results.md``)
@@ -43,7 +43,7 @@ PENDING_DOCS = {"docs/regions.md", "docs/predict.md", "docs/tracking.md", "docs/
 #: entry points other work adds; a command of one is skipped only while the module does not exist (none: every
 #: documented command's module exists)
 PENDING_MODULES: set[str] = set()
-#: the experiments' ``stage`` each Hydra entry point accepts (villa.hydra_app.require_stage and the adapters)
+#: the experiments' ``stage`` each Hydra entry point accepts (villa.engine.hydra_app.require_stage and the adapters)
 ENTRY_STAGES = {
     "villa.stage1": {"stage1"},
     "villa.stage2": {"stage2"},
@@ -350,8 +350,8 @@ def check_command(command: Command) -> str | None:
 
 
 def check_hydra(command: Command, hydra: dict) -> str | None:
-    from villa.errors import VillaError
-    from villa.hydra_app import check_command_line, compose, implied_experiment
+    from villa.engine.hydra_app import check_command_line, compose, implied_experiment
+    from villa.storage.errors import VillaError
 
     argv = _hydra_overrides(command.args)
     chosen = implied_experiment(argv, hydra["default_experiment"], hydra["generic_experiment"])
@@ -467,7 +467,7 @@ def _agrees(printed: str, value: float) -> bool:
 
 
 def check_figure(figure: Figure) -> str | None:
-    from villa.complexity_sweep import t_interval
+    from villa.docmnist.complexity_sweep import t_interval
 
     text = figure.text.replace("**", "").strip()
     match = CELL.match(text)

@@ -1,4 +1,4 @@
-"""villa.drawing: labels legible from 84 px to 4000 px images, never overlapping each other."""
+"""villa.inference.drawing: labels legible from 84 px to 4000 px images, never overlapping each other."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from villa.drawing import MIN_CANVAS, Visualizer, colour_for, draw_predictions
+from villa.inference.drawing import MIN_CANVAS, Visualizer, colour_for, draw_predictions
 
 
 def _assert_apart_and_inside(vis: Visualizer) -> None:

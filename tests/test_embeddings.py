@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from villa.embeddings import RegionEmbeddings, RegionEmbeddingWriter, file_sha256
-from villa.errors import VillaError
+from villa.features.embeddings import RegionEmbeddings, RegionEmbeddingWriter, file_sha256
+from villa.storage.errors import VillaError
 
 
 def write(tmp_path, extra=None):

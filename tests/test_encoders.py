@@ -15,7 +15,7 @@ from villa.encoders.clip_resnet import (
 )
 from villa.encoders.clip_rn50 import RN50_DIM, RN50_LAYERS, RN50_WIDTH, rn50_visual_shapes
 from villa.encoders.text import minilm_folder
-from villa.errors import VillaError
+from villa.storage.errors import VillaError
 
 
 @pytest.fixture(scope="module")

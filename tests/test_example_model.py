@@ -16,7 +16,7 @@ EXAMPLE = REPO / "villa" / "example_model"
 
 
 def test_example_model_is_small_and_complete():
-    from villa.model_folder import read_config
+    from villa.inference.model_folder import read_config
 
     size = sum(p.stat().st_size for p in EXAMPLE.iterdir())
     assert size <= 10 * 2**20, f"{size / 2**20:.1f} MB"

@@ -14,7 +14,7 @@ def test_open_clip_loads_the_export_and_embeds_images_as_villa_does(tmp_path):
     import villa
     from villa.datasets.vocabulary import Vocabulary
     from villa.encoders import get_encoder
-    from villa.inference import Model
+    from villa.inference.model import Model
 
     torch.manual_seed(0)
     reference = open_clip.create_model("RN50-quickgelu", pretrained=None)  # random weights, no download

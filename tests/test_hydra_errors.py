@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from villa.errors import VillaError
-from villa.hydra_app import check_command_line, register_resolvers
+from villa.engine.hydra_app import check_command_line, register_resolvers
+from villa.storage.errors import VillaError
 
 STAGE1 = "experiment=docmnist_stage1"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from villa.io import atomic_dir
+from villa.storage.io import atomic_dir
 
 OLD = {"a.txt": "old", "sub/b.txt": "old", "sub/deep/c.txt": "old"}
 NEW = {"a.txt": "new", "sub/b.txt": "new", "d.txt": "new"}
@@ -84,7 +84,7 @@ KILLED = textwrap.dedent(
     """
     import os, sys
     from pathlib import Path
-    from villa.io import atomic_dir
+    from villa.storage.io import atomic_dir
     n, calls, real = int(sys.argv[2]), [0], os.replace
     def replace(*args):
         calls[0] += 1
@@ -150,9 +150,9 @@ def test_concurrent_writer_between_the_renames(tmp_path, monkeypatch):
 REFUSED_WRITES = """
 import resource, signal, sys
 import torch
-from villa.checkpoints import CheckpointWriter
-from villa.errors import run_entry
-from villa.io import write_json
+from villa.engine.checkpoints import CheckpointWriter
+from villa.storage.errors import run_entry
+from villa.storage.io import write_json
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a refused write then fails with EFBIG, like a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, resource.RLIM_INFINITY))
@@ -188,8 +188,8 @@ def test_a_refused_write_is_also_an_oserror(tmp_path):
     """Callers whose writes are best-effort (``except OSError``, e.g. the MNIST cache) still skip a full disk."""
     import errno
 
-    from villa.errors import VillaError
-    from villa.io import atomic_path
+    from villa.storage.errors import VillaError
+    from villa.storage.io import atomic_path
 
     with pytest.raises(OSError) as caught:
         with atomic_path(tmp_path / "cache.bin") as tmp:

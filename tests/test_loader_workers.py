@@ -7,8 +7,8 @@ import functools
 import torch
 from test_training import Points, mse
 
-from villa.checkpoints import load_checkpoint
-from villa.training import fit
+from villa.engine.checkpoints import load_checkpoint
+from villa.engine.training import fit
 
 
 def _fit_dropout(tmp_path, num_workers: int):

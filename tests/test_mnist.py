@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from villa.docmnist import mnist
-from villa.errors import VillaError
+from villa.storage.errors import VillaError
 
 
 def _idx_bytes(array: np.ndarray) -> bytes:

@@ -12,7 +12,7 @@ import torch
 from villa.encoders import boxes_with_batch_index, get_encoder, registered_names
 from villa.encoders import mobilenet as mn
 from villa.encoders.rich import RichRegionFeatures
-from villa.errors import VillaError
+from villa.storage.errors import VillaError
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +175,8 @@ def test_preprocess_with_mobilenet(tmp_path):
     from conftest import synthetic_digit_pools
 
     from villa.docmnist.generate import generate_docmnist
-    from villa.embeddings import RegionEmbeddings
-    from villa.preprocess import preprocess_dataset
+    from villa.features.embeddings import RegionEmbeddings
+    from villa.features.preprocess import preprocess_dataset
 
     result = generate_docmnist(
         attribute_budget=60,

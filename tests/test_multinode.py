@@ -65,7 +65,7 @@ AUDIT_HOOK = textwrap.dedent(
 
 def run_one_process(overrides: list[str]) -> None:
     """The same stage in this process (no torchrun): the reference the two nodes must match."""
-    from villa.hydra_app import compose
+    from villa.engine.hydra_app import compose
     from villa.mapping.run import run_stage1_from_config
     from villa.vlm.run import run_stage2_from_config
 

@@ -11,7 +11,7 @@ import pytest
 
 from villa.datasets import Dataset, Vocabulary, load_vocabulary_file
 from villa.datasets.assertion import NEGATED, PRESENT, UNCERTAIN, mention_status, normalise
-from villa.errors import VillaError
+from villa.storage.errors import VillaError
 
 FINDINGS = Vocabulary.from_names(
     ["pleural effusion", "pneumothorax", "cardiomegaly", "pneumonia", "atelectasis", "consolidation", "edema",

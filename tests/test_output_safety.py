@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from villa.errors import VillaError
+from villa.storage.errors import VillaError
 
 
 def _jpeg(path: Path, seed: int = 0) -> None:
@@ -223,7 +223,7 @@ def test_docmnist_overwrite_replaces_only_a_villa_dataset(tmp_path):
 
 # --------------------------------------------------------------------------- other deletes
 def test_preprocessing_replaces_only_its_own_folders(tmp_path):
-    from villa.embeddings import RegionWork, TextEmbeddingCache
+    from villa.features.embeddings import RegionWork, TextEmbeddingCache
 
     (tmp_path / "text_embs").mkdir()
     (tmp_path / "text_embs" / "mine.txt").write_text("mine")
@@ -255,8 +255,8 @@ def test_runs_delete_only_their_own_stale_files(tmp_path):
     clear_outputs(tmp_path)
     assert not (tmp_path / "mapping_metrics.json").exists()
 
-    from villa.io import remove_own_file
-    from villa.training import _is_run_file
+    from villa.engine.training import _is_run_file
+    from villa.storage.io import remove_own_file
 
     (tmp_path / "metrics.csv").write_text("my,own,table\n1,2,3\n")
     with pytest.raises(VillaError, match="metrics.csv is in the way of .* villa did not write it"):
@@ -271,7 +271,7 @@ def test_runs_delete_only_their_own_stale_files(tmp_path):
 
 
 def test_sweep_refuses_a_folder_that_is_not_a_sweep(tmp_path):
-    from villa.complexity_sweep import run_sweep
+    from villa.docmnist.complexity_sweep import run_sweep
 
     (tmp_path / "results.csv").write_text("my results")
     with pytest.raises(VillaError, match=r"is not a sweep folder .*\(results.csv\)"):
@@ -280,7 +280,7 @@ def test_sweep_refuses_a_folder_that_is_not_a_sweep(tmp_path):
 
 
 def test_check_output_dir_refuses_a_symbolic_link(tmp_path):
-    from villa.io import check_output_dir
+    from villa.storage.io import check_output_dir
 
     (tmp_path / "real").mkdir()
     os.symlink(tmp_path / "real", tmp_path / "link")

@@ -31,7 +31,7 @@ def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 def shapes_dataset(tmp_path_factory):
     from villa.datasets.coco import import_coco
     from villa.datasets.shapes import make_shapes_coco
-    from villa.preprocess import preprocess_dataset
+    from villa.features.preprocess import preprocess_dataset
 
     root = tmp_path_factory.mktemp("own")
     raw = make_shapes_coco(root / "raw", num_images=40, seed=1, height=(60, 90), width=(70, 110),
@@ -70,7 +70,7 @@ def test_generic_experiments_on_an_imported_coco_set(shapes_dataset):
 
 def test_table_with_grid_regions_is_evaluated_at_the_image_level(tmp_path):
     from villa.evaluation.run import evaluate_model
-    from villa.preprocess import preprocess_dataset
+    from villa.features.preprocess import preprocess_dataset
 
     rng = np.random.default_rng(0)
     images = tmp_path / "imgs"

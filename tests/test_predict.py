@@ -17,7 +17,7 @@ from PIL import Image
 from test_stage2_e2e import build_fixture
 
 import villa
-from villa.errors import VillaError, VillaWarning
+from villa.storage.errors import VillaError, VillaWarning
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """(run folder of a 1-epoch CLIP-pairs stage 2 on an 84x84 DocMNIST-like set, its dataset folder)."""
-    from villa.hydra_app import compose
+    from villa.engine.hydra_app import compose
     from villa.vlm.run import run_stage2_from_config
 
     root = tmp_path_factory.mktemp("predict")
@@ -56,9 +56,9 @@ def exported(run, model, tmp_path_factory):
 def _training_embeddings(run_dir: Path, image: Path, boxes, encoder: str = "default") -> torch.Tensor:
     """What evaluation computes for ``boxes`` (stored pixels) of ``image``: the checkpoint in the encoder's tower,
     the image decoded and resized by the encoder's policy through an ImageStore, boxes scaled with it."""
-    from villa.checkpoints import load_model_state
+    from villa.datasets.images import ImageStore, ResizePolicy, scale_boxes
     from villa.encoders import get_encoder
-    from villa.images import ImageStore, ResizePolicy, scale_boxes
+    from villa.engine.checkpoints import load_model_state
 
     enc = get_encoder(encoder)
     tower = enc.build_image_model()
@@ -348,8 +348,8 @@ def _cli(main, argv, monkeypatch=None):
 
 
 def test_predict_writes_coco_results_csv_and_pngs(exported, run, tmp_path):
+    from villa.inference.prediction import read_predictions
     from villa.predict import main
-    from villa.prediction import read_predictions
 
     out = tmp_path / "out"
     images = run[1] / "images"
@@ -388,7 +388,7 @@ def test_predict_writes_coco_results_csv_and_pngs(exported, run, tmp_path):
 
 
 def test_predict_vocabulary_queries_and_boxes_file(exported, run, tmp_path):
-    from villa.prediction import predict_images
+    from villa.inference.prediction import predict_images
 
     image = sorted((run[1] / "images").glob("*.png"))[0]
     boxes = tmp_path / "boxes.json"
@@ -475,14 +475,14 @@ def test_predict_warns_in_one_line_when_a_box_is_clipped(exported, run, tmp_path
 
 
 def test_predict_vocabulary_needs_a_vocabulary(run, tmp_path):
-    from villa.prediction import predict_images
+    from villa.inference.prediction import predict_images
 
     with pytest.raises(VillaError, match="has no training vocabulary"):
         predict_images(villa.load("untrained:default"), run[1] / "images", "vocabulary", tmp_path / "o")
 
 
 def test_predict_and_export_configs_compose():
-    from villa.hydra_app import check_command_line, compose
+    from villa.engine.hydra_app import check_command_line, compose
 
     cfg = compose(["model=m", "images=i", "queries=[a]", "out=o"], config_name="predict")
     assert cfg.regions == "proposals" and cfg.top_k == 5 and cfg.nms_iou == 0.5 and cfg.heatmap is False

@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 from villa.datasets import Dataset, read_annotations, write_dataset
+from villa.datasets.text import split_sentences
 from villa.docmnist.vocabulary import ATTRIBUTES, attribute_prompts, docmnist_vocabulary
-from villa.embeddings import RegionEmbeddings, TextEmbeddingCache, load_attr_embs
-from villa.errors import VillaError
-from villa.preprocess import distinct_sentences, preprocess_dataset, shard_frame
-from villa.text import split_sentences
+from villa.features.embeddings import RegionEmbeddings, TextEmbeddingCache, load_attr_embs
+from villa.features.preprocess import distinct_sentences, preprocess_dataset, shard_frame
+from villa.storage.errors import VillaError
 
 REPO = Path(__file__).resolve().parent.parent
 CELL = 28
@@ -319,7 +319,7 @@ def test_rich_is_default_and_recorded(tmp_path):
     (raw blocks of every image -> train-split statistics -> fixed projection)."""
     from villa.encoders import get_encoder
     from villa.encoders.rich import RichRegionFeatures
-    from villa.preprocess import iter_region_batches, to_model_input
+    from villa.features.preprocess import iter_region_batches, to_model_input
 
     folder = make_dataset(tmp_path, n_images=8)
     preprocess_dataset(folder, device="cpu", batch_size=3, progress=False)

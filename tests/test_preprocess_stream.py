@@ -11,12 +11,12 @@ import pytest
 import torch
 from test_preprocess import make_dataset
 
-import villa.preprocess as pre
+import villa.features.preprocess as pre
 from villa.datasets import Dataset, read_annotations, write_dataset
+from villa.datasets.images import size_sorted_batches
 from villa.docmnist.vocabulary import docmnist_vocabulary
-from villa.embeddings import REGION_WORK_DIR, RegionEmbeddings, RegionWork
 from villa.encoders.rich import RichRegionFeatures, RunningMoments
-from villa.images import size_sorted_batches
+from villa.features.embeddings import REGION_WORK_DIR, RegionEmbeddings, RegionWork
 
 
 def all_rows(folder) -> tuple[np.ndarray, pd.DataFrame]:
@@ -63,7 +63,7 @@ def test_streamed_rich_equals_in_memory(tmp_path, monkeypatch):
     """Shard-by-shard rich features (a shard per batch here) equal the in-memory recipe: raw blocks of
     every image -> train-split statistics -> standardise and project."""
     from villa.encoders import get_encoder
-    from villa.preprocess import iter_region_batches, to_model_input
+    from villa.features.preprocess import iter_region_batches, to_model_input
 
     monkeypatch.setattr(pre, "WORK_SHARD_BYTES", 1)  # every batch its own work shard
     folder = make_dataset(tmp_path, n_images=9)
@@ -231,8 +231,8 @@ def test_torchrun_resumes_a_single_process_run(tmp_path, monkeypatch, counted_fo
 _KILLED_RUN = """
 import os, signal, sys
 
-import villa.embeddings as emb
-import villa.preprocess as pre
+import villa.features.embeddings as emb
+import villa.features.preprocess as pre
 
 pre.WORK_SHARD_BYTES = 1  # every batch of 2 images its own work shard
 save, saved = emb.save_npy, []

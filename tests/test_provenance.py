@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from test_stage1_run import make_dataset
 
-from villa.artifacts import file_sha256
 from villa.datasets import Dataset
-from villa.errors import VillaError
 from villa.mapping.run import run_stage1
+from villa.storage.artifacts import file_sha256
+from villa.storage.errors import VillaError
 from villa.vlm.run import stage2_frames
 
 
@@ -67,7 +67,7 @@ def test_stage2_refuses_a_mapping_of_a_reimported_dataset(mapped):
 
 
 def test_stage2_refuses_a_mapping_of_other_region_embeddings(mapped):
-    from villa.embeddings import write_region_embeddings
+    from villa.features.embeddings import write_region_embeddings
 
     data, run_dir = mapped
     frame = Dataset.open(data).annotations()

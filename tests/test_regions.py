@@ -12,7 +12,6 @@ from villa.datasets import Dataset
 from villa.datasets.coco import import_coco
 from villa.datasets.shapes import make_shapes_coco
 from villa.datasets.table import import_table
-from villa.errors import VillaError
 from villa.regions import (
     DEFAULT_MAX_PROPOSALS,
     RegionSpec,
@@ -22,6 +21,7 @@ from villa.regions import (
     parse_region_spec,
     propose_regions,
 )
+from villa.storage.errors import VillaError
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from villa.hydra_app import RUNS_RECORD, claim_runs_folder, compose
+from villa.engine.hydra_app import RUNS_RECORD, claim_runs_folder, compose
 
 
 def _dataset(path: Path) -> Path:

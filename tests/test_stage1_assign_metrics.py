@@ -7,11 +7,11 @@ import torch
 
 from villa.datasets import attribute_multi_hot, region_truth
 from villa.docmnist.vocabulary import ATTRIBUTE_KIND, ATTRIBUTES, docmnist_vocabulary
-from villa.errors import VillaError
 from villa.mapping.assign import assign_regions, assigned_columns, choose_sentences, score_regions
 from villa.mapping.metrics import format_metrics_table, mapping_metrics
 from villa.mapping.model import MappingModel
 from villa.mapping.schema import read_mapping, read_mapping_metrics, write_mapping, write_mapping_metrics
+from villa.storage.errors import VillaError
 
 
 def _one(values, present=True):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from villa.datasets import Dataset
-from villa.embeddings import RegionEmbeddings
+from villa.features.embeddings import RegionEmbeddings
 from villa.mapping.assign import map_split
 from villa.mapping.data import Stage1Dataset, collate_stage1
 from villa.mapping.loss import MappingLoss

@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from villa.checkpoints import LAST, CheckpointWriter, load_checkpoint, save_checkpoint
+from villa.engine.checkpoints import LAST, CheckpointWriter, load_checkpoint, save_checkpoint
+from villa.engine.training import fit
 from villa.mapping.data import Stage1Dataset, collate_stage1
 from villa.mapping.loss import MappingLoss
 from villa.mapping.model import MappingModel
 from villa.mapping.run import default_optimizer
-from villa.training import fit
 
 
 def _split(n: int, r: int = 4, d: int = 8, k: int = 5, seed: int = 0) -> Stage1Dataset:

@@ -9,10 +9,10 @@ import torch
 
 from villa.datasets import write_dataset
 from villa.docmnist.vocabulary import ATTRIBUTES, COLORS, DIGIT_WORDS, SHAPES, SIZES, docmnist_vocabulary
-from villa.embeddings import save_attr_embs, write_region_embeddings
-from villa.errors import VillaError
+from villa.features.embeddings import save_attr_embs, write_region_embeddings
 from villa.mapping.run import default_optimizer, run_stage1, run_stage1_from_config
 from villa.mapping.schema import read_mapping, read_mapping_metrics
+from villa.storage.errors import VillaError
 
 DIM = 12
 
@@ -188,7 +188,7 @@ def test_bad_inputs_are_one_line_errors(dataset, tmp_path):
 
 
 def test_config_glue_and_wrong_stage(dataset, tmp_path):
-    from villa.hydra_app import compose
+    from villa.engine.hydra_app import compose
 
     overrides = [
         "experiment=docmnist_stage1",

@@ -3,8 +3,8 @@ import pandas as pd
 import pytest
 import torch
 
-from villa.embeddings import TextEmbeddingCache
-from villa.errors import VillaError
+from villa.features.embeddings import TextEmbeddingCache
+from villa.storage.errors import VillaError
 from villa.vlm.data import RegionTextDataset, build_pairs, collate_region_text, text_embeddings
 
 

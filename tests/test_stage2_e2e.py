@@ -12,9 +12,9 @@ from PIL import Image
 
 from villa.datasets import write_dataset
 from villa.docmnist.vocabulary import ATTRIBUTES, COLORS, DIGIT_WORDS, docmnist_vocabulary
-from villa.embeddings import TextEmbeddingCache, save_attr_embs
-from villa.errors import VillaError
+from villa.features.embeddings import TextEmbeddingCache, save_attr_embs
 from villa.mapping.schema import mapping_inputs, write_mapping, write_mapping_metrics
+from villa.storage.errors import VillaError
 
 SPLIT_SIZES = {"train": 4, "val": 2, "test": 3}
 COLOR_NAMES = tuple(COLORS)
@@ -107,8 +107,8 @@ def test_stage2_dataset_from_mapping(fixture):
 
 
 def test_stage2_train_then_evaluate(fixture, tmp_path):
+    from villa.engine.hydra_app import compose
     from villa.evaluation.run import evaluate_from_config, evaluate_model
-    from villa.hydra_app import compose
     from villa.vlm.run import run_stage2
 
     data_dir, stage1_dir, _, enc = fixture
@@ -162,7 +162,7 @@ def test_stage2_train_then_evaluate(fixture, tmp_path):
 
 
 def test_clip_baseline_runs_without_mapping(fixture, tmp_path):
-    from villa.hydra_app import compose
+    from villa.engine.hydra_app import compose
     from villa.vlm.run import run_stage2_from_config
 
     data_dir, _, _, _ = fixture

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from villa.docmnist.vocabulary import docmnist_vocabulary
-from villa.errors import VillaError
 from villa.mapping.assign import choose_sentences
+from villa.storage.errors import VillaError
 from villa.vlm.data import PAIR_MODES, build_pairs, oracle_pairs, random_mapping_pairs
 
 VOCAB = docmnist_vocabulary()
@@ -237,7 +237,7 @@ def test_oracle_refused_on_a_dataset_without_region_labels(stage2_fixture, tmp_p
     ],
 )
 def test_experiment_files(experiment, pairs, stage1):
-    from villa.hydra_app import compose
+    from villa.engine.hydra_app import compose
 
     cfg = compose([f"experiment={experiment}", "data_dir=/data/ds", "checkpoint_dir=/ck"])
     assert cfg.stage == "stage2" and cfg.pairs == pairs and cfg.stage_1_ckpt_dir == stage1

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torchvision.ops import roi_align
 
-import villa.encoders.base as encoders_base
+import villa.encoders.ops as encoder_ops
 from villa.encoders import boxes_with_batch_index, get_encoder
 from villa.encoders.clip_resnet import apply_roi_matrices, roi_align_matrices
 
@@ -94,7 +94,7 @@ def test_fast_head_matches_reference_outputs_gradients_and_batchnorm(default_enc
     weights = torch.randn(len(boxes), fast.output_dim, generator=torch.Generator().manual_seed(2)).double()
 
     with monkeypatch.context() as patch:
-        patch.setattr(encoders_base, "roi_align", no_torchvision_roi_align)  # where the recipe calls it
+        patch.setattr(encoder_ops, "roi_align", no_torchvision_roi_align)  # where the recipe calls it
         out = fast(images, boxes)
     expected = reference_embed(ref, images, boxes.double())
     assert out.dtype == torch.float64
@@ -123,7 +123,7 @@ def test_fast_head_matches_reference_outputs_gradients_and_batchnorm(default_enc
 
     fast.eval(), ref.eval()
     with torch.no_grad(), monkeypatch.context() as patch:
-        patch.setattr(encoders_base, "roi_align", no_torchvision_roi_align)  # where the recipe calls it
+        patch.setattr(encoder_ops, "roi_align", no_torchvision_roi_align)  # where the recipe calls it
         torch.testing.assert_close(
             fast(images, boxes), reference_embed(ref, images, boxes.double()), atol=1e-10, rtol=1e-10
         )
@@ -135,7 +135,7 @@ def test_fast_head_float32_forward_matches_reference(default_encoder, monkeypatc
     for train in (True, False):
         fast, ref = copy.deepcopy(model).train(train), copy.deepcopy(model).train(train)
         with torch.no_grad(), monkeypatch.context() as patch:
-            patch.setattr(encoders_base, "roi_align", no_torchvision_roi_align)  # where the recipe calls it
+            patch.setattr(encoder_ops, "roi_align", no_torchvision_roi_align)  # where the recipe calls it
             out = fast(images, boxes)
         with torch.no_grad():
             expected = reference_embed(ref, images, boxes)
@@ -174,7 +174,7 @@ def test_layer4_that_does_not_start_with_pointwise_convs_falls_back(default_enco
 
 LARGE_TENSOR_IN_HEAP = """
 import sys, torch
-from villa.device import keep_cpu_memory
+from villa.engine.device import keep_cpu_memory
 if sys.argv[1] == "keep":
     assert keep_cpu_memory() and keep_cpu_memory()  # idempotent
 x = torch.ones(16_000_000)  # 64 MB: above glibc's largest mmap threshold (32 MiB)

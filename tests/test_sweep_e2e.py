@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from villa.complexity_sweep import (
+from villa.docmnist.complexity_sweep import (
     COMPARISONS,
     DIFFERENCE_COLUMNS,
     METHOD_EXPERIMENTS,

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from conftest import synthetic_digit_pools
 
-from villa.complexity_sweep import generate_shared
-from villa.errors import VillaError
+from villa.docmnist.complexity_sweep import generate_shared
+from villa.storage.errors import VillaError
 
 PARAMS = {"attribute_budget": 240, "seed": 3, "val_attribute_budget": 90, "test_attribute_budget": 90}
 

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from conftest import synthetic_digit_pools
 
-from villa.complexity_sweep import METHODS, RESULT_COLUMNS, run_sweep
-from villa.errors import VillaError
+from villa.docmnist.complexity_sweep import METHODS, RESULT_COLUMNS, run_sweep
+from villa.storage.errors import VillaError
 
 SMALL = {"attribute_budget": 60, "val_attribute_budget": 24, "test_attribute_budget": 24, "device": "cpu"}
 
@@ -24,8 +24,8 @@ def stages(monkeypatch):
     """Stub every slow step; returns the list of calls ``(step, task_name, seed, extra)``."""
     import villa.docmnist.mnist
     import villa.evaluation.run
+    import villa.features.preprocess
     import villa.mapping.run
-    import villa.preprocess
     import villa.vlm.run
 
     calls = []
@@ -33,7 +33,7 @@ def stages(monkeypatch):
         villa.docmnist.mnist, "load_mnist_pools", lambda seed, root=None: synthetic_digit_pools(seed)
     )
     monkeypatch.setattr(
-        villa.preprocess,
+        villa.features.preprocess,
         "preprocess_dataset",
         lambda d, **kw: calls.append(("preprocess", Path(d).name, None, None)),
     )

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from villa.complexity_sweep import (
+from villa.docmnist.complexity_sweep import (
     DIFFERENCE_COLUMNS,
     METHOD_EXPERIMENTS,
     METHODS,
@@ -27,7 +27,7 @@ from villa.complexity_sweep import (
     t_quantile_975,
     write_results,
 )
-from villa.errors import VillaError
+from villa.storage.errors import VillaError
 
 
 def fake_run(

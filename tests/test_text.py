@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from villa.text import split_sentences
+from villa.datasets.text import split_sentences
 
 
 def _plain(text: str) -> list[str]:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from villa.errors import VillaError
+from villa.storage.errors import VillaError
 
 EPOCHS = [1, 2, 3]
 TAGS = ["++tags.seed=23", "++tags.method=villa"]
@@ -35,11 +35,11 @@ def tracked(tmp_path_factory):
     """Stage 2 with logger=many through the Hydra adapters: 2 epochs, resumed to 3, then evaluation."""
     from test_stage2_e2e import _encoder, build_fixture
 
-    from villa.checkpoints import load_checkpoint
+    from villa.engine.checkpoints import load_checkpoint
+    from villa.engine.hydra_app import compose
+    from villa.engine.tracking import read_run_ids
+    from villa.engine.training import read_metrics
     from villa.evaluation.run import evaluate_from_config
-    from villa.hydra_app import compose
-    from villa.tracking import read_run_ids
-    from villa.training import read_metrics
     from villa.vlm.run import run_stage2_from_config
 
     with pytest.MonkeyPatch.context() as mp:
@@ -189,7 +189,7 @@ def test_resume_and_evaluation_continue_the_same_tracker_runs(tracked):
 
 
 def test_env_json_records_versions_machine_code_and_command(tracked):
-    from villa.environment import read_environment
+    from villa.engine.environment import read_environment
 
     env = read_environment(tracked["run_dir"])
     assert env["stage"] == "evaluate" and env["seed"] == 23 and env["world_size"] == 1
@@ -210,7 +210,7 @@ def test_env_json_records_versions_machine_code_and_command(tracked):
 
 
 def test_git_state_outside_a_checkout_is_none(tmp_path):
-    from villa.environment import git_state
+    from villa.engine.environment import git_state
 
     assert git_state(tmp_path) is None
 
@@ -225,7 +225,7 @@ def test_curves_png_is_drawn_at_the_end_of_training(tracked):
 
 
 def _hide(monkeypatch, *modules):
-    import villa.tracking as tracking
+    import villa.engine.tracking as tracking
 
     real = tracking._installed
     monkeypatch.setattr(tracking, "_installed", lambda module: module not in modules and real(module))
@@ -247,7 +247,7 @@ def test_missing_tracker_package_is_one_line_and_exit_2_before_any_work(monkeypa
 
 
 def test_missing_tracker_package_refused_by_the_library_calls(monkeypatch, tmp_path):
-    from villa.complexity_sweep import run_sweep
+    from villa.docmnist.complexity_sweep import run_sweep
     from villa.vlm.run import run_stage2
 
     _hide(monkeypatch, "mlflow", "tensorboard")
@@ -266,8 +266,8 @@ def test_missing_tracker_package_refused_by_the_library_calls(monkeypatch, tmp_p
 
 
 def test_only_global_rank_zero_logs(monkeypatch, tmp_path):
-    from villa.environment import write_environment
-    from villa.tracking import open_tracker
+    from villa.engine.environment import write_environment
+    from villa.engine.tracking import open_tracker
 
     monkeypatch.setenv("RANK", "1")
     tracker = open_tracker({"tensorboard": {}}, tmp_path / "run")
@@ -281,10 +281,10 @@ def test_a_checkpoint_without_tracker_ids_resumes_into_a_new_run(tmp_path):
     """Checkpoints written before trackers existed hold no ``trackers`` entry: they still resume."""
     from test_training import Points, mse
 
-    from villa.checkpoints import load_checkpoint
-    from villa.io import save_torch
-    from villa.tracking import open_tracker, read_run_ids
-    from villa.training import fit
+    from villa.engine.checkpoints import load_checkpoint
+    from villa.engine.tracking import open_tracker, read_run_ids
+    from villa.engine.training import fit
+    from villa.storage.io import save_torch
 
     def run(epochs, resume):
         torch.manual_seed(0)
@@ -308,9 +308,9 @@ def test_a_checkpoint_without_tracker_ids_resumes_into_a_new_run(tmp_path):
 
 
 def test_sweep_cells_log_to_one_store_with_seed_complexity_and_method_tags(tmp_path):
-    from villa.complexity_sweep import _stage_overrides, _tracker_overrides
-    from villa.hydra_app import compose
-    from villa.tracking import TrackerSettings, tracker_settings
+    from villa.docmnist.complexity_sweep import _stage_overrides, _tracker_overrides
+    from villa.engine.hydra_app import compose
+    from villa.engine.tracking import TrackerSettings, tracker_settings
 
     trackers = TrackerSettings.of(
         {"csv": {}, "mlflow": {"tracking_uri": None}, "wandb": {}}, {"who": "it's me"}

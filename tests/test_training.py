@@ -8,9 +8,9 @@ import functools
 import pytest
 import torch
 
-from villa.checkpoints import load_checkpoint, load_model_state
-from villa.errors import VillaError
-from villa.training import fit, read_metrics
+from villa.engine.checkpoints import load_checkpoint, load_model_state
+from villa.engine.training import fit, read_metrics
+from villa.storage.errors import VillaError
 
 
 class Points(torch.utils.data.Dataset):
@@ -109,10 +109,10 @@ def test_bad_inputs(tmp_path):
 @pytest.mark.parametrize("keep", [True, False])
 def test_cpu_keep_freed_memory_is_a_choice(tmp_path, monkeypatch, keep):
     # the allocator setting trades peak memory for speed: fit applies it only when asked
-    import villa.training
+    import villa.engine.training
 
     calls = []
-    monkeypatch.setattr(villa.training, "keep_cpu_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(villa.engine.training, "keep_cpu_memory", lambda: calls.append(1) or True)
     fit(
         make_model(),
         Points(16, 1),
@@ -188,7 +188,7 @@ def test_the_final_checkpoint_write_makes_no_host_copy_of_the_state(tmp_path, mo
     """A model's state can be gigabytes (stage 1: K heads of D x D weights, two AdamW moments each): an epoch
     that another follows is snapshotted (training goes on while it is written); the final write reads the
     state in place, and a pending best model (already a private copy) is not copied again."""
-    from villa.checkpoints import CheckpointWriter
+    from villa.engine.checkpoints import CheckpointWriter
 
     written = []
     monkeypatch.setattr(CheckpointWriter, "submit", lambda self, files: written.append(files))

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from villa.embeddings import TextEmbeddingCache, preprocessed_encoder
 from villa.encoders import clip_rn50
-from villa.errors import VillaError
+from villa.features.embeddings import TextEmbeddingCache, preprocessed_encoder
+from villa.storage.errors import VillaError
 
 
 def _dataset_naming(folder, weights) -> None:
@@ -64,7 +64,7 @@ def test_a_state_dict_named_by_a_manifest_is_accepted(tmp_path):
 def test_weights_are_identified_by_their_full_sha256_hashed_once(tmp_path, monkeypatch):
     """Two files that share their first MiB and their size are two different weights; a file is hashed once
     per (path, size, mtime) in a process, and again when it changes."""
-    import villa.artifacts
+    import villa.storage.artifacts
 
     head = b"\0" * (1 << 20)
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
@@ -74,8 +74,8 @@ def test_weights_are_identified_by_their_full_sha256_hashed_once(tmp_path, monke
     assert clip_rn50.weights_sha256(a) != clip_rn50.weights_sha256(b)
 
     calls = []
-    real = villa.artifacts.file_sha256
-    monkeypatch.setattr(villa.artifacts, "file_sha256", lambda path: calls.append(path) or real(path))
+    real = villa.storage.artifacts.file_sha256
+    monkeypatch.setattr(villa.storage.artifacts, "file_sha256", lambda path: calls.append(path) or real(path))
     c = tmp_path / "c.pt"
     c.write_bytes(b"weights C")
     for _ in range(3):
@@ -92,7 +92,7 @@ def test_open_clip_rn50_safetensors_loads_and_embeds_as_open_clip(tmp_path, monk
     import open_clip
     from safetensors.torch import save_file
 
-    import villa.artifacts
+    import villa.storage.artifacts
     from villa.encoders import get_encoder
 
     torch.manual_seed(0)
@@ -112,8 +112,8 @@ def test_open_clip_rn50_safetensors_loads_and_embeds_as_open_clip(tmp_path, monk
     del state
 
     calls = []
-    real = villa.artifacts.file_sha256
-    monkeypatch.setattr(villa.artifacts, "file_sha256", lambda p: calls.append(p) or real(p))
+    real = villa.storage.artifacts.file_sha256
+    monkeypatch.setattr(villa.storage.artifacts, "file_sha256", lambda p: calls.append(p) or real(p))
     enc = get_encoder("clip_rn50", clip_weights=str(path))
     assert enc.has_text_tower
     assert enc.config["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()

@@ -3,24 +3,24 @@
 The public API for using a trained model (imported on first use, so ``import villa`` stays light):
 
 - :func:`villa.load` -> :class:`villa.Model`: ``encode_text``, ``encode_regions``, ``ground``, ``heatmaps``
-  (:mod:`villa.inference`)
-- :func:`villa.export_model`: a self-contained model folder (:mod:`villa.model_folder`)
-- :func:`villa.predict_images`: ground queries in many images and write predictions (:mod:`villa.prediction`)
-- :class:`villa.Visualizer`: draw boxes and heatmaps (:mod:`villa.drawing`)
+  (:mod:`villa.inference.model`)
+- :func:`villa.export_model`: a self-contained model folder (:mod:`villa.inference.model_folder` holds its format)
+- :func:`villa.predict_images`: ground queries in many images and write predictions (:mod:`villa.inference.prediction`)
+- :class:`villa.Visualizer`: draw boxes and heatmaps (:mod:`villa.inference.drawing`)
 """
 
 __version__ = "0.1.0"
 
 #: public name -> (module, attribute), imported when first asked for
 _LAZY = {
-    "load": ("villa.inference", "load"),
-    "Model": ("villa.inference", "Model"),
-    "PreparedImage": ("villa.inference", "PreparedImage"),
-    "export_model": ("villa.model_folder", "export_model"),
-    "predict_images": ("villa.prediction", "predict_images"),
-    "Visualizer": ("villa.drawing", "Visualizer"),
-    "VillaError": ("villa.errors", "VillaError"),
-    "VillaWarning": ("villa.errors", "VillaWarning"),
+    "load": ("villa.inference.model", "load"),
+    "Model": ("villa.inference.model", "Model"),
+    "PreparedImage": ("villa.inference.model", "PreparedImage"),
+    "export_model": ("villa.inference.model", "export_model"),
+    "predict_images": ("villa.inference.prediction", "predict_images"),
+    "Visualizer": ("villa.inference.drawing", "Visualizer"),
+    "VillaError": ("villa.storage.errors", "VillaError"),
+    "VillaWarning": ("villa.storage.errors", "VillaWarning"),
 }
 
 __all__ = ["__version__", *_LAZY]

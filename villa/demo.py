@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from villa.errors import exit_on_error
-from villa.paths import project_dir
+from villa.storage.errors import exit_on_error
+from villa.storage.paths import project_dir
 
 DEMO = {
     "complexities": [4, 16],
@@ -27,8 +27,8 @@ DEMO = {
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    from villa.complexity_sweep import format_results, read_split_metrics, run_sweep
-    from villa.report import fmt
+    from villa.docmnist.complexity_sweep import format_results, read_split_metrics, run_sweep
+    from villa.evaluation.report import fmt
 
     out_dir = Path(argv[0]) if argv else project_dir() / "results" / "demo"
     started = time.perf_counter()

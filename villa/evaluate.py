@@ -1,6 +1,6 @@
 """``python -m villa.evaluate experiment=<name> [key=value ...]``: retrieval metrics on the test split."""
 
-from villa.hydra_app import hydra_main
+from villa.engine.hydra_app import hydra_main
 
 
 @hydra_main("docmnist_stage2", generic_experiment="stage2")

@@ -1,13 +1,13 @@
 """``python -m villa.export run_dir=RUN_DIR out=DIR [float16=true]``: a self-contained model folder that
-``villa.load`` and ``python -m villa.predict`` open without the run or its dataset (:mod:`villa.model_folder`)."""
+``villa.load`` and ``python -m villa.predict`` open without the run or its dataset (:mod:`villa.inference.model_folder`)."""
 
-from villa.hydra_app import hydra_main
+from villa.engine.hydra_app import hydra_main
 
 
 @hydra_main(config_name="export")
 def main(cfg):
-    from villa.errors import print_villa_warnings
-    from villa.model_folder import export_model
+    from villa.inference.model import export_model
+    from villa.storage.errors import print_villa_warnings
 
     print_villa_warnings()
     out = export_model(

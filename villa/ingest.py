@@ -15,7 +15,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from villa.errors import VillaError, exit_on_error
+from villa.storage.errors import VillaError, exit_on_error
 
 #: proposals per image when --regions=proposals names no K (mirrors villa.regions.proposals; kept here so that
 #: --help does not import the proposer)

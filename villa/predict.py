@@ -1,16 +1,16 @@
 """``python -m villa.predict model=PATH images=PATH_OR_GLOB queries='["a red star"]' out=DIR [key=value ...]``:
-ground free-text queries in images (keys: ``villa/configs/predict.yaml``; outputs: :mod:`villa.prediction`)."""
+ground free-text queries in images (keys: ``villa/configs/predict.yaml``; outputs: :mod:`villa.inference.prediction`)."""
 
-from villa.hydra_app import hydra_main
+from villa.engine.hydra_app import hydra_main
 
 
 @hydra_main(config_name="predict")
 def main(cfg):
     from omegaconf import OmegaConf
 
-    from villa.errors import print_villa_warnings
-    from villa.inference import load
-    from villa.prediction import predict_images
+    from villa.inference.model import load
+    from villa.inference.prediction import predict_images
+    from villa.storage.errors import print_villa_warnings
 
     print_villa_warnings()
     queries = OmegaConf.to_container(cfg.queries) if OmegaConf.is_config(cfg.queries) else cfg.queries

@@ -5,7 +5,7 @@ With no experiment: ``stage1`` when ``data_dir=`` is given, else the DocMNIST pr
 
 from __future__ import annotations
 
-from villa.hydra_app import hydra_main
+from villa.engine.hydra_app import hydra_main
 
 
 @hydra_main(default_experiment="docmnist_stage1", generic_experiment="stage1")

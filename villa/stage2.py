@@ -3,7 +3,7 @@
 With no experiment: ``stage2`` when ``data_dir=`` is given, else the DocMNIST preset ``docmnist_stage2``.
 """
 
-from villa.hydra_app import hydra_main
+from villa.engine.hydra_app import hydra_main
 
 
 @hydra_main("docmnist_stage2", generic_experiment="stage2")

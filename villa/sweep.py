@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from villa.hydra_app import hydra_main
+from villa.engine.hydra_app import hydra_main
 
 
 def _given(key: str) -> bool:
@@ -16,8 +16,8 @@ def _given(key: str) -> bool:
 
 @hydra_main(config_name="sweep")
 def main(cfg: DictConfig) -> None:
-    from villa.complexity_sweep import format_results, format_summary, run_sweep
-    from villa.errors import VillaError
+    from villa.docmnist.complexity_sweep import format_results, format_summary, run_sweep
+    from villa.storage.errors import VillaError
 
     if _given("seed") and _given("seeds"):
         raise VillaError("give seeds=[...] or its single-seed shorthand seed=N, not both")

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from villa.datasets import SPLITS, Dataset
-from villa.errors import VillaError, exit_on_error
+from villa.storage.errors import VillaError, exit_on_error
 
 _BOX_COLOR = "#00e5ff"
 #: a panel's longest side in inches: the image's pixels / PIXELS_PER_INCH, within these bounds
@@ -59,7 +59,7 @@ def label_style(panel: tuple[float, float]) -> dict[str, float]:
 
 
 def _load_image(dataset: Dataset, filepath: str) -> np.ndarray:
-    from villa.images import decode_image
+    from villa.datasets.images import decode_image
 
     return decode_image(dataset.image_paths([filepath])[0])
 
@@ -339,7 +339,7 @@ def plot_statistics(stats: dict[str, pd.DataFrame] | str | os.PathLike) -> Figur
 
 def save_figure(fig: Figure, out: str | os.PathLike, dpi: int = 150) -> Path:
     """Write ``fig`` as a PNG, atomically."""
-    from villa.io import atomic_path
+    from villa.storage.io import atomic_path
 
     out = Path(out)
     with atomic_path(out) as tmp:
@@ -356,7 +356,7 @@ def render_grid_png(
     stats_out: str | os.PathLike | None = None,
 ) -> list[Path]:
     """Resolve ``data_dir`` (path or name under the data root), draw the grid (and statistics) to PNGs."""
-    from villa.paths import resolve_dataset_dir
+    from villa.storage.paths import resolve_dataset_dir
 
     dataset_dir = resolve_dataset_dir(data_dir)
     written = [save_figure(draw_grid(dataset_dir, split=split, n=n, seed=seed), out)]
@@ -387,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("--image_id", type=int, default=None, help="with --mapping_dir: the image to draw")
     args = parser.parse_args(argv)
     if args.mapping_dir is not None:
-        from villa.paths import resolve_dataset_dir
+        from villa.storage.paths import resolve_dataset_dir
 
         figure = draw_mapping(resolve_dataset_dir(args.data_dir), args.mapping_dir, args.split, args.image_id)
         written = [save_figure(figure, args.out)]

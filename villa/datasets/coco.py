@@ -45,8 +45,8 @@ from villa.datasets.importing import (
     summary_lines,
 )
 from villa.datasets.vocabulary import Vocabulary, load_vocabulary_file, make_attribute
-from villa.errors import VillaError
 from villa.regions import box_iou, clip_boxes, parse_region_spec
+from villa.storage.errors import VillaError
 
 IOU_THRESHOLD = 0.5
 

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from villa.datasets.vocabulary import VOCABULARY_FILE, Vocabulary, load_vocabulary_file, write_vocabulary
-from villa.errors import VillaError
+from villa.storage.errors import VillaError
 
 if TYPE_CHECKING:  # pandas costs ~0.5 s and ~100 MB to import: the DocMNIST generator writes without it
     import pandas as pd
@@ -184,14 +184,14 @@ def write_dataset(
 
     ``columns`` maps column name -> per-image values (Python lists; a DataFrame works too). The
     ``attributes`` column is (re)computed here from ``text`` with ``vocabulary``'s matcher, so no writer can
-    leak region labels into training. Callers write into a temporary folder (``villa.io.atomic_dir``) and
+    leak region labels into training. Callers write into a temporary folder (``villa.storage.io.atomic_dir``) and
     publish it whole. Returns the path of the table.
     """
     import pyarrow as pa
     import pyarrow.feather as feather
 
-    from villa.artifacts import file_record
-    from villa.io import atomic_path, write_json
+    from villa.storage.artifacts import file_record
+    from villa.storage.io import atomic_path, write_json
 
     if hasattr(columns, "columns") and hasattr(columns, "to_dict"):  # a DataFrame
         columns = {c: columns[c].tolist() for c in columns.columns}
@@ -250,7 +250,7 @@ def rebuild_hint(dataset_dir: Path, info: dict | None = None) -> str:
 
 def read_info(dataset_dir: str | os.PathLike) -> dict:
     """``dataset.json`` as a dict (one-line errors for a missing or damaged file)."""
-    from villa.artifacts import read_json
+    from villa.storage.artifacts import read_json
 
     dataset_dir = Path(dataset_dir)
     path = dataset_dir / INFO_FILE
@@ -279,7 +279,7 @@ def is_dataset_folder(path: str | os.PathLike) -> bool:
 
 def _check_recorded_files(dataset_dir: Path, info: dict) -> None:
     """Sizes of the files ``dataset.json`` records (a truncated copy says so); the vocabulary's checksum too."""
-    from villa.artifacts import check_file, verify_sha256
+    from villa.storage.artifacts import check_file, verify_sha256
 
     fix = rebuild_hint(dataset_dir, info)
     files = info.get("files")
@@ -309,7 +309,7 @@ def read_annotations(dataset_dir: str | os.PathLike, split: str | None = None) -
     import pandas as pd
     import pyarrow as pa
 
-    from villa.artifacts import read_feather_table
+    from villa.storage.artifacts import read_feather_table
 
     dataset_dir = Path(dataset_dir)
     path = annotations_path(dataset_dir)
@@ -352,7 +352,7 @@ class Dataset:
     @classmethod
     def open(cls, data_dir: str | os.PathLike) -> Dataset:
         """Open a dataset given as a path or as a folder name under the data root."""
-        from villa.paths import resolve_dataset_dir
+        from villa.storage.paths import resolve_dataset_dir
 
         root = resolve_dataset_dir(data_dir)
         info = read_info(root)

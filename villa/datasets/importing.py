@@ -15,8 +15,8 @@ import numpy as np
 
 from villa.datasets.contract import SPLITS, write_dataset
 from villa.datasets.vocabulary import Vocabulary
-from villa.errors import VillaError
 from villa.regions import RegionSpec, grid_boxes, parse_region_spec
+from villa.storage.errors import VillaError
 
 #: the seeded split of images when the data names none
 DEFAULT_FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
@@ -241,9 +241,9 @@ def check_vocabulary_matches(vocabulary: Vocabulary, texts: Sequence[str]) -> li
 
 
 def check_sentences(texts: Sequence[str], where: Callable[[int], str]) -> None:
-    """Refuse a non-empty text of which :func:`villa.text.split_sentences` keeps no sentence (every piece
+    """Refuse a non-empty text of which :func:`villa.datasets.text.split_sentences` keeps no sentence (every piece
     three characters or fewer): the stages could not use it. One line, naming the row with ``where(i)``."""
-    from villa.text import MIN_SENTENCE_CHARS, split_sentences
+    from villa.datasets.text import MIN_SENTENCE_CHARS, split_sentences
 
     for i, text in enumerate(texts):
         if text and not split_sentences(text):
@@ -262,7 +262,7 @@ def check_output(
     ``--overwrite``, or, with it, one that is not a villa dataset folder (no ``dataset.json``). Returns
     ``out``, user-expanded."""
     from villa.datasets.contract import INFO_FILE, is_dataset_folder
-    from villa.io import check_output_dir
+    from villa.storage.io import check_output_dir
 
     return check_output_dir(
         out, overwrite=overwrite, is_own=is_dataset_folder, own_marker=f"{INFO_FILE} of a villa dataset",
@@ -323,7 +323,7 @@ def publish(
     """
     from tqdm.auto import tqdm
 
-    from villa.io import atomic_dir
+    from villa.storage.io import atomic_dir
 
     image_dir = Path(image_dir).expanduser().resolve()
     out = check_output(out, overwrite, {"--images folder": image_dir})

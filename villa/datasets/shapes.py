@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from villa.errors import VillaError, exit_on_error
+from villa.storage.errors import VillaError, exit_on_error
 
 CATEGORIES = ("circle", "square", "triangle", "star", "half moon", "cross", "ring", "diamond")
 COLOURS = {
@@ -206,7 +206,7 @@ def make_shapes_coco(
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from villa.io import atomic_dir, write_json
+    from villa.storage.io import atomic_dir, write_json
 
     if num_images < 1:
         raise VillaError(f"--images must be >= 1, got {num_images}")
@@ -214,7 +214,7 @@ def make_shapes_coco(
         raise VillaError(f"--objects must be like 2-6, got {objects}")
     if not 0.0 <= negations <= 1.0:
         raise VillaError(f"--negations must be a probability in [0, 1], got {negations}")
-    from villa.io import check_output_dir
+    from villa.storage.io import check_output_dir
 
     out_dir = check_output_dir(out_dir, overwrite=overwrite, is_own=is_shapes_folder, own_marker=MARKER_FILE)
     rng = np.random.default_rng(seed)

@@ -35,8 +35,8 @@ from villa.datasets.importing import (
     summary_lines,
 )
 from villa.datasets.vocabulary import load_vocabulary_file
-from villa.errors import VillaError
 from villa.regions import clip_boxes, parse_region_spec
+from villa.storage.errors import VillaError
 
 REQUIRED = ("image", "text")
 OPTIONAL = ("id", "split", "boxes", "region_labels")

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from villa.datasets.assertion import NEGATED, PRESENT, STATUS_NAMES, UNCERTAIN, mention_status, normalise
-from villa.errors import VillaError
+from villa.storage.errors import VillaError
 
 VOCABULARY_FILE = "attributes.yaml"
 #: the values of the policy keys, default first
@@ -328,7 +328,9 @@ def vocabulary_from_dict(data, where: str = "vocabulary") -> Vocabulary:
     """Build a :class:`Vocabulary` from the parsed YAML (``{"attributes": [...], "negated": ..., "uncertain":
     ...}``); one-line errors."""
     if not isinstance(data, dict) or not isinstance(data.get("attributes"), list):
-        raise VillaError(f"{where} must hold a list under 'attributes:' (see docs/datasets.md, 'The vocabulary and the matcher')")
+        raise VillaError(
+            f"{where} must hold a list under 'attributes:' (see docs/datasets.md, 'The vocabulary and the matcher')"
+        )
     unknown = sorted(map(str, set(data) - {"attributes", "negated", "uncertain"}))
     if unknown:
         raise VillaError(
@@ -384,7 +386,7 @@ def write_vocabulary(folder: str | os.PathLike, vocabulary: Vocabulary) -> Path:
     """Write ``<folder>/attributes.yaml`` atomically."""
     import yaml
 
-    from villa.io import atomic_path
+    from villa.storage.io import atomic_path
 
     path = Path(folder) / VOCABULARY_FILE
     with atomic_path(path) as tmp:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from villa.docmnist.vocabulary import COLORS, DIGIT_WORDS, SHAPES, SIZES, TEMPLATES
-from villa.errors import VillaError, exit_on_error
+from villa.storage.errors import VillaError, exit_on_error
 
 CELL = 28
 GRID = 3
@@ -532,7 +532,7 @@ def generate_docmnist(
     }
     seed = _check_int("seed", seed, 0)
     if data_root is None:
-        from villa.paths import data_root as default_root
+        from villa.storage.paths import data_root as default_root
 
         data_root = default_root()
     data_root = Path(data_root)
@@ -556,7 +556,7 @@ def generate_docmnist(
     average = {s: float(p.complexity.mean()) for s, p in plans.items()}
     final_dir = data_root / dataset_name(budgets["train"], average["train"])
     from villa.datasets.contract import INFO_FILE, is_dataset_folder
-    from villa.io import check_output_dir
+    from villa.storage.io import check_output_dir
 
     # --overwrite replaces only a villa dataset folder (its dataset.json), never a folder of the user's
     check_output_dir(
@@ -576,7 +576,7 @@ def generate_docmnist(
 
     from villa.datasets.contract import write_dataset
     from villa.docmnist.vocabulary import docmnist_vocabulary
-    from villa.io import atomic_dir
+    from villa.storage.io import atomic_dir
 
     columns: dict[str, list] = {}
     first_id = 0

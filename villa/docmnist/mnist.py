@@ -25,8 +25,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from villa.artifacts import file_sha256
-from villa.errors import VillaError
+from villa.storage.artifacts import file_sha256
+from villa.storage.errors import VillaError
 
 HUB_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 HUB_RELATIVE = ("data", "mnist.pkl.gz")
@@ -60,7 +60,7 @@ class MnistArrays(NamedTuple):
 def mnist_dir(data_root: str | os.PathLike | None = None) -> Path:
     """``<data_root>/mnist``: torchvision's MNIST root and the home of the hub cache."""
     if data_root is None:
-        from villa.paths import data_root as default_root
+        from villa.storage.paths import data_root as default_root
 
         data_root = default_root()
     return Path(data_root) / "mnist"
@@ -338,7 +338,7 @@ def _read_cache(path: Path) -> MnistArrays | None:
 
 
 def _write_cache(path: Path, arrays: MnistArrays) -> None:
-    from villa.io import atomic_path
+    from villa.storage.io import atomic_path
 
     try:
         with atomic_path(path) as tmp, open(tmp, "wb") as handle:

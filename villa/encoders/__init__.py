@@ -53,9 +53,9 @@ def get_encoder(
 ) -> Encoder:
     """Build the encoder registered as ``name`` with its text tower on ``device``.
 
-    Raises :class:`villa.errors.VillaError` for an unknown name or missing/wrong weights.
+    Raises :class:`villa.storage.errors.VillaError` for an unknown name or missing/wrong weights.
     """
-    from villa.device import resolve_device
+    from villa.engine.device import resolve_device
 
     factory = lookup_factory(name)
     return factory(name=name, clip_weights=clip_weights, device=resolve_device(device))

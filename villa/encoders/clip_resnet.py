@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from open_clip.modified_resnet import AttentionPool2d, Bottleneck, ModifiedResNet
 from torch import nn
 
-from villa.encoders.base import ROI_SIZE, checkpointed, roi_align_boxes
+from villa.encoders.ops import ROI_SIZE, checkpointed, roi_align_boxes
 
 #: the attention pool's positional embedding is 7x7 (+1): RoIAlign 14x14 -> layer4 stride 2 -> 7x7
 POOL_IMAGE_SIZE = 224
@@ -213,7 +213,7 @@ class RegionImageEncoder(nn.Module):
     like the reference.
     """
 
-    #: recompute activations in the backward pass instead of keeping them (:func:`villa.encoders.base.checkpointed`):
+    #: recompute activations in the backward pass instead of keeping them (:func:`villa.encoders.ops.checkpointed`):
     #: the stem, layer1-3 and the region head each one segment
     activation_checkpointing: bool = False
 

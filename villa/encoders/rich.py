@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from villa.encoders.base import roi_align_boxes
 from villa.encoders.clip_resnet import RegionImageEncoder
-from villa.errors import VillaError
+from villa.encoders.ops import roi_align_boxes
+from villa.storage.errors import VillaError
 
 REGION_FEATURES = ("rich", "reference")
 BLOCKS = ("reference", "pooled", "pixels", "conv_bank")

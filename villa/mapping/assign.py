@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from villa.datasets import Vocabulary, attribute_multi_hot
-from villa.errors import VillaError
-from villa.text import split_sentences
+from villa.datasets.text import split_sentences
+from villa.storage.errors import VillaError
 
 EPSILON = 0.2
 SENTENCE_SEPARATOR = " . "
@@ -112,7 +112,7 @@ def choose_sentences(
     star") is never chosen, whatever the policy, so no region is paired with a sentence denying it. On DocMNIST
     this is the reference's test for ``" " + attribute`` in the lower-cased sentence. The choice among several
     candidate sentences is uniform, from ``numpy.random.default_rng(seed)`` (same seed, same choice).
-    Sentences come from :func:`villa.text.split_sentences`.
+    Sentences come from :func:`villa.datasets.text.split_sentences`.
 
     Returns:
         object array ``[N, K]`` of sentences; ``""`` where the attribute is absent or no sentence matches.

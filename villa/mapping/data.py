@@ -64,7 +64,7 @@ class Stage1Dataset(torch.utils.data.Dataset):
 
     @classmethod
     def from_frame(cls, frame: pd.DataFrame, embeddings, vocabulary) -> Stage1Dataset:
-        """Build from an annotation split, an open :class:`villa.embeddings.RegionEmbeddings` and the
+        """Build from an annotation split, an open :class:`villa.features.embeddings.RegionEmbeddings` and the
         dataset's :class:`villa.datasets.Vocabulary` (whose matcher reads each image's attributes off its text)."""
         regions, counts = embeddings.gather_packed(frame["image_id"].to_numpy())
         multi_hot = torch.from_numpy(vocabulary.match_matrix(frame["text"].tolist()))

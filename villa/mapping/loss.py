@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from villa.distributed import all_gather_no_grad, all_gather_with_grad, any_across_ranks
+from villa.engine.distributed import all_gather_no_grad, all_gather_with_grad, any_across_ranks
 
 TEMPERATURE = 0.07
 
@@ -102,7 +102,7 @@ def packed_similarity(
 
 
 class MappingLoss:
-    """``loss_fn(model, batch)`` for :func:`villa.training.fit`.
+    """``loss_fn(model, batch)`` for :func:`villa.engine.training.fit`.
 
     ``batch`` (see :mod:`villa.mapping.data`): ``mask [B, R]`` bool, ``multi_hot [B, K]`` and ``regions``,
     either packed ``[M, D]`` (the batch's real regions, image by image, in the order of ``mask``'s True

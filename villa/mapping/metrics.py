@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from villa.report import fmt
+from villa.evaluation.report import fmt
 
 
 def _prf(assigned: np.ndarray, truth: np.ndarray) -> dict[str, float | int | None]:

@@ -10,22 +10,22 @@ from pathlib import Path
 
 import torch
 
-from villa import distributed
-from villa.checkpoints import BEST, LAST, load_model_state
 from villa.datasets import SPLITS, Dataset, region_truth
-from villa.device import resolve_device
-from villa.embeddings import RegionEmbeddings, load_attr_embs
-from villa.environment import write_environment
-from villa.errors import VillaError
+from villa.engine import distributed
+from villa.engine.checkpoints import BEST, LAST, load_model_state
+from villa.engine.device import resolve_device
+from villa.engine.environment import write_environment
+from villa.engine.tracking import mapping_figures, open_tracker
+from villa.engine.training import FitResult, fit
 from villa.evaluation.metrics import SMALL_SPLIT_IMAGES
+from villa.features.embeddings import RegionEmbeddings, load_attr_embs
 from villa.mapping.assign import EPSILON, map_split
 from villa.mapping.data import Stage1Dataset, collate_stage1
 from villa.mapping.loss import TEMPERATURE, MappingLoss
 from villa.mapping.metrics import format_metrics_table, mapping_metrics
 from villa.mapping.model import MappingModel
 from villa.mapping.schema import clear_outputs, mapping_inputs, write_mapping, write_mapping_metrics
-from villa.tracking import mapping_figures, open_tracker
-from villa.training import FitResult, fit
+from villa.storage.errors import VillaError
 
 MAP_WEIGHTS = ("best", "last")
 
@@ -85,7 +85,7 @@ def run_stage1(
     Reads the dataset (annotations and vocabulary; each image's attributes are read off its TEXT with the
     vocabulary's matcher), ``attr_embs.pth`` and ``region_embs/`` (refused unless computed by ``encoder``;
     None accepts the encoder that preprocessing used). Writes to ``run_dir``: ``metrics.csv``, ``last.pkl``,
-    ``best.pkl`` (by :func:`villa.training.fit`), ``mapping_{split}.feather`` and ``mapping_metrics.json``
+    ``best.pkl`` (by :func:`villa.engine.training.fit`), ``mapping_{split}.feather`` and ``mapping_metrics.json``
     (mapping P/R/F1 per split and per attribute kind when the dataset has region labels, and the checksums
     of the annotations and region embeddings it was made from, which later stages check), and prints the
     metrics table. ``map_weights`` picks the weights that map: ``best`` (lowest val loss) or ``last``.
@@ -100,7 +100,7 @@ def run_stage1(
     replayed as one CUDA graph. Results agree with the DataLoader path up to float rounding.
     The previous run's mappings and metrics are deleted first, so a failed run leaves none behind.
     ``env.json`` is written at the start and ``curves.png`` after training; ``logger``
-    (:class:`villa.tracking.TrackerSettings` or a ``logger`` config node) names the experiment trackers that
+    (:class:`villa.engine.tracking.TrackerSettings` or a ``logger`` config node) names the experiment trackers that
     get the run's epochs and mapping metrics.
     """
     if not epsilon >= 0:
@@ -263,7 +263,7 @@ def run_stage1_from_config(cfg) -> Stage1Result:
 
     Every key is read as composed (``configs/default.yaml`` and ``experiment/stage1.yaml`` declare them all), so
     each default lives in the YAML once and a misspelt or missing key fails here rather than falling back."""
-    from villa.hydra_app import claim_runs_folder, require_stage, training_arguments
+    from villa.engine.hydra_app import claim_runs_folder, require_stage, training_arguments
 
     require_stage(cfg, "stage1")
     claim_runs_folder(cfg)

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from villa.artifacts import damaged, read_feather_table, read_json, rerun_stage
 from villa.datasets.contract import COLUMNS, OPTIONAL_COLUMNS, SPLITS
-from villa.errors import VillaError
-from villa.io import write_feather, write_json
+from villa.storage.artifacts import damaged, read_feather_table, read_json, rerun_stage
+from villa.storage.errors import VillaError
+from villa.storage.io import write_feather, write_json
 
 MAPPING_COLUMNS = (*COLUMNS, "assigned_attributes", "assigned_text")
 METRICS_FILE = "mapping_metrics.json"
@@ -130,7 +130,7 @@ def _is_stage1_output(path: Path) -> bool:
 def clear_outputs(run_dir: str | os.PathLike) -> None:
     """Delete a previous run's mappings and metrics (metrics first: it marks a complete run). A file of one of
     these names that stage 1 did not write is refused (one line), not deleted."""
-    from villa.io import remove_own_file
+    from villa.storage.io import remove_own_file
 
     run_dir = Path(run_dir)
     remove_own_file(run_dir / METRICS_FILE, _is_stage1_output, f"stage 1's {METRICS_FILE}")
@@ -144,9 +144,9 @@ def mapping_inputs(dataset_dir: str | os.PathLike) -> dict:
     """What a mapping of ``dataset_dir`` is made from: ``{"dataset_dir", "annotations_sha256",
     "region_embs_manifest_sha256"}`` (resolved folder; sha256 of ``annotations.feather`` and of
     ``region_embs/manifest.json``, None for a missing file). Hashed once per file version and process."""
-    from villa.artifacts import cached_sha256
     from villa.datasets.contract import annotations_path
-    from villa.embeddings import MANIFEST_FILE, REGION_EMBS_DIR
+    from villa.features.embeddings import MANIFEST_FILE, REGION_EMBS_DIR
+    from villa.storage.artifacts import cached_sha256
 
     dataset_dir = Path(dataset_dir).resolve()
     files = {

@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from villa.errors import VillaError
+from villa.storage.errors import VillaError
 
 #: proposals per image when a spec gives no K (``--regions=proposals``)
 DEFAULT_MAX_PROPOSALS = 30
@@ -283,7 +283,7 @@ def _label_counts(
 # --------------------------------------------------------------------------- many images
 def _propose_file(args: tuple[str, int]) -> Proposals | str:
     path, max_regions = args
-    from villa.images import decode_image
+    from villa.datasets.images import decode_image
 
     try:
         image = decode_image(path)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from villa.errors import VillaError
+from villa.storage.errors import VillaError
 
 KINDS = ("boxes", "grid", "proposals")
 #: the largest grid side and proposal count a spec accepts

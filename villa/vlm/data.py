@@ -1,4 +1,4 @@
-"""Stage-2 training data: region-text pairs over images served by :class:`villa.images.ImageStore`.
+"""Stage-2 training data: region-text pairs over images served by :class:`villa.datasets.images.ImageStore`.
 
 A dataset item is an *image* with all its pairs: the whole image with the whole caption, plus (ViLLA)
 every region whose stage-1 assigned text is non-empty. Pairs are stored flat with per-image offsets,
@@ -16,10 +16,10 @@ import pandas as pd
 import torch
 
 from villa.datasets import Dataset, Vocabulary, attribute_multi_hot, region_boxes
-from villa.embeddings import TextEmbeddingCache
-from villa.errors import VillaError
-from villa.images import DEFAULT_CACHE_MB, NO_RESIZE, ImageStore, ResizePolicy
-from villa.text import split_sentences
+from villa.datasets.images import DEFAULT_CACHE_MB, NO_RESIZE, ImageStore, ResizePolicy
+from villa.datasets.text import split_sentences
+from villa.features.embeddings import TextEmbeddingCache
+from villa.storage.errors import VillaError
 
 PAIR_MODES = ("villa", "clip", "all_regions", "random_mapping", "oracle")
 
@@ -246,7 +246,7 @@ def text_embeddings(texts: Sequence[str], cache: TextEmbeddingCache) -> torch.Te
 class RegionTextDataset(torch.utils.data.Dataset):
     """One item per image: its uint8 image, its pair boxes and the pairs' text embeddings.
 
-    images: an :class:`~villa.images.ImageStore` of N images (or a uint8 tensor ``[N, 3, H, W]``);
+    images: an :class:`~villa.datasets.images.ImageStore` of N images (or a uint8 tensor ``[N, 3, H, W]``);
     offsets int64 ``[N+1]``; boxes float32 ``[P, 4]`` in STORED pixels (scaled here by the store's resize
     factors); text float32 ``[P, D]``. ``__getitems__`` gathers a whole batch at once and returns the collated
     dict (see :func:`collate_region_text`).

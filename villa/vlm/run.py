@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 
 from villa.datasets import SPLITS, Dataset
-from villa.device import resolve_device
-from villa.distributed import all_gather_no_grad, all_gather_with_grad
-from villa.embeddings import TextEmbeddingCache, preprocessed_encoder
-from villa.errors import VillaError
-from villa.images import DEFAULT_CACHE_MB, ResizePolicy
+from villa.datasets.images import DEFAULT_CACHE_MB, ResizePolicy
+from villa.engine.device import resolve_device
+from villa.engine.distributed import all_gather_no_grad, all_gather_with_grad
+from villa.features.embeddings import TextEmbeddingCache, preprocessed_encoder
+from villa.storage.errors import VillaError
 from villa.vlm.data import PAIR_MODES, RegionTextDataset, build_dataset, collate_region_text
 from villa.vlm.loss import TAU, symmetric_info_nce
 
@@ -31,7 +31,7 @@ DEFAULT_SCHEDULER = functools.partial(
 
 
 class RegionTextLoss:
-    """``loss_fn(model, batch)`` for :func:`villa.training.fit`: symmetric InfoNCE over the batch's pairs.
+    """``loss_fn(model, batch)`` for :func:`villa.engine.training.fit`: symmetric InfoNCE over the batch's pairs.
 
     batch: images uint8 ``[B, 3, H, W]`` (scaled to [0, 1] here, on the device, so the host->device copy
     stays uint8), boxes ``[M, 5]``, text ``[M, D]``. Returns (mean loss over the M pairs, M).
@@ -144,14 +144,14 @@ def run_stage2(
     decoded in memory when they fit ``image_cache_mb``, else are decoded per batch. ``activation_checkpointing``
     recomputes the tower's activations in the backward pass instead of keeping them (less memory, one more
     forward a step; same results).
-    Writes ``run_dir/{metrics.csv,last.pkl,best.pkl,curves.png}`` through :func:`villa.training.fit` and
-    ``env.json``; ``logger`` (:class:`villa.tracking.TrackerSettings` or a ``logger`` config node) names the
+    Writes ``run_dir/{metrics.csv,last.pkl,best.pkl,curves.png}`` through :func:`villa.engine.training.fit` and
+    ``env.json``; ``logger`` (:class:`villa.engine.tracking.TrackerSettings` or a ``logger`` config node) names the
     experiment trackers that also get the run. Returns the FitResult.
     """
     from villa.encoders import get_encoder
-    from villa.environment import write_environment
-    from villa.tracking import open_tracker
-    from villa.training import fit
+    from villa.engine.environment import write_environment
+    from villa.engine.tracking import open_tracker
+    from villa.engine.training import fit
 
     dev = resolve_device(device)
     tracker = open_tracker(logger, run_dir, params=config)  # (a missing tracker package: refused here)
@@ -212,7 +212,7 @@ def run_stage2_from_config(cfg):
 
     Every key is read as composed (``configs/default.yaml`` and ``experiment/stage2.yaml`` declare them all), so
     each default lives in the YAML once and a misspelt or missing key fails here rather than falling back."""
-    from villa.hydra_app import claim_runs_folder, require_stage, training_arguments
+    from villa.engine.hydra_app import claim_runs_folder, require_stage, training_arguments
 
     require_stage(cfg, "stage2")
     claim_runs_folder(cfg)

@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from villa.artifacts import one_line
-from villa.errors import VillaError
-from villa.io import write_json
+from villa.storage.artifacts import one_line
+from villa.storage.errors import VillaError
+from villa.storage.io import write_json
 
 #: the tracker backends, in the order they start
 BACKENDS = ("tensorboard", "wandb", "mlflow")
@@ -54,7 +54,7 @@ REQUIREMENTS = {
 }
 RUN_IDS_FILE = "trackers.json"
 WANDB_MODES = ("offline", "online", "disabled")
-#: per-epoch metric names (a :func:`villa.training.fit` history row's key -> the tracker's name)
+#: per-epoch metric names (a :func:`villa.engine.training.fit` history row's key -> the tracker's name)
 EPOCH_METRICS = {
     "train_loss": "loss/train",
     "val_loss": "loss/val",
@@ -481,7 +481,7 @@ def open_tracker(
     ``settings``: :class:`TrackerSettings` or a ``logger`` config node; ``params``: the run's config, logged
     when a tracker starts a new run. On any process but global rank 0 (torchrun), trackers that log nothing.
     """
-    from villa import distributed
+    from villa.engine import distributed
 
     settings = TrackerSettings.of(settings)
     if distributed.global_rank() != 0:
@@ -500,7 +500,7 @@ def read_run_ids(run_dir: str | os.PathLike) -> dict[str, str]:
 
 
 def epoch_metrics(row: Mapping) -> dict[str, float]:
-    """A :func:`villa.training.fit` history row as tracker metrics (:data:`EPOCH_METRICS`; None left out)."""
+    """A :func:`villa.engine.training.fit` history row as tracker metrics (:data:`EPOCH_METRICS`; None left out)."""
     return {name: row[key] for key, name in EPOCH_METRICS.items() if row.get(key) is not None}
 
 

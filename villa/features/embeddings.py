@@ -18,8 +18,8 @@ Regions of an image are consecutive rows in the order of its ``region_coord``. S
 concatenated in manifest order to form the global row index. ``files`` maps every other file of the
 folder to ``{"bytes", "rows", "sha256"}``.
 
-Validation on read (a damaged file is one :class:`~villa.errors.VillaError` line naming the file, the
-problem and the preprocessing command that rebuilds it; see :mod:`villa.artifacts`):
+Validation on read (a damaged file is one :class:`~villa.storage.errors.VillaError` line naming the file, the
+problem and the preprocessing command that rebuilds it; see :mod:`villa.storage.artifacts`):
 
 * always, and cheap: the manifest parses and has its keys; every file exists with the byte size the
   manifest records; every ``.npy`` header is read with ``numpy.lib.format`` and its dtype, shape and the
@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from villa.artifacts import (
+from villa.storage.artifacts import (
     check_file,
     damaged,
     file_record,
@@ -60,9 +60,9 @@ from villa.artifacts import (
     save_npy,
     verify_sha256,
 )
-from villa.artifacts import file_sha256 as file_sha256
-from villa.errors import VillaError
-from villa.io import atomic_dir, atomic_path, check_own_folder, save_torch, write_json
+from villa.storage.artifacts import file_sha256 as file_sha256
+from villa.storage.errors import VillaError
+from villa.storage.io import atomic_dir, atomic_path, check_own_folder, save_torch, write_json
 
 #: 2 adds ``files`` (bytes, rows, sha256 of every file) and ``num_texts``; 1 is still read
 FORMAT_VERSION = 2

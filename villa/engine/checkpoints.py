@@ -10,7 +10,7 @@ A checkpoint is a ``torch.save`` dict (loadable with ``weights_only=True``)::
     best_val_loss, best_epoch, epochs_without_improvement, stopped_early
     config                      the resolved run config (plain dict) or None
     extra                       stage-specific plain data (e.g. the encoder config)
-    trackers                    the run's experiment-tracker run ids, backend -> id (villa.tracking), so that a
+    trackers                    the run's experiment-tracker run ids, backend -> id (villa.engine.tracking), so that a
                                 resumed run continues them; absent from older checkpoints, which still load
 """
 
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from villa.artifacts import damaged, load_torch, one_line, rerun_stage
-from villa.errors import VillaError
-from villa.io import save_torch
+from villa.storage.artifacts import damaged, load_torch, one_line, rerun_stage
+from villa.storage.errors import VillaError
+from villa.storage.io import save_torch
 
 FORMAT_VERSION = 1
 LAST = "last.pkl"

@@ -65,7 +65,7 @@ class Visualizer:
         from PIL import Image, ImageDraw, ImageFont
 
         if isinstance(image, (str, os.PathLike)):
-            from villa.images import decode_image
+            from villa.datasets.images import decode_image
 
             image = decode_image(image)
         if isinstance(image, Image.Image):
@@ -200,7 +200,7 @@ class Visualizer:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the drawing as a PNG, atomically."""
-        from villa.io import atomic_path
+        from villa.storage.io import atomic_path
 
         path = Path(path)
         with atomic_path(path) as tmp:

@@ -11,8 +11,8 @@
     # [{"box": [x0, y0, x1, y1], "query": "a red star", "score": 0.93, "cosine": 0.41}, ...]
 
 A :class:`Model` holds the text tower, the trained region image tower and (for trained models) the training
-vocabulary. Images go through the same steps as in training: decoded to RGB (:func:`villa.images.decode_image`),
-resized by the encoder's :class:`~villa.images.ResizePolicy`, scaled to [0, 1]; every region of an image is
+vocabulary. Images go through the same steps as in training: decoded to RGB (:func:`villa.datasets.images.decode_image`),
+resized by the encoder's :class:`~villa.datasets.images.ResizePolicy`, scaled to [0, 1]; every region of an image is
 embedded in one forward pass by RoIAlign on the tower's feature map (no crops). Boxes are always given and
 returned in the pixels of the image as stored (before any resize).
 
@@ -39,16 +39,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from villa.errors import VillaError, VillaWarning
+from villa.inference.model_folder import DEFAULT_TEMPERATURE
+from villa.storage.errors import VillaError, VillaWarning
 
 #: ``villa.load("untrained:<encoder>")``: the encoder's image tower as built, with no stage-2 training
 UNTRAINED_PREFIX = "untrained:"
 #: ``villa.load("example")``: the example model shipped inside the package (when no folder of that name exists)
 EXAMPLE = "example"
 #: the example model's folder
-EXAMPLE_DIR = Path(__file__).resolve().parent / "example_model"
-#: the stage-2 contrastive temperature when a run records none
-DEFAULT_TEMPERATURE = 0.07
+EXAMPLE_DIR = Path(__file__).resolve().parents[1] / "example_model"
 #: the score rule of :meth:`Model.ground` (see the module docstring)
 SCORE_RULE = "sigmoid"
 
@@ -78,7 +77,7 @@ def _array_to_rgb(image) -> np.ndarray:
     from PIL import Image
 
     if isinstance(image, Image.Image):
-        from villa.images import _to_rgb
+        from villa.datasets.images import _to_rgb
 
         return _to_rgb(image)
     if torch.is_tensor(image):
@@ -106,7 +105,7 @@ class Model:
         image_model: the region image tower (eval mode, on ``device``).
         vocabulary: the training vocabulary (:class:`villa.datasets.vocabulary.Vocabulary`) or None.
         temperature: the stage-2 temperature T of the score rule.
-        policy: the :class:`~villa.images.ResizePolicy` applied to every image.
+        policy: the :class:`~villa.datasets.images.ResizePolicy` applied to every image.
         source: where the model came from (a folder, or ``untrained:<encoder>``).
         info: what is known of its training (pairs, epoch, dataset, command, metrics; a dict).
     """
@@ -123,8 +122,8 @@ class Model:
         source: str = "",
         info: dict | None = None,
     ):
-        from villa.device import resolve_device
-        from villa.images import ResizePolicy
+        from villa.datasets.images import ResizePolicy
+        from villa.engine.device import resolve_device
 
         self.encoder = encoder
         self.device = resolve_device(device)
@@ -156,7 +155,7 @@ class Model:
         """L2-normalised text embeddings float32 ``[N, D]`` (CPU) of ``texts`` (a string counts as one).
 
         Each distinct string is embedded once per model (cached). A text longer than the text tower reads
-        (:attr:`~villa.encoders.Encoder.text_token_limit`) is truncated, with a :class:`~villa.errors.VillaWarning`.
+        (:attr:`~villa.encoders.Encoder.text_token_limit`) is truncated, with a :class:`~villa.storage.errors.VillaWarning`.
         """
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not all(isinstance(t, str) for t in texts):
@@ -230,7 +229,7 @@ class Model:
     def prepare(self, image) -> PreparedImage:
         """Decode and resize ``image`` once (a path, a PIL image, a uint8 ``[H, W, 3]`` array, or an already
         :class:`PreparedImage`): the methods below accept the result, so one image can serve many calls."""
-        from villa.images import decode_image
+        from villa.datasets.images import decode_image
 
         if isinstance(image, PreparedImage):
             return image
@@ -257,7 +256,7 @@ class Model:
     def boxes_for(self, image, regions="proposals") -> np.ndarray:
         """The boxes ``[M, 4]`` float32 (x0, y0, x1, y1, stored pixels) that ``regions`` gives on ``image``:
         ``"proposals"``, ``"proposals:K"``, ``"grid:RxC"`` (:mod:`villa.regions`) or boxes ``[M, 4]``
-        (clipped to the image, with a :class:`~villa.errors.VillaWarning` when they stick out)."""
+        (clipped to the image, with a :class:`~villa.storage.errors.VillaWarning` when they stick out)."""
         from villa.regions import parse_region_spec
 
         prepared = self.prepare(image)
@@ -312,7 +311,7 @@ class Model:
     @torch.no_grad()
     def _embed(self, prepared: PreparedImage, boxes: np.ndarray) -> torch.Tensor:
         """``[M, D]`` normalised embeddings of already valid boxes (stored pixels)."""
-        from villa.images import scale_boxes
+        from villa.datasets.images import scale_boxes
 
         if len(boxes) == 0:
             return torch.zeros(0, self.dim)
@@ -472,7 +471,7 @@ def load(
     the model's own (e.g. to give an untrained tower the vocabulary a trained model is compared on).
     Bad input (a missing or damaged folder, another format version) is one :class:`VillaError` line.
     """
-    from villa import model_folder
+    from villa.inference import model_folder
 
     text = str(path)
     if text.startswith(UNTRAINED_PREFIX):
@@ -490,7 +489,8 @@ def load(
                 f"'{EXAMPLE}' or '{UNTRAINED_PREFIX}<encoder>'"
             )
         if model_folder.is_model_folder(folder):
-            model = model_folder.read_model_folder(folder, device)
+            parts = model_folder.read_model_folder(folder, device)
+            model = Model(parts.pop("encoder"), parts.pop("image_model"), **parts)
         elif checkpoint is not None or (folder / "best.pkl").is_file() or (folder / "last.pkl").is_file():
             model = _load_run(folder, checkpoint, device, clip_weights)
         else:
@@ -525,8 +525,8 @@ def _load_untrained(name: str, device, clip_weights) -> Model:
 
 def _load_run(folder: Path, checkpoint: Path | None, device, clip_weights) -> Model:
     """A stage-2 run folder: ``best.pkl`` (else ``last.pkl``) and the dataset its config names."""
-    from villa.checkpoints import BEST, LAST, load_checkpoint, unwrap
     from villa.encoders import get_encoder
+    from villa.engine.checkpoints import BEST, LAST, load_checkpoint, unwrap
 
     if checkpoint is None:
         checkpoint = folder / BEST if (folder / BEST).is_file() else folder / LAST
@@ -549,7 +549,7 @@ def _load_run(folder: Path, checkpoint: Path | None, device, clip_weights) -> Mo
     try:
         unwrap(model).load_state_dict(ckpt["model"])
     except RuntimeError as err:
-        from villa.artifacts import one_line
+        from villa.storage.artifacts import one_line
 
         raise VillaError(
             f"{checkpoint} does not fit encoder '{enc.name}''s image tower ({one_line(err)})"
@@ -581,8 +581,8 @@ def _run_dataset(
     """(encoder, CLIP weights, vocabulary or None, dataset facts) of a run: from its dataset folder when it is
     there, else from what the checkpoint recorded (no vocabulary then, with a warning)."""
     from villa.datasets import Dataset
-    from villa.embeddings import preprocessed_encoder
-    from villa.paths import resolve_dataset_dir
+    from villa.features.embeddings import preprocessed_encoder
+    from villa.storage.paths import resolve_dataset_dir
 
     data_dir = config.get("data_dir")
     try:
@@ -616,3 +616,21 @@ def _run_dataset(
         "dataset_source": dataset.info.get("source"),
     }
     return encoder, weights, dataset.vocabulary, facts
+
+
+def export_model(
+    model,
+    out: str | os.PathLike,
+    *,
+    float16: bool = False,
+    clip_weights: str | os.PathLike | None = None,
+    note: str | None = None,
+) -> Path:
+    """Export ``model`` (a :class:`villa.inference.model.Model`, or what :func:`villa.load` opens: a stage-2 run folder,
+    another export, ``untrained:<encoder>``) into the folder ``out``; returns ``out``. ``note``: a paragraph added
+    to the model card (e.g. how the model was made). See :func:`write_model_folder`."""
+    from villa.inference.model_folder import write_model_folder
+
+    if not hasattr(model, "image_model"):
+        model = load(model, clip_weights=clip_weights)
+    return write_model_folder(model, out, float16=float16, note=note)

@@ -6,7 +6,7 @@ Preprocessing, stage 2, evaluation and zero-shot detection all read images throu
 CMYK become 8-bit RGB; 16-bit and float greyscale (e.g. X-rays) are min-max scaled to 0-255 per image. EXIF
 orientation is NOT applied: boxes refer to the pixels as stored (as COCO's do). A file that is missing,
 truncated or undecodable, or whose size differs from the annotations' ``image_size``, is a one-line
-:class:`~villa.errors.VillaError` naming the file.
+:class:`~villa.storage.errors.VillaError` naming the file.
 
 **Resize policy** (:class:`ResizePolicy`, set per encoder by ``Encoder.image_min_side`` /
 ``Encoder.image_max_side``): with ``h, w`` the stored size, the scale ``s`` is 1, raised to
@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from villa.errors import VillaError
+from villa.storage.errors import VillaError
 
 #: decoded-image memory budget when a caller gives none (MiB); a documented config key, ``image_cache_mb``
 DEFAULT_CACHE_MB = 1024

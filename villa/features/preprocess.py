@@ -1,6 +1,6 @@
 """Precompute a dataset's embeddings (docs/method.md section 3): attribute, region and sentence embeddings.
 
-Writes into the dataset folder, through :mod:`villa.embeddings` (the schema owner):
+Writes into the dataset folder, through :mod:`villa.features.embeddings` (the schema owner):
 
 * ``attr_embs.pth``: per attribute, the mean of its prompts' text embeddings, L2-normalised;
 * ``region_embs/``: one vector per region of every image of every split, with the encoder's name,
@@ -18,11 +18,11 @@ normalisation. Many images go through one forward pass (at most ``batch_size`` i
 in a thread meanwhile.
 
 **Memory does not grow with the dataset.** Region rows are written shard by shard (about
-:data:`WORK_SHARD_BYTES` each) into the work folder ``region_embs.partial/`` (:class:`villa.embeddings.RegionWork`).
+:data:`WORK_SHARD_BYTES` each) into the work folder ``region_embs.partial/`` (:class:`villa.features.embeddings.RegionWork`).
 For rich features these are the raw blocks, and each shard also records the float64 moments (count, mean, m2)
 of its train-split rows (:class:`~villa.encoders.rich.RunningMoments`); a second pass merges the moments into
 the train statistics, standardises and projects every shard, and writes ``region_embs/`` through
-:class:`~villa.embeddings.RegionEmbeddingWriter` (published atomically, with its validation manifest). The
+:class:`~villa.features.embeddings.RegionEmbeddingWriter` (published atomically, with its validation manifest). The
 result equals the in-memory recipe (all raw blocks, ``fit_stats``, ``finalize``) to float tolerance. The peak
 is one batch's activations plus one shard: about 1.1 GB for the libraries and models, plus up to ~0.7 GB
 for a full batch of the rich descriptor.
@@ -51,25 +51,32 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from villa import distributed
 from villa.datasets import Dataset, Vocabulary, region_boxes, region_offsets
 from villa.datasets.contract import annotations_path
-from villa.device import amp_dtype, autocast, release_freed_memory, resolve_device
-from villa.embeddings import (
+from villa.datasets.images import (
+    NO_RESIZE,
+    ResizePolicy,
+    decode_many,
+    pad_batch,
+    scale_boxes,
+    size_sorted_batches,
+)
+from villa.datasets.text import split_sentences
+from villa.encoders.rich import REGION_FEATURES, RichRegionFeatures, RunningMoments
+from villa.engine import distributed
+from villa.engine.device import amp_dtype, autocast, release_freed_memory, resolve_device
+from villa.features.embeddings import (
     RegionEmbeddingWriter,
     RegionWork,
     TextEmbeddingCache,
     file_sha256,
     save_attr_embs,
 )
-from villa.encoders.rich import REGION_FEATURES, RichRegionFeatures, RunningMoments
-from villa.errors import VillaError
-from villa.images import NO_RESIZE, ResizePolicy, decode_many, pad_batch, scale_boxes, size_sorted_batches
-from villa.text import split_sentences
+from villa.storage.errors import VillaError
 
 IMAGE_PREPROCESSING = (
     "RGB uint8 / 255, no mean/std normalisation (reference recipe; a tower may normalise inside), "
-    "resized by the encoder's policy (villa/images.py)"
+    "resized by the encoder's policy (villa/datasets/images.py)"
 )
 #: rows per ``region_embs`` shard: large enough that shards stay few, small enough to stream big datasets
 SHARD_ROWS = 1 << 16
@@ -583,7 +590,7 @@ def cli_main(argv: Sequence[str] | None = None) -> dict:
     """Parse ``argv``, preprocess, print the summary as JSON. Errors are one line and exit code 2."""
     import json
 
-    from villa.errors import exit_on_error
+    from villa.storage.errors import exit_on_error
 
     @exit_on_error
     def run() -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def project_dir() -> Path:
@@ -44,7 +44,7 @@ def resolve_dataset_dir(data_dir: str | os.PathLike, root: str | os.PathLike | N
     under_root = Path(root) if root is not None else data_root()
     if not candidate.is_absolute() and (under_root / candidate).is_dir():
         return (under_root / candidate).resolve()
-    from villa.errors import VillaError
+    from villa.storage.errors import VillaError
 
     raise VillaError(
         f"dataset folder not found: '{data_dir}' (looked in the current directory and {under_root})"

@@ -30,8 +30,11 @@ from pathlib import Path
 
 import torch
 
-from villa.artifacts import check_file, damaged, file_record, one_line, read_json, verify_sha256
-from villa.errors import VillaError
+from villa.storage.artifacts import check_file, damaged, file_record, one_line, read_json, verify_sha256
+from villa.storage.errors import VillaError
+
+#: the contrastive temperature of a model that records none (stage 2's default tau)
+DEFAULT_TEMPERATURE = 0.07
 
 FORMAT = "villa-model"
 FORMAT_VERSION = 1
@@ -122,28 +125,10 @@ def open_clip_state(model) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_model(
-    model,
-    out: str | os.PathLike,
-    *,
-    float16: bool = False,
-    clip_weights: str | os.PathLike | None = None,
-    note: str | None = None,
-) -> Path:
-    """Export ``model`` (a :class:`villa.inference.Model`, or what :func:`villa.load` opens: a stage-2 run folder,
-    another export, ``untrained:<encoder>``) into the folder ``out``; returns ``out``. ``note``: a paragraph added
-    to the model card (e.g. how the model was made). See :func:`write_model_folder`."""
-    if not hasattr(model, "image_model"):
-        from villa.inference import load
-
-        model = load(model, clip_weights=clip_weights)
-    return write_model_folder(model, out, float16=float16, note=note)
-
-
 def write_model_folder(
     model, out: str | os.PathLike, *, float16: bool = False, card: str | None = None, note: str | None = None
 ) -> Path:
-    """Write ``model`` (a :class:`villa.inference.Model`) as an export folder at ``out``, atomically.
+    """Write ``model`` (a :class:`villa.inference.model.Model`) as an export folder at ``out``, atomically.
 
     ``float16`` stores the weights in half precision (half the size; embeddings then differ from the float32
     model's by about 1e-3). ``card``: the ``MODEL_CARD.md`` text (default: :func:`model_card`). An existing
@@ -152,7 +137,7 @@ def write_model_folder(
     from safetensors.torch import save
 
     from villa.datasets.vocabulary import write_vocabulary
-    from villa.io import atomic_dir
+    from villa.storage.io import atomic_dir
 
     out = Path(out)
     if out.exists() and not (out.is_dir() and (is_model_folder(out) or not any(out.iterdir()))):
@@ -249,15 +234,15 @@ def read_config(folder: str | os.PathLike) -> dict:
     return config
 
 
-def read_model_folder(folder: str | os.PathLike, device: str | torch.device = "cpu"):
-    """Load an export as a :class:`villa.inference.Model` (one-line :class:`VillaError` for a damaged folder)."""
+def read_model_folder(folder: str | os.PathLike, device: str | torch.device = "cpu") -> dict:
+    """Read an export: the keyword arguments of :class:`villa.inference.model.Model` (its encoder and image tower
+    first, as ``encoder`` and ``image_model``); one-line :class:`VillaError` for a damaged folder."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from villa.datasets.images import ResizePolicy
     from villa.datasets.vocabulary import load_vocabulary_file
     from villa.encoders import get_encoder
-    from villa.images import ResizePolicy
-    from villa.inference import DEFAULT_TEMPERATURE, Model
 
     folder = Path(folder)
     config = read_config(folder)
@@ -295,9 +280,9 @@ def read_model_folder(folder: str | os.PathLike, device: str | torch.device = "c
         vocabulary = load_vocabulary_file(folder / config["vocabulary"])
     policy = config.get("resize_policy") or {}
     source = config.get("source") or {}
-    return Model(
-        enc,
-        model,
+    return dict(
+        encoder=enc,
+        image_model=model,
         vocabulary=vocabulary,
         temperature=float(config.get("temperature") or DEFAULT_TEMPERATURE),
         policy=ResizePolicy(policy.get("min_side"), policy.get("max_side")),

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from villa.errors import VillaError
+from villa.storage.errors import VillaError
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:

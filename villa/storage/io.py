@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from villa.errors import VillaError
+from villa.storage.errors import VillaError
 
 
 def _read_umask() -> int:

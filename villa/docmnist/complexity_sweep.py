@@ -18,7 +18,7 @@ to one set of tables; a final plain run collects them all:
 ``differences.csv`` per complexity and comparison (:data:`COMPARISONS`, paired by seed: the seeds share the
                     data), per metric: n, mean difference, std, 95% t-interval, whether it excludes 0
 ``results.png``     R-Precision against average complexity: mean lines with 95% interval bands
-``env.json``        what ran the sweep (:mod:`villa.environment`); every stage's run folder has its own
+``env.json``        what ran the sweep (:mod:`villa.engine.environment`); every stage's run folder has its own
 
 With trackers (``logger=tensorboard``, ``wandb``, ``mlflow`` or ``many``), each cell of a seed, complexity
 and method is one tracker run (stage 2's epochs and its evaluation; stage 1 is a run of its own, method
@@ -42,10 +42,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from villa.artifacts import damaged, file_sha256, one_line, read_json
-from villa.errors import VillaError
-from villa.io import atomic_path, write_json
-from villa.report import NA, fmt
+from villa.evaluation.report import NA, fmt
+from villa.storage.artifacts import damaged, file_sha256, one_line, read_json
+from villa.storage.errors import VillaError
+from villa.storage.io import atomic_path, write_json
 
 DEFAULT_SEED = 23
 #: every method of the sweep, in table order
@@ -230,7 +230,7 @@ def _stage_overrides(
 
 
 def _tracker_overrides(trackers, out_dir: Path, cell: dict) -> list[str]:
-    """A stage's overrides for the sweep's trackers (:class:`villa.tracking.TrackerSettings`): the same
+    """A stage's overrides for the sweep's trackers (:class:`villa.engine.tracking.TrackerSettings`): the same
     loggers and settings, MLflow's file store ``out_dir/mlruns`` and W&B's group the out_dir's name unless
     given, and the tags with the cell's ``seed``, ``complexity`` and ``method``."""
     out = [f"logger=[{','.join(['csv', *trackers.backends])}]"]
@@ -318,12 +318,12 @@ def run_sweep(
     ``logger``: the trackers of every stage (a ``logger`` config node, e.g. ``{"tensorboard": {}}``), their
     runs tagged with ``tags`` and each cell's seed, complexity and method."""
     from villa.datasets import Dataset
-    from villa.environment import write_environment
+    from villa.engine.environment import write_environment
+    from villa.engine.hydra_app import compose
+    from villa.engine.tracking import TrackerSettings
     from villa.evaluation.run import evaluate_from_config
-    from villa.hydra_app import compose
+    from villa.features.preprocess import preprocess_dataset
     from villa.mapping.run import run_stage1_from_config
-    from villa.preprocess import preprocess_dataset
-    from villa.tracking import TrackerSettings
     from villa.vlm.run import run_stage2_from_config
 
     complexities = _distinct_ints(complexities, "complexities", 1)
@@ -547,8 +547,8 @@ def generate_shared(data_root: str | Path, digit_pools=None, **params):
 def _embedded_by(dataset_dir: Path, encoder: str, clip_weights: str | None) -> bool:
     """Whether ``dataset_dir`` holds attribute, text and region embeddings by ``encoder`` (and the weights file
     ``clip_weights``, when given as a path) of its current annotation table."""
-    from villa.artifacts import cached_sha256
-    from villa.embeddings import ATTR_EMBS_FILE, REGION_EMBS_DIR, TEXT_EMBS_DIR, read_manifest
+    from villa.features.embeddings import ATTR_EMBS_FILE, REGION_EMBS_DIR, TEXT_EMBS_DIR, read_manifest
+    from villa.storage.artifacts import cached_sha256
 
     try:
         manifests = [read_manifest(dataset_dir / folder) for folder in (REGION_EMBS_DIR, TEXT_EMBS_DIR)]

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from villa.errors import VillaError, run_entry
-from villa.paths import project_dir
+from villa.storage.errors import VillaError, run_entry
+from villa.storage.paths import project_dir
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def register_resolvers() -> None:
@@ -37,7 +37,7 @@ RUNS_RECORD = "villa_dataset.json"
 def _resolved_dataset(data_dir, data_root=None) -> Path:
     """The resolved dataset folder of ``data_dir`` (a path, or a name under ``data_root``); for one that does
     not exist (yet), its absolute path with ``..`` and symbolic links resolved as far as they go."""
-    from villa.paths import resolve_dataset_dir
+    from villa.storage.paths import resolve_dataset_dir
 
     try:
         return resolve_dataset_dir(str(data_dir), None if data_root is None else str(data_root))
@@ -84,7 +84,7 @@ def claim_runs_folder(cfg: DictConfig) -> None:
     """Record the resolved dataset in ``checkpoint_dir/<name>/villa_dataset.json`` when the run folder lies in
     the dataset's runs folder (:func:`dataset_runs_name`), so another dataset of the same folder name gets its
     own folder. Called by the stage adapters before a run; a folder already recorded is left as it is."""
-    from villa.io import write_json
+    from villa.storage.io import write_json
 
     data_dir, checkpoint_dir = cfg.get("data_dir"), cfg.get("checkpoint_dir")
     if data_dir is None or checkpoint_dir is None or cfg.get("run_dir") is None:
@@ -225,7 +225,7 @@ def check_command_line(argv: Sequence[str], config_name: str = "default") -> Non
         key = getattr(err, "full_key", None)
         message = str(err).strip().splitlines()[0]
         raise VillaError(f"cannot resolve {key}: {message}" if key else message) from None
-    from villa.tracking import check_installed
+    from villa.engine.tracking import check_installed
 
     check_installed(cfg.get("logger"))  # (before Hydra makes the run folder)
 
@@ -340,7 +340,7 @@ def training_arguments(cfg: DictConfig) -> dict:
     stage adapters add their own keys."""
     from hydra.utils import instantiate
 
-    from villa.tracking import tracker_settings
+    from villa.engine.tracking import tracker_settings
 
     return {
         "device": cfg.device,

@@ -11,7 +11,7 @@
                          "files": [every other file written, relative to out]}
     predictions.csv     one row per annotation: image_id, file_name, query, category_id, score, cosine,
                         x0, y0, x1, y1 (pixels of the image as stored)
-    drawn/<image>.png   the image with its boxes and "<query> <score>" labels (villa.drawing)
+    drawn/<image>.png   the image with its boxes and "<query> <score>" labels (villa.inference.drawing)
     heatmaps/<image>/<k>_<query>.png   with heatmap=true: query k's dense region scores over the image
 
 ``predictions.json`` is a COCO object: ``annotations`` is a COCO detection-results list (``image_id``,
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from villa.errors import VillaError
+from villa.storage.errors import VillaError
 
 FORMAT = "villa-predictions"
 FORMAT_VERSION = 1
@@ -192,7 +192,7 @@ def predict_images(
     """Ground ``queries`` in every image and write ``out`` (see the module docstring); returns the
     ``predictions.json`` content.
 
-    ``model``: a :class:`villa.inference.Model` or anything :func:`villa.load` opens. ``images``: a file, a
+    ``model``: a :class:`villa.inference.model.Model` or anything :func:`villa.load` opens. ``images``: a file, a
     folder, a glob pattern or a list of them. ``queries``: a list of strings, one string, or ``"vocabulary"``
     (the model's training vocabulary). ``regions``: ``proposals[:K]`` or ``grid:RxC``; ``boxes_file`` (JSON,
     :func:`read_boxes_file`) gives each image's boxes instead. Other arguments as :meth:`villa.Model.ground`
@@ -200,12 +200,12 @@ def predict_images(
     """
     from tqdm.auto import tqdm
 
-    from villa.drawing import Visualizer, draw_predictions
-    from villa.io import atomic_dir
+    from villa.inference.drawing import Visualizer, draw_predictions
     from villa.regions import parse_region_spec
+    from villa.storage.io import atomic_dir
 
     if not hasattr(model, "ground"):
-        from villa.inference import load
+        from villa.inference.model import load
 
         model = load(model)
     out = Path(out)
@@ -299,7 +299,7 @@ def predict_images(
 
 def read_predictions(out: str | os.PathLike) -> dict:
     """``predictions.json`` of a predictions folder, checked to be one (one-line :class:`VillaError` otherwise)."""
-    from villa.artifacts import read_json
+    from villa.storage.artifacts import read_json
 
     out = Path(out)
     data = read_json(

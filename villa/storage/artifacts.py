@@ -1,8 +1,8 @@
 """Shared checks for reading artifacts: a damaged file gives ONE line naming the file, what is wrong with it
 and the command that rebuilds it, never a traceback from numpy, pyarrow, json or torch.
 
-The module that owns an artifact (:mod:`villa.embeddings`, :mod:`villa.checkpoints`,
-:mod:`villa.mapping.schema`, the sweep's markers in :mod:`villa.complexity_sweep`) calls these helpers;
+The module that owns an artifact (:mod:`villa.features.embeddings`, :mod:`villa.engine.checkpoints`,
+:mod:`villa.mapping.schema`, the sweep's markers in :mod:`villa.docmnist.complexity_sweep`) calls these helpers;
 every message has the form::
 
     <file relative to its folder> in <folder> <problem>: <fix>
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from villa.errors import VillaError
+from villa.storage.errors import VillaError
 
 #: the generic preprocessing command (``preprocess_docmnist.py`` stays as an alias)
 PREPROCESS_SCRIPT = "preprocess/preprocess_dataset.py"
@@ -56,7 +56,7 @@ def stage_command(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None
     Taken from the folder's ``.hydra/`` record (the exact overrides of the last Hydra run there, without
     ``resume=``); else ``python -m villa.<stage> experiment=<folder name> checkpoint_dir=<folder>
     data_dir=<its dataset>`` when an experiment of that name exists (runs made through
-    :func:`villa.hydra_app.compose`, e.g. by the sweep, leave no record; ``<folder>`` is the parent of the
+    :func:`villa.engine.hydra_app.compose`, e.g. by the sweep, leave no record; ``<folder>`` is the parent of the
     run folder, or its grandparent for the experiments that keep each dataset's runs apart, and ``data_dir``
     fills in the dataset when known); else a plain description.
     """
@@ -91,7 +91,7 @@ def _experiment_value(name: str, key: str, depth: int = 0):
     """The value of ``key`` in ``configs/experiment/<name>.yaml``, following its ``defaults`` list."""
     import yaml
 
-    path = Path(__file__).resolve().parent / "configs" / "experiment" / f"{name}.yaml"
+    path = Path(__file__).resolve().parents[1] / "configs" / "experiment" / f"{name}.yaml"
     config = yaml.safe_load(path.read_text()) if path.is_file() and depth < 5 else None
     if not isinstance(config, dict):
         return None

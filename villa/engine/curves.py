@@ -1,9 +1,9 @@
 """``curves.png``: a training run's loss and learning-rate curves, drawn from its per-epoch history.
 
 Two panels against the epoch: the train and val loss (the best epoch, the lowest monitored loss, marked with
-a star and a dotted line), and the learning rate (log scale when it changes). :func:`villa.training.fit`
+a star and a dotted line), and the learning rate (log scale when it changes). :func:`villa.engine.training.fit`
 draws it at the end of training (a resumed run redraws it) from the rows of ``metrics.csv``
-(:func:`villa.training.read_metrics`).
+(:func:`villa.engine.training.read_metrics`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from villa.io import atomic_path
+from villa.storage.io import atomic_path
 
 CURVES_FILE = "curves.png"
 

@@ -3,7 +3,7 @@
 ``fit`` owns everything around the model's loss: device placement, mixed precision (CUDA only),
 gradient scaling, DistributedDataParallel under torchrun, seeded per-epoch shuffling, validation,
 learning-rate scheduling, early stopping, ``metrics.csv``, ``curves.png``, the experiment trackers' per-epoch
-metrics (:mod:`villa.tracking`), atomic ``last.pkl`` / ``best.pkl`` and resume.
+metrics (:mod:`villa.engine.tracking`), atomic ``last.pkl`` / ``best.pkl`` and resume.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from villa import distributed, tracking
-from villa.artifacts import one_line
-from villa.checkpoints import BEST, LAST, CheckpointWriter, host_copy, load_checkpoint, unwrap
-from villa.curves import CURVES_FILE, plot_curves
-from villa.device import autocast, keep_cpu_memory, needs_grad_scaler
-from villa.errors import VillaError
-from villa.io import atomic_path, remove_own_file
+from villa.engine import distributed, tracking
+from villa.engine.checkpoints import BEST, LAST, CheckpointWriter, host_copy, load_checkpoint, unwrap
+from villa.engine.curves import CURVES_FILE, plot_curves
+from villa.engine.device import autocast, keep_cpu_memory, needs_grad_scaler
+from villa.storage.artifacts import one_line
+from villa.storage.errors import VillaError
+from villa.storage.io import atomic_path, remove_own_file
 
 METRICS_FILE = "metrics.csv"
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "lr", "seconds", "data_seconds", "improved")
@@ -427,7 +427,7 @@ def fit(
     Only rank 0 writes files. ``resume=True`` continues from ``run_dir/last.pkl`` when it exists.
     On CUDA, ``channels_last`` stores the model's convolutions and 4-D inputs NHWC (ignored on CPU).
     On the CPU, ``cpu_keep_freed_memory`` makes the process keep freed heap memory for reuse (off by default)
-    (:func:`villa.device.keep_cpu_memory`, process-wide, not undone): stage-2 steps run faster but the peak
+    (:func:`villa.engine.device.keep_cpu_memory`, process-wide, not undone): stage-2 steps run faster but the peak
     RSS is higher (on 4,000 images of 200x150, batch 256: 7.5 GB instead of 4.8 GB; docs/performance.md, "The CPU allocator setting").
 
     Small datasets can live on the device: with ``resident=True`` ``train_set`` and ``val_set`` are already
@@ -439,14 +439,14 @@ def fit(
     eager steps). ``val_loss_fn(model, val_set) -> (sum of losses * items, items)`` computes the
     validation loss of the whole set at once, equal to the loader's batch-by-batch mean (single process).
 
-    Checkpoints are written by a background thread (:class:`villa.checkpoints.CheckpointWriter`) after the
+    Checkpoints are written by a background thread (:class:`villa.engine.checkpoints.CheckpointWriter`) after the
     last epoch, on an early stop, and after any epoch that ends ``checkpoint_every_s`` seconds or more
     after the previous write (0: after every epoch). An improved model waiting for its write is held as a copy on
     its device and written as ``best.pkl`` before the next ``last.pkl``, so the two files always agree with
     each other (``metrics.csv`` is rewritten every epoch and may run ahead of them); a resumed run repeats at
     most about ``checkpoint_every_s`` seconds plus one epoch of training.
 
-    ``tracker`` (:func:`villa.tracking.open_tracker`, not started) gets every epoch's losses, learning rate and
+    ``tracker`` (:func:`villa.engine.tracking.open_tracker`, not started) gets every epoch's losses, learning rate and
     times and, at the end, the best epoch; it starts here, continuing the runs a resumed checkpoint names
     (``trackers``), and is left open for the caller to add its final figures and close. At the end of
     training (also when a resumed run has nothing left to train) ``curves.png`` is drawn from the history.

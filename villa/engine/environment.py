@@ -35,7 +35,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from villa.io import write_json
+from villa.storage.io import write_json
 
 ENV_FILE = "env.json"
 FORMAT_VERSION = 1
@@ -185,7 +185,7 @@ def write_environment(
 ) -> dict | None:
     """Write ``run_dir/env.json`` for a start of ``stage`` (an earlier record there moves under ``earlier``)
     and return the record. Only global rank 0 writes; the others return None."""
-    from villa import distributed
+    from villa.engine import distributed
 
     if distributed.global_rank() != 0:
         return None

@@ -48,10 +48,10 @@ def _under_torchrun() -> bool:
 
 
 def _fail(message: str, line: str, code: int) -> NoReturn:
-    """Print ``line``; under torchrun also stop every other rank of the job (see villa.distributed)."""
+    """Print ``line``; under torchrun also stop every other rank of the job (see villa.engine.distributed)."""
     print(line, file=sys.stderr)
     if _under_torchrun():
-        from villa import distributed
+        from villa.engine import distributed
 
         distributed.report_failure(message, code)
     sys.exit(code)
@@ -66,7 +66,7 @@ def run_entry(func: Callable, *args, **kwargs):
     """
     torchrun = _under_torchrun()
     if torchrun:
-        from villa import distributed
+        from villa.engine import distributed
 
         distributed.watch_for_failures()
     try:

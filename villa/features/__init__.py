@@ -1,0 +1,1 @@
+"""Feature precomputation: the attribute, region and sentence embeddings every stage reads."""

@@ -1,0 +1,1 @@
+"""Using a trained model: loading, grounding queries, prediction files, export folders and drawings."""
