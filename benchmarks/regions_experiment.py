@@ -12,12 +12,15 @@ One shapes set (``python -m villa.datasets.shapes --images=N --seed=0``) is impo
 - ``table``: the same images and captions as a box-free table import with ``--regions=proposals`` (image-level
   evaluation: no region labels at all).
 
-Per arm: preprocessing (``--encoder``), then per seed stage 1, ViLLA and CLIP stage 2, and evaluation of ViLLA,
-CLIP and the untrained tower. Seeds change stage 1's and stage 2's initialisation and order, not the data. Every
-command runs as its own process with ``OMP_NUM_THREADS=1`` (the commands below are printed as they run); a
-finished step (its output file present) is skipped, so an interrupted run resumes. Results:
-``<out>/results.csv`` (one row per arm, seed and model) and ``<out>/summary.csv`` (mean and 95% Student-t
-interval over the seeds, and ViLLA - CLIP paired by seed).
+Per arm: preprocessing (``--encoder``), then per seed stage 1 and ViLLA's stage 2, and evaluation of ViLLA, CLIP
+and the untrained tower. The CLIP baseline trains on whole images and whole texts only, which the three arms
+share (same images, same texts, same splits), so it is trained once per seed and evaluated on every arm. Seeds
+change stage 1's and stage 2's initialisation and order, not the data. Every command runs as its own process
+with ``OMP_NUM_THREADS=1`` (the commands are printed as they run and logged in ``<out>/commands.log``); a finished
+step (its output file present) is skipped, so an interrupted run resumes, and seeds can run as concurrent
+processes once ``--prepare_only`` has made the data. Results: ``<out>/results_<encoder>.csv`` (one row per arm,
+seed and model) and ``<out>/summary_<encoder>.csv`` (mean and 95% Student-t interval over the seeds, and
+ViLLA - CLIP paired by seed).
 """
 
 from __future__ import annotations
@@ -108,25 +111,38 @@ def _vocabulary(shapes: Path) -> str:
     return "attributes:\n" + "".join(f"  - name: {c['name']}\n    kind: shape\n" for c in categories)
 
 
-def train_and_evaluate(out: Path, arm: str, folder: Path, seed: int, args, log: Path) -> Path:
-    """Stage 1, ViLLA, CLIP and the three evaluations of one arm and seed; returns its checkpoint folder."""
+def train_clip(out: Path, folder: Path, seed: int, args, log: Path) -> Path:
+    """The CLIP baseline of one seed (whole images and texts: the same for every arm); returns its best.pkl."""
+    ckpt = out / "runs" / f"clip_{args.encoder}" / f"s{seed}"
+    run_dir = ckpt / "clip"
+    if not (run_dir / "best.pkl").is_file():
+        run([sys.executable, "-m", "villa.stage2", "experiment=clip", f"data_dir={folder}", f"run_dir={run_dir}",
+             f"checkpoint_dir={ckpt}", f"seed={seed}", "device=cpu", "progress=false",
+             f"epochs={args.stage2_epochs}", f"batch_size={args.stage2_batch}"], log)  # fmt: skip
+    return run_dir / "best.pkl"
+
+
+def train_and_evaluate(out: Path, arm: str, folder: Path, seed: int, clip: Path, args, log: Path) -> Path:
+    """Stage 1, ViLLA and the three evaluations of one arm and seed; returns the folder of its runs."""
     py = sys.executable
     ckpt = out / "runs" / f"{arm}_{args.encoder}" / f"s{seed}"
+    runs = ckpt / "runs"
     common = [f"data_dir={folder}", f"checkpoint_dir={ckpt}", f"seed={seed}", "device=cpu", "progress=false"]
-    stage1 = ckpt / folder.name / "stage1"
-    if not (stage1 / "mapping_metrics.json").is_file():
-        run([py, "-m", "villa.stage1", "experiment=stage1", *common], log)
-    stage2 = [f"epochs={args.stage2_epochs}", f"batch_size={args.stage2_batch}"]
-    for experiment in ("stage2", "clip"):
-        if (
-            not (ckpt / folder.name / experiment / "best.pkl").is_file()
-            or not (ckpt / folder.name / experiment / "metrics.csv").is_file()
-        ):
-            run([py, "-m", "villa.stage2", f"experiment={experiment}", *common, *stage2], log)
-    for experiment in ("stage2", "clip", "untrained"):
-        if not (ckpt / folder.name / experiment / "metrics.json").is_file():
-            run([py, "-m", "villa.evaluate", f"experiment={experiment}", *common], log)
-    return ckpt / folder.name
+    if not (runs / "stage1" / "mapping_metrics.json").is_file():
+        run([py, "-m", "villa.stage1", "experiment=stage1", *common, f"run_dir={runs / 'stage1'}"], log)
+    stage2 = [f"run_dir={runs / 'stage2'}", f"stage_1_ckpt_dir={runs / 'stage1'}"]
+    if not (runs / "stage2" / "best.pkl").is_file():
+        run([py, "-m", "villa.stage2", "experiment=stage2", *common, *stage2, f"epochs={args.stage2_epochs}",
+             f"batch_size={args.stage2_batch}"], log)  # fmt: skip
+    evaluations = {
+        "stage2": stage2,
+        "clip": [f"run_dir={runs / 'clip'}", f"eval_checkpoint={clip}"],
+        "untrained": [f"run_dir={runs / 'untrained'}"],
+    }
+    for experiment, keys in evaluations.items():
+        if not (runs / experiment / "metrics.json").is_file():
+            run([py, "-m", "villa.evaluate", f"experiment={experiment}", *common, *keys], log)
+    return runs
 
 
 def collect(out: Path, runs: dict[tuple[str, int], Path]) -> pd.DataFrame:
@@ -178,6 +194,9 @@ def main() -> None:
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--stage2_epochs", type=int, default=12)
     parser.add_argument("--stage2_batch", type=int, default=64)
+    parser.add_argument(
+        "--prepare_only", action="store_true", help="make the data (import, preprocess) and stop"
+    )
     args = parser.parse_args()
     arms = [a for a in args.arms.split(",") if a]
     unknown = sorted(set(arms) - set(ARMS))
@@ -187,10 +206,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "commands.log"
     data = prepare(out, args.images, args.encoder, arms, log)
+    if args.prepare_only:
+        return
     runs = {}
     for seed in [int(s) for s in args.seeds.split(",")]:
+        clip = train_clip(out, data[arms[0]], seed, args, log)
         for arm in arms:
-            runs[(arm, seed)] = train_and_evaluate(out, arm, data[arm], seed, args, log)
+            runs[(arm, seed)] = train_and_evaluate(out, arm, data[arm], seed, clip, args, log)
     results = collect(out, runs)
     results.insert(0, "encoder", args.encoder)
     summary = summarise(results)
