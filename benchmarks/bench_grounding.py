@@ -6,8 +6,9 @@
 Held-out images come from ``python -m villa.datasets.shapes --seed=1`` (the example model trained on seed 0's
 images), made here into ``--work``. For every image and every shape category its captions mention (the
 vocabulary's text matcher, as in training) that is in the image, each model grounds the category's prompt
-(``Model.ground``, top 1, sigmoid score against the training vocabulary; ``--score=cosine``: the box of highest
-raw cosine instead) among two candidate sets:
+(``Model.ground``, top 1: the sigmoid score against the training vocabulary, with proposals its geometric mean
+with the proposal's objectness; ``--score=cosine``: the box of highest raw cosine instead) among two candidate
+sets:
 
 - ``proposals``: the region proposer's boxes (``--regions``; the same boxes for every model);
 - ``ground-truth boxes``: the image's own instance boxes (every shape of the image): which one is the star?
@@ -125,8 +126,10 @@ def main(argv: list[str] | None = None) -> None:
         for q in queries:
             recall += bool(len(proposals) and (box_iou(proposals, truth[q]) >= 0.5).any())
         for name, model in models.items():
-            for kind, candidates in (("proposals", proposals), ("boxes", r["boxes"])):
-                if not len(candidates):
+            # proposals by their spec, so that ground weighs them by their objectness (the same boxes for every
+            # model: the proposer is deterministic); the ground-truth boxes as given
+            for kind, candidates in (("proposals", str(spec)), ("boxes", r["boxes"])):
+                if not len(candidates) or (kind == "proposals" and not len(proposals)):
                     continue
                 if args.score == "sigmoid":  # what Model.ground returns first
                     rows = model.ground(prepared[name], queries, candidates, top_k=1, nms_iou=None)

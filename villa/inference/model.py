@@ -23,6 +23,9 @@ returned in the pixels of the image as stored (before any resize).
   it was trained on) and ``T`` the training temperature. 0.5 means "as close to the query as to the average
   vocabulary prompt"; a query is scored on its own, so it needs no competitors. A model without a vocabulary
   (an untrained tower, or a run whose dataset folder is gone) uses the queries themselves as background.
+  With ``regions="proposals[:K]"`` the score is the geometric mean of that class score and the proposal's
+  objectness (:mod:`villa.regions.proposals`), as in zero-shot detection (``docs/regions.md``), so that a
+  clutter box that resembles the query ranks below an object that does.
 - ``cosine``: the raw cosine similarity of the L2-normalised embeddings.
 
 Text embeddings are cached per query string for the life of the model.
@@ -257,13 +260,19 @@ class Model:
         """The boxes ``[M, 4]`` float32 (x0, y0, x1, y1, stored pixels) that ``regions`` gives on ``image``:
         ``"proposals"``, ``"proposals:K"``, ``"grid:RxC"`` (:mod:`villa.regions`) or boxes ``[M, 4]``
         (clipped to the image, with a :class:`~villa.storage.errors.VillaWarning` when they stick out)."""
-        from villa.regions import parse_region_spec
+        return self._regions(self.prepare(image), regions)[0]
 
-        prepared = self.prepare(image)
+    def _regions(self, prepared: PreparedImage, regions) -> tuple[np.ndarray, np.ndarray | None]:
+        """(boxes ``[M, 4]``, the proposer's objectness ``[M]`` for proposals, else None)."""
+        from villa.regions import parse_region_spec, propose_regions
+
         if isinstance(regions, str):
             spec = parse_region_spec(regions, ("grid", "proposals"), what="regions")
-            return spec.boxes_for(image=prepared.pixels)
-        return self._clip(prepared, regions)
+            if spec.kind == "proposals":
+                found = propose_regions(prepared.pixels, spec.max_regions)
+                return found.boxes, found.scores.astype(np.float64)
+            return spec.boxes_for(image=prepared.pixels), None
+        return self._clip(prepared, regions), None
 
     @staticmethod
     def _clip(prepared: PreparedImage, boxes) -> np.ndarray:
@@ -331,7 +340,7 @@ class Model:
 
         prepared = self.prepare(image)
         labels, query_embs = self._queries(queries)
-        boxes = self.boxes_for(prepared, regions)
+        boxes, objectness = self._regions(prepared, regions)
         region_embs = self._embed(prepared, boxes)
         scores = region_scores(
             region_embs,
@@ -340,6 +349,8 @@ class Model:
             self.temperature,
             background_embs=self._background(query_embs),
         )
+        if objectness is not None:  # proposals: the class score's geometric mean with the box's objectness
+            scores = np.sqrt(scores * objectness[:, None])
         cosines = region_scores(region_embs, query_embs, "cosine")
         return boxes, labels, scores, cosines
 
