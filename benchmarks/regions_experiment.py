@@ -118,7 +118,8 @@ def train_clip(out: Path, folder: Path, seed: int, args, log: Path) -> Path:
     if not (run_dir / "best.pkl").is_file():
         run([sys.executable, "-m", "villa.stage2", "experiment=clip", f"data_dir={folder}", f"run_dir={run_dir}",
              f"checkpoint_dir={ckpt}", f"seed={seed}", "device=cpu", "progress=false",
-             f"epochs={args.stage2_epochs}", f"batch_size={args.stage2_batch}"], log)  # fmt: skip
+             f"epochs={args.stage2_epochs}", f"batch_size={args.stage2_batch}", *args.stage2_overrides.split()],
+            log)  # fmt: skip
     return run_dir / "best.pkl"
 
 
@@ -133,7 +134,7 @@ def train_and_evaluate(out: Path, arm: str, folder: Path, seed: int, clip: Path,
     stage2 = [f"run_dir={runs / 'stage2'}", f"stage_1_ckpt_dir={runs / 'stage1'}"]
     if not (runs / "stage2" / "best.pkl").is_file():
         run([py, "-m", "villa.stage2", "experiment=stage2", *common, *stage2, f"epochs={args.stage2_epochs}",
-             f"batch_size={args.stage2_batch}"], log)  # fmt: skip
+             f"batch_size={args.stage2_batch}", *args.stage2_overrides.split()], log)  # fmt: skip
     evaluations = {
         "stage2": stage2,
         "clip": [f"run_dir={runs / 'clip'}", f"eval_checkpoint={clip}"],
