@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"held-out shapes: {len(records)} images (python -m villa.datasets.shapes --seed={args.seed} "
           f"--images={args.images}, in {folder}), {pairs} (image, mentioned shape) pairs; regions {spec}; "
           f"boxes ranked by {args.score}")  # fmt: skip
-    from bench_predict import cpu_model
+    from villa.engine.environment import cpu_model
 
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (1 min)")
     print()

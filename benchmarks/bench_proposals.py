@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -37,21 +36,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from villa.engine.environment import cpu_model
 from villa.regions import box_iou, nms
 from villa.regions import proposals as P
 
 KS = (10, 25, 50, 100)
 IOUS = (0.5, 0.7)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def load_shapes(folder: Path, limit: int) -> list[tuple[np.ndarray, np.ndarray, Path]]:

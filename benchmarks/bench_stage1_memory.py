@@ -140,16 +140,6 @@ def run_worker(tree: Path, data_dir: Path, run_dir: Path, epochs: int, threads: 
     return json.loads(out.read_text())
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         data_dir, run_dir, out, epochs, threads = sys.argv[2:7]
@@ -173,6 +163,8 @@ def main() -> None:
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_stage1_memory."))
     work.mkdir(parents=True, exist_ok=True)
+    from villa.engine.environment import cpu_model  # (not at the top: the worker may run an older villa tree)
+
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, "
           f"{args.threads} thread(s), python {platform.python_version()}", flush=True)  # fmt: skip
     try:

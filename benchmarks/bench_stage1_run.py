@@ -49,8 +49,12 @@ def worker(args) -> None:
     import torch
 
     import villa
-    from villa.engine.hydra_app import compose
     from villa.mapping.run import run_stage1_from_config
+
+    try:
+        from villa.engine.hydra_app import compose
+    except ImportError:  # a baseline tree from before villa/engine/
+        from villa.hydra_app import compose
 
     overrides = [
         "experiment=stage1",

@@ -248,9 +248,13 @@ def worker(args) -> None:
             out["eval_s"] = time.perf_counter() - t0
             out["eval"] = {k: metrics[k] for k in EVAL_KEYS if k in metrics}
     if args.profile:
-        from villa.datasets.images import ResizePolicy
         from villa.encoders import get_encoder
         from villa.vlm.run import build_stage2_datasets
+
+        try:
+            from villa.datasets.images import ResizePolicy
+        except ImportError:  # a baseline tree from before villa/datasets/images.py
+            from villa.images import ResizePolicy
 
         enc = get_encoder("default", device="cpu")
         train_set, _ = build_stage2_datasets(

@@ -38,10 +38,9 @@ from unittest import mock
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
-#: topic files other work adds; a link to one passes only while it does not exist (then its anchors are checked)
-PENDING_DOCS = {"docs/regions.md", "docs/predict.md", "docs/tracking.md", "docs/robustness.md"}
-#: entry points other work adds; a command of one is skipped only while the module does not exist (none: every
-#: documented command's module exists)
+#: documentation files a link may name before they exist (a link to one passes only while it is missing); none
+PENDING_DOCS: set[str] = set()
+#: entry points whose documented commands are skipped while the module is missing; none
 PENDING_MODULES: set[str] = set()
 #: the experiments' ``stage`` each Hydra entry point accepts (villa.engine.hydra_app.require_stage and the adapters)
 ENTRY_STAGES = {

@@ -34,11 +34,11 @@ def statuses(text: str, vocabulary: Vocabulary = FINDINGS) -> dict[str, int]:
         ("There is no star here, only a circle.", ["circle"]),
     ],
 )
-def test_issue_examples(text, expected):
+def test_report_and_caption_examples(text, expected):
     assert FINDINGS.text_attributes([text]) == [expected]
 
 
-def test_issue_example_statuses():
+def test_report_and_caption_statuses():
     assert statuses("Negative for pneumothorax; possible small pleural effusion.") == {
         "pleural effusion": UNCERTAIN,
         "pneumothorax": NEGATED,
@@ -216,12 +216,15 @@ def test_shapes_negations(tmp_path):
     zero = make_shapes_coco(tmp_path / "zero", num_images=24, seed=2, progress=False, negations=0.0)
     denied = make_shapes_coco(tmp_path / "denied", num_images=24, seed=2, progress=False, negations=1.0)
     again = make_shapes_coco(tmp_path / "again", num_images=24, seed=2, progress=False, negations=1.0)
+    every = make_shapes_coco(tmp_path / "every", num_images=4, seed=2, progress=False, negations=1.0,
+                             objects=(16, 20), height=(400, 400), width=(500, 500))  # fmt: skip
+    assert (every / "captions.json").is_file()  # images showing all 8 shapes have none to deny
     assert _tree_digest(zero) == _tree_digest(plain)  # P=0: byte-identical
     assert _tree_digest(again) == _tree_digest(denied)  # same seed, same bytes
     digests = _tree_digest(denied)
-    assert {k: v for k, v in digests.items() if k != "captions.json"} == {
-        k: v for k, v in _tree_digest(plain).items() if k != "captions.json"
-    }  # the images and boxes do not change
+    assert {k: v for k, v in digests.items() if k not in ("captions.json", "shapes.json")} == {
+        k: v for k, v in _tree_digest(plain).items() if k not in ("captions.json", "shapes.json")
+    }  # the images and boxes do not change (the marker records the setting)
 
     def texts_of(folder):
         by_image: dict[int, list[str]] = {}
@@ -331,3 +334,10 @@ def test_import_refuses_texts_that_only_deny(tmp_path):
     lines = check_vocabulary_matches(vocab.with_policy("keep"), ["No star here.", "A star."])
     assert lines == ['negation: 1 of 2 attribute mentions negated (e.g. "no star here"), 0 uncertain; '
                      "negated: keep, uncertain: keep"]  # fmt: skip
+
+
+def test_free_is_not_a_negation_in_captions():
+    """'free' alone is not a trigger ("a free park"); 'free of' is."""
+    vocab = Vocabulary.from_names(["dog", "frisbee", "cloud"])
+    assert vocab.text_attributes(["A dog catches a frisbee in a free park."]) == [["dog", "frisbee"]]
+    assert vocab.text_attributes(["A blue sky free of clouds."]) == [[]]

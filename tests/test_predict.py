@@ -166,8 +166,11 @@ def test_untrained_tower_and_an_added_vocabulary(run, image):
     untrained = villa.load("untrained:default")
     assert untrained.vocabulary is None and untrained.info["pairs"] == "untrained"
     lone = untrained.ground(image, ["a"], regions="grid:2x2", top_k=None, nms_iou=None)
-    assert all(r["score"] == pytest.approx(0.5) for r in lone)  # the query is its own background
-    assert [r["cosine"] for r in lone] == sorted((r["cosine"] for r in lone), reverse=True)  # ties: cosine
+    # the query is its own background: the class score is (1 + cosine) / 2, so the query decides the ranking
+    assert all(r["score"] == pytest.approx((1 + r["cosine"]) / 2) for r in lone)
+    assert [r["cosine"] for r in lone] == sorted((r["cosine"] for r in lone), reverse=True)
+    other = untrained.ground(image, ["the number is a one"], regions="grid:2x2", top_k=None, nms_iou=None)
+    assert {r["score"] for r in other} != {r["score"] for r in lone}  # the query changes the scores
     with_vocab = villa.load("untrained:default", vocabulary=run[1] / "attributes.yaml")
     assert len(with_vocab.vocabulary) == 20
 

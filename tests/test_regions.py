@@ -206,3 +206,35 @@ def test_an_image_too_small_for_proposals_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "too small for any region proposal" in err[0] and "30x6" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_an_elongated_image_keeps_its_boxes_in_place():
+    """Each axis is scaled back by its own factor (a 2000 x 10 image is worked on at 320 x 8)."""
+    image = np.full((10, 2000, 3), 40, np.uint8)
+    image[:, 1000:1200] = (220, 30, 30)
+    boxes = propose_regions(image, 10).boxes
+    assert [0, 0, 2000, 10] in boxes.round().tolist()  # the whole extent
+    assert box_iou(np.array([[1000, 0, 1200, 10]]), boxes).max() > 0.9  # the red stripe, where it is
+
+
+def test_detection_candidates_and_settings(shapes, tmp_path):
+    """auto: proposals for a dataset whose regions are its objects' boxes, its own proposals (for their
+    objectness) when it has them; settings that fail late are refused before any work."""
+    from villa.evaluation.run import _check_detection_settings, detection_candidate_spec
+
+    gt = Dataset.open(_coco(shapes, tmp_path / "gt").dataset_dir)
+    prop = Dataset.open(_coco(shapes, tmp_path / "prop", regions="proposals:12").dataset_dir)
+    grid = Dataset.open(_coco(shapes, tmp_path / "grid", regions="grid:2x2").dataset_dir)
+    assert str(detection_candidate_spec(gt, "auto")) == "proposals:30"
+    assert str(detection_candidate_spec(prop, "auto")) == "proposals:12"
+    assert detection_candidate_spec(grid, "auto") is None  # the grid cells themselves
+    assert detection_candidate_spec(gt, "dataset") is None
+    with pytest.raises(VillaError, match="cannot be combined"):
+        _check_detection_settings(gt, "auto", "cosine", 0.5, 100)
+    _check_detection_settings(gt, "dataset", "cosine", None, None)  # no proposals, no cap: fine
+    with pytest.raises(VillaError, match="unknown detection.score"):
+        _check_detection_settings(gt, "auto", "maximum", 0.5, 100)
+    with pytest.raises(VillaError, match="positive integer or null"):
+        _check_detection_settings(gt, "auto", "sigmoid", 0.5, 0)
+    with pytest.raises(VillaError, match="unknown detection.regions spec"):
+        _check_detection_settings(gt, "segments", "sigmoid", 0.5, 100)

@@ -15,11 +15,8 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+from villa.regions.proposals import DEFAULT_MAX_PROPOSALS
 from villa.storage.errors import VillaError, exit_on_error
-
-#: proposals per image when --regions=proposals names no K (mirrors villa.regions.proposals; kept here so that
-#: --help does not import the proposer)
-DEFAULT_MAX_PROPOSALS = 30
 
 
 class _OneLineParser(argparse.ArgumentParser):

@@ -89,7 +89,7 @@ TRIGGERS: dict[int, tuple[str, ...]] = {
     ])),
     POST_NEGATION: tuple(dict.fromkeys([
         # NegEx post-negation
-        "unlikely", "free", "was ruled out", "is ruled out", "are ruled out", "were ruled out",
+        "unlikely", "was ruled out", "is ruled out", "are ruled out", "were ruled out",
         "have been ruled out", "has been ruled out",
         # ConText / medspaCy
         "has been negative", "have been negative", "was negative", "is negative", "are negative",

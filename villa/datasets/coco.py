@@ -19,7 +19,8 @@
   and the instance boxes are kept as the dataset's labelled objects (for detection metrics).
 - **Splits**: ``--splits=FILE`` (by image id or file name), else a seeded 70/15/15 split by image.
 - Images with no caption, no region, or a missing/undecodable file are skipped and counted; malformed JSON,
-  duplicate image ids and captions or instances of unknown image ids are refused.
+  duplicate image ids, captions or instances of unknown image ids, and a caption text with no sentence longer
+  than 3 characters (the stages could not pair it) are refused.
 """
 
 from __future__ import annotations

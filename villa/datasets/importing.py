@@ -15,7 +15,7 @@ import numpy as np
 
 from villa.datasets.contract import SPLITS, write_dataset
 from villa.datasets.vocabulary import Vocabulary
-from villa.regions import RegionSpec, grid_boxes, parse_region_spec
+from villa.regions import RegionSpec
 from villa.storage.errors import VillaError
 
 #: the seeded split of images when the data names none
@@ -113,35 +113,11 @@ def computed_regions(
     widths: Sequence[float],
     progress: bool = True,
 ) -> list[list[list[float]]]:
-    """The regions a ``grid:RxC`` or ``proposals[:K]`` spec gives each image (``[x0, y0, x1, y1]`` lists).
-
-    Proposals read the images (a process pool, :func:`villa.regions.propose_for_files`); an image too small to
-    hold any proposal is a one-line error naming it.
-    """
-    if spec.kind == "grid":
-        return [grid_boxes(spec, int(h), int(w)) for h, w in zip(heights, widths)]
-    from villa.regions.proposals import propose_for_files, smallest_image_side
-
-    out = []
-    for path, h, w, result in zip(
-        paths, heights, widths, propose_for_files(paths, spec.max_regions, progress=progress)
-    ):
-        if isinstance(result, str):
-            raise VillaError(result)
-        if len(result.boxes) == 0:
-            side = smallest_image_side()
-            raise VillaError(
-                f"image {path} is {int(w)}x{int(h)} pixels: too small for any region proposal (both sides must be "
-                f"at least {side}); use --regions=grid:RxC or give boxes"
-            )
-        out.append(result.boxes.astype(np.float64).tolist())
-    return out
-
-
-def parse_grid(spec: str) -> tuple[int, int]:
-    """``"grid:3x3"`` -> (3, 3); anything else is a one-line error."""
-    parsed = parse_region_spec(spec, ("grid",))
-    return parsed.rows, parsed.cols
+    """The regions a ``grid:RxC`` or ``proposals[:K]`` spec gives each image (``[x0, y0, x1, y1]`` lists); an
+    image too small to hold any proposal is a one-line error naming it (:meth:`RegionSpec.for_files`)."""
+    sizes = np.stack([np.asarray(heights, dtype=np.int64), np.asarray(widths, dtype=np.int64)], axis=1)
+    found = spec.for_files(paths, sizes, strict=True, progress=progress)
+    return [boxes.astype(np.float64).tolist() for boxes, _ in found]
 
 
 # --------------------------------------------------------------------------- splits

@@ -261,8 +261,10 @@ def make_shapes_coco(
                     parts.append(_phrase(category, len(colours), colour))
                 text = TEMPLATES[int(rng.integers(len(TEMPLATES)))].format(_join(parts))
                 texts.append(text[0].upper() + text[1:])
-            if negations > 0 and negation_rng.random() < negations:
-                absent = [c for c in CATEGORIES if c not in counts]
+            absent = [c for c in CATEGORIES if c not in counts]
+            if (
+                negations > 0 and negation_rng.random() < negations and absent
+            ):  # (all shapes shown: none to deny)
                 texts.insert(int(negation_rng.integers(len(texts) + 1)), _denial(absent, negation_rng))
             for text in texts:
                 captions.append({"id": len(captions) + 1, "image_id": image_id, "caption": text})
@@ -273,7 +275,7 @@ def make_shapes_coco(
         write_json(tmp / "captions.json", {"info": info, "images": images, "annotations": captions})
         settings = {"num_images": num_images, "seed": seed, "objects": list(objects), "height": list(height),
                     "width": list(width), "object_size": list(object_size), "omit": omit,
-                    "captions_per_image": captions_per_image, "quality": quality}  # fmt: skip
+                    "captions_per_image": captions_per_image, "quality": quality, "negations": negations}  # fmt: skip
         write_json(tmp / MARKER_FILE, {"generator": GENERATOR, **settings})
     return out_dir
 

@@ -11,7 +11,8 @@ proposer (:mod:`villa.regions.proposals`), ``--regions=grid:RxC`` R x C grid cel
 row needs boxes. One row per image (join several captions of an image into one text).
 
 A row with an empty text, a missing or unreadable image or no usable box is skipped and counted; malformed
-files, duplicate ids or images, unknown splits and a vocabulary that no text mentions are refused.
+files, duplicate ids or images, unknown splits, a text with no sentence longer than 3 characters and a vocabulary
+that no text mentions are refused.
 """
 
 from __future__ import annotations
@@ -220,6 +221,8 @@ def import_table(
             progress=progress,
         )
         regions_of.update(zip(to_compute, computed))
+    # what the regions are, for dataset.json: the rows' own boxes, the spec's, or both
+    regions_record = "boxes" if not to_compute else str(spec) if len(to_compute) == len(kept) else f"boxes+{spec}"
 
     given_splits = (
         [str(rows[i].get("split") or "").strip() or None for i in kept] if "split" in rows[0] else None
@@ -250,7 +253,7 @@ def import_table(
         image_dir=image_dir,
         copy_images=copy_images,
         overwrite=overwrite,
-        info={"created_by": created_by, "skipped": log.counts, "regions": str(spec)},
+        info={"created_by": created_by, "skipped": log.counts, "regions": regions_record},
         progress=progress,
     )
     lines = summary_lines(columns, vocabulary, has_labels) + log.lines() + warnings

@@ -226,7 +226,7 @@ def _stage_overrides(
         **common,
         **extra,
     }
-    return [f"{key}={'null' if value is None else value}" for key, value in _dotted(values).items()]
+    return [f"{key}={'null' if value is None else value}" for key, value in _dotted_keys(values).items()]
 
 
 def _tracker_overrides(trackers, out_dir: Path, cell: dict) -> list[str]:
@@ -257,17 +257,13 @@ def _override_value(value) -> str:
     return f"'{text}'"
 
 
-def _dotted(values: dict, prefix: str = "") -> dict:
-    """Nested settings as Hydra's dotted keys: ``{"optimizer": {"lr": 1e-3}}`` -> ``{"optimizer.lr": 1e-3}``, so
+def _dotted_keys(values: dict) -> dict:
+    """Nested settings as Hydra's dotted keys (``{"optimizer": {"lr": 1e-3}}`` -> ``{"optimizer.lr": 1e-3}``), so
     that ``+stage1.optimizer.lr=1e-3`` on the sweep's command line changes one key of the stage's optimiser
     instead of replacing the whole node (Hydra's override grammar has no dict literal)."""
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict) and value:
-            out.update(_dotted(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+    from villa.engine.tracking import flatten
+
+    return flatten(values)
 
 
 def _distinct_ints(values: Sequence, what: str, minimum: int) -> list[int]:
@@ -436,7 +432,7 @@ def run_sweep(
                     seed,
                     complexity,
                     "stage1",
-                    (stage1_dir / "mapping_metrics.json").is_file(),
+                    _mapping_is_current(stage1_dir, dataset_dir),
                     lambda c=cfg1: run_stage1_from_config(c),
                 )
 
@@ -478,6 +474,18 @@ def run_sweep(
     write_results(out_dir, results)
     write_step_times(out_dir)
     return results
+
+
+def _mapping_is_current(stage1_dir: Path, dataset_dir: Path) -> bool:
+    """Whether stage 1 is done for this cell: its mapping exists and was made from the cell's current dataset
+    (:func:`villa.mapping.schema.check_mapping_inputs`); a mapping an older run left behind is redone."""
+    from villa.mapping.schema import check_mapping_inputs
+
+    try:
+        check_mapping_inputs(stage1_dir, dataset_dir)
+    except VillaError:
+        return False
+    return True
 
 
 def _marker_fix(out_dir: Path) -> str:

@@ -46,14 +46,19 @@ def _resolved_dataset(data_dir, data_root=None) -> Path:
 
 
 def _runs_owner(folder: Path) -> str | None:
-    """The dataset path recorded in ``folder/villa_dataset.json``; None without a readable record."""
+    """The dataset path recorded in ``folder/villa_dataset.json``, else the one a stage-1 mapping in
+    ``folder/stage1`` records it was made from; None without either."""
     import json
 
-    try:
-        owner = json.loads((folder / RUNS_RECORD).read_text(encoding="utf-8")).get("dataset_dir")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return owner if isinstance(owner, str) else None
+    for path, key in ((folder / RUNS_RECORD, None), (folder / "stage1" / "mapping_metrics.json", "inputs")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            owner = (record.get(key) if key else record).get("dataset_dir")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(owner, str):
+            return owner
+    return None
 
 
 def dataset_runs_name(data_dir, data_root=None, checkpoint_dir=None) -> str:

@@ -139,6 +139,12 @@ def region_scores(
     return out
 
 
+def with_objectness(scores: np.ndarray, objectness: np.ndarray) -> np.ndarray:
+    """The geometric mean ``[M, K]`` of class scores ``[M, K]`` in [0, 1] and the regions' objectness ``[M]`` in
+    [0, 1]: what a detection (or a grounded box) scores when its region comes from the region proposer."""
+    return np.sqrt(np.clip(scores, 0, None) * np.clip(objectness, 0, None)[:, None])
+
+
 def objects_from_multi_hot(image_ids, boxes, multi_hot) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Expand multi-label objects into one ground-truth object per (box, attribute).
 
@@ -189,7 +195,11 @@ def _select_detections(
         return _top_per_image(scores, image_ids, max_per_image)
     from villa.regions import nms
 
-    candidates = _top_per_image(scores, image_ids, max(PRE_NMS_PER_IMAGE, 10 * (max_per_image or 0)))
+    candidates = (
+        np.arange(scores.size)
+        if max_per_image is None  # all detections are kept: so are all candidates
+        else _top_per_image(scores, image_ids, max(PRE_NMS_PER_IMAGE, 10 * max_per_image))
+    )
     regions, attrs = np.divmod(candidates, scores.shape[1])
     owner = image_ids[regions]
     order = np.argsort(owner, kind="stable")  # candidates grouped by image, ascending flat index within
@@ -272,17 +282,18 @@ def zero_shot_detection(
     Options: ``score``, ``tau`` and ``background_embs`` as in :func:`region_scores` (``"sigmoid"``, the default,
     scores each attribute on its own; ``"softmax"`` makes the K attributes compete; ``"cosine"``); ``nms_iou``:
     per-class NMS within each image at this IoU (None: no NMS); ``max_detections_per_image``: keep each
-    image's top detections across attributes after NMS; ``region_objectness`` ``[M]`` in [0, 1] (optional, e.g.
-    the region proposer's scores): a detection's score becomes the geometric mean of its class score and its
-    region's objectness (RegionCLIP's zero-shot inference with proposal scores), so that background regions
-    rank below objects; (COCO's 100; None keeps all, memory ~1 KB per detection);
+    image's top detections across attributes after NMS (COCO's 100; None keeps all, memory ~1 KB per
+    detection); ``region_objectness`` ``[M]`` in [0, 1] (optional, e.g. the region proposer's scores): a
+    detection's score becomes the geometric mean of its class score and its region's objectness
+    (:func:`with_objectness`; RegionCLIP's zero-shot inference with proposal scores), so that background
+    regions rank below objects;
     ``attributes``: names of the attributes to evaluate (default all), the others still take part in the
     softmax but yield no detections; ``verbose``: let pycocotools print.
 
     Returns ``{"ap", "ap50", "num_detections", "num_gt", "num_images", "score", "nms_iou",
-    "max_detections_per_image", "per_attribute": {name: {"ap", "ap50", "num_gt"}}}``. Per-attribute AP is None for an attribute without
-    ground truth; the overall figures average the attributes with ground truth (pycocotools' mean over
-    entries > -1) and are NaN when there is none.
+    "max_detections_per_image", "per_attribute": {name: {"ap", "ap50", "num_gt"}}}``. Per-attribute AP is None
+    for an attribute without ground truth; the overall figures average the attributes with ground truth
+    (pycocotools' mean over entries > -1) and are NaN when there is none (the evaluation report writes null).
     """
     from pycocotools.cocoeval import COCOeval
 
@@ -297,7 +308,7 @@ def zero_shot_detection(
             raise VillaError(f"region_objectness must be {num_regions} finite values >= 0")
         if score == "cosine":
             raise VillaError("region_objectness needs a score in [0, 1]: use score='sigmoid' or 'softmax'")
-        scores = np.sqrt(np.clip(scores, 0, None) * objectness[:, None])
+        scores = with_objectness(scores, objectness)
     if num_attrs != len(names):
         raise VillaError(f"attr_embs has {num_attrs} rows but attribute_names has {len(names)} names")
     if num_attrs == 0:

@@ -106,7 +106,7 @@ def evaluate_model(
     detection_regions: str = "auto",
     detection_score: str = "sigmoid",
     detection_nms_iou: float | None = 0.5,
-    detection_max_per_image: int = 100,
+    detection_max_per_image: int | None = 100,
 ) -> dict:
     """Metrics (percent) of an image model on ``split`` of a dataset (see the module docstring).
 
@@ -129,6 +129,10 @@ def evaluate_model(
                 f"no checkpoint to evaluate at {checkpoint}: train it first (python -m villa.stage2 ...)"
             )
     dataset = Dataset.open(data_dir)
+    if detection:  # settings that would fail only after the embedding pass are refused first
+        _check_detection_settings(
+            dataset, detection_regions, detection_score, detection_nms_iou, detection_max_per_image
+        )
     if stage_1_ckpt_dir is not None and (Path(stage_1_ckpt_dir) / "mapping_metrics.json").is_file():
         from villa.mapping.schema import check_mapping_inputs
 
@@ -212,17 +216,38 @@ def evaluate_model(
     return metrics
 
 
-def detection_candidates(
-    dataset: Dataset, frame, spec: str = "auto", progress: bool = True
-) -> tuple[str, tuple[np.ndarray, np.ndarray, np.ndarray | None] | None]:
-    """The candidate regions of zero-shot detection on ``frame``'s images: ``(name, None)`` for the dataset's
-    own regions, else ``(name, (offsets [N + 1], boxes [M, 4], objectness [M] or None))``, boxes in stored pixels.
+def _check_detection_settings(dataset: Dataset, regions: str, score: str, nms_iou, max_per_image) -> None:
+    """One-line errors for detection settings, before any work."""
+    import numbers
 
-    ``spec``: ``"dataset"`` (the dataset's regions), ``"proposals[:K]"`` or ``"grid:RxC"``
-    (:mod:`villa.regions`), or ``"auto"``: proposals when the dataset's regions are the labelled objects' own
-    boxes (:attr:`Dataset.regions_are_objects`: scoring those would classify given boxes, not detect) or are
-    themselves proposals (recomputed, the same boxes, for their objectness scores), else the dataset's regions.
-    Proposals carry the proposer's objectness, which the detection score uses (:func:`detection_metrics`).
+    from villa.evaluation.detection import SCORES
+
+    if score not in SCORES:
+        raise VillaError(f"unknown detection.score '{score}': use one of {', '.join(SCORES)}")
+    if nms_iou is not None and not (isinstance(nms_iou, numbers.Real) and 0 < nms_iou <= 1):
+        raise VillaError(f"detection.nms_iou must be in (0, 1] or null, got {nms_iou!r}")
+    if max_per_image is not None and (
+        isinstance(max_per_image, bool)
+        or not isinstance(max_per_image, numbers.Integral)
+        or max_per_image < 1
+    ):
+        raise VillaError(f"detection.max_per_image must be a positive integer or null, got {max_per_image!r}")
+    spec = detection_candidate_spec(dataset, regions)
+    if score == "cosine" and spec is not None and spec.kind == "proposals":
+        raise VillaError(
+            "detection.score=cosine cannot be combined with the proposals' objectness (a score in [0, 1] is needed):"
+            " use detection.score=sigmoid or softmax, or detection.regions=dataset"
+        )
+
+
+def detection_candidate_spec(dataset: Dataset, spec: str = "auto"):
+    """The candidates ``spec`` means on ``dataset``: None for the dataset's own regions, else a
+    :class:`~villa.regions.RegionSpec` (proposals or a grid).
+
+    ``spec``: ``"dataset"``, ``"proposals[:K]"``, ``"grid:RxC"`` (:mod:`villa.regions`), or ``"auto"``: proposals
+    when the dataset's regions are the labelled objects' own boxes (:attr:`Dataset.regions_are_objects`: scoring
+    those would classify given boxes, not detect) or are themselves proposals (recomputed, the same boxes, for
+    their objectness), else the dataset's regions.
     """
     from villa.regions import parse_region_spec
 
@@ -235,27 +260,30 @@ def detection_candidates(
         else:
             text = "dataset"
     if text == "dataset":
+        return None
+    return parse_region_spec(text, ("grid", "proposals"), what="detection.regions")
+
+
+def detection_candidates(
+    dataset: Dataset, frame, spec: str = "auto", progress: bool = True
+) -> tuple[str, tuple[np.ndarray, np.ndarray, np.ndarray | None] | None]:
+    """The candidate regions of zero-shot detection on ``frame``'s images (:func:`detection_candidate_spec`):
+    ``(name, None)`` for the dataset's own regions, else ``(name, (offsets [N + 1], boxes [M, 4], objectness [M]
+    or None))``, boxes in stored pixels. Proposals carry the proposer's objectness, which the detection score
+    uses (:func:`detection_metrics`); an image too small for any proposal gets no candidate."""
+    parsed = detection_candidate_spec(dataset, spec)
+    if parsed is None:
         return f"dataset ({dataset.regions or 'regions'})", None
-    parsed = parse_region_spec(text, ("grid", "proposals"), what="detection.regions")
-    sizes = np.asarray(frame["image_size"].tolist(), dtype=np.int64).reshape(-1, 2)
     paths = dataset.image_paths(frame["image_filepath"].tolist())
-    if parsed.kind == "grid":
-        from villa.regions import grid_boxes
-
-        boxes = [grid_boxes(parsed, int(h), int(w)) for h, w in sizes]
-        objectness = None
-    else:
-        from villa.regions.proposals import propose_for_files
-
-        found = propose_for_files(paths, parsed.max_regions, progress=progress)
-        failed = next((f for f in found if isinstance(f, str)), None)
-        if failed is not None:
-            raise VillaError(failed)
-        boxes = [f.boxes for f in found]
-        objectness = np.concatenate([f.scores for f in found]).astype(np.float64) if found else np.zeros(0)
-    offsets = np.concatenate([[0], np.cumsum([len(b) for b in boxes])]).astype(np.int64)
-    flat = np.concatenate([np.asarray(b, dtype=np.float32).reshape(-1, 4) for b in boxes]) if boxes else None
-    return str(parsed), (offsets, flat if flat is not None else np.zeros((0, 4), np.float32), objectness)
+    found = parsed.for_files(paths, frame["image_size"].tolist(), strict=False, progress=progress)
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b, _ in found])]).astype(np.int64)
+    boxes = (
+        np.concatenate([b for b, _ in found]).astype(np.float32) if found else np.zeros((0, 4), np.float32)
+    )
+    objectness = (
+        None if parsed.kind == "grid" else np.concatenate([o for _, o in found]) if found else np.zeros(0)
+    )
+    return str(parsed), (offsets, boxes.reshape(-1, 4), objectness)
 
 
 def detection_metrics(
@@ -269,7 +297,7 @@ def detection_metrics(
     *,
     score: str = "sigmoid",
     nms_iou: float | None = 0.5,
-    max_per_image: int = 100,
+    max_per_image: int | None = 100,
 ) -> dict:
     """Zero-shot detection (COCO AP and AP50, percent) on ``frame``'s images, :mod:`villa.evaluation.detection`.
 
@@ -392,7 +420,9 @@ def evaluate_from_config(cfg) -> dict:
         detection_regions=str(cfg.detection.regions),
         detection_score=str(cfg.detection.score),
         detection_nms_iou=None if cfg.detection.nms_iou is None else float(cfg.detection.nms_iou),
-        detection_max_per_image=int(cfg.detection.max_per_image),
+        detection_max_per_image=None
+        if cfg.detection.max_per_image is None
+        else int(cfg.detection.max_per_image),
         # (stage 2's experiments declare pairs and stage_1_ckpt_dir; the untrained tower has neither)
         stage_1_ckpt_dir=cfg.get("stage_1_ckpt_dir") if cfg.get("pairs", "villa") == "villa" else None,
     )

@@ -22,7 +22,8 @@ returned in the pixels of the image as stored (before any resize).
   rule ``"sigmoid"``) where ``b`` is the region's mean cosine to the model's vocabulary prompts (the attributes
   it was trained on) and ``T`` the training temperature. 0.5 means "as close to the query as to the average
   vocabulary prompt"; a query is scored on its own, so it needs no competitors. A model without a vocabulary
-  (an untrained tower, or a run whose dataset folder is gone) uses the queries themselves as background.
+  (an untrained tower, or a run whose dataset folder is gone) uses the queries themselves as background; with a
+  single query that background is the query itself, so the class score is ``(1 + cosine) / 2`` instead.
   With ``regions="proposals[:K]"`` the score is the geometric mean of that class score and the proposal's
   objectness (:mod:`villa.regions.proposals`), as in zero-shot detection (``docs/regions.md``), so that a
   clutter box that resembles the query ranks below an object that does.
@@ -336,21 +337,25 @@ class Model:
     ) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
         """Every region against every query, before any selection: (boxes ``[M, 4]``, query labels ``[Q]``,
         scores ``[M, Q]``, cosines ``[M, Q]``). Arguments as :meth:`ground`."""
-        from villa.evaluation.detection import region_scores
+        from villa.evaluation.detection import region_scores, with_objectness
 
         prepared = self.prepare(image)
         labels, query_embs = self._queries(queries)
         boxes, objectness = self._regions(prepared, regions)
         region_embs = self._embed(prepared, boxes)
-        scores = region_scores(
-            region_embs,
-            query_embs,
-            SCORE_RULE,
-            self.temperature,
-            background_embs=self._background(query_embs),
-        )
+        if self.vocabulary is None and len(query_embs) == 1:
+            # the query is its own background: the sigmoid rule would give 0.5 to every region
+            scores = (1.0 + region_scores(region_embs, query_embs, "cosine")) / 2
+        else:
+            scores = region_scores(
+                region_embs,
+                query_embs,
+                SCORE_RULE,
+                self.temperature,
+                background_embs=self._background(query_embs),
+            )
         if objectness is not None:  # proposals: the class score's geometric mean with the box's objectness
-            scores = np.sqrt(scores * objectness[:, None])
+            scores = with_objectness(scores, objectness)
         cosines = region_scores(region_embs, query_embs, "cosine")
         return boxes, labels, scores, cosines
 
@@ -390,7 +395,7 @@ class Model:
         flat_box = np.repeat(np.arange(m), q)
         flat_query = np.tile(np.arange(q), m)
         flat_score, flat_cos = scores.ravel(), cosines.ravel()
-        # one ranking key: by score, ties by cosine (a lone query with no vocabulary scores 0.5 everywhere)
+        # one ranking key: by score, ties by cosine
         order = np.lexsort((-flat_cos, -flat_score))
         rank = np.empty(len(order), dtype=np.float64)
         rank[order] = np.arange(len(order), 0, -1)
@@ -567,7 +572,7 @@ def _load_run(folder: Path, checkpoint: Path | None, device, clip_weights) -> Mo
         ) from None
     info = {
         "pairs": extra.get("pairs", config.get("pairs")),
-        "epoch": ckpt.get("epoch"),
+        "epoch": _epochs_run(folder, ckpt.get("epoch")),
         "best_epoch": ckpt.get("best_epoch"),
         "checkpoint": str(checkpoint.resolve()),
         "run_dir": str(folder.resolve()),
@@ -614,6 +619,10 @@ def _run_dataset(
             stacklevel=4,
         )
         weights = clip_weights or (extra.get("encoder_config") or {}).get("clip_weights")
+        if clip_weights is None and weights and encoder == "clip_rn50":
+            from villa.encoders.clip_rn50 import check_manifest_weights
+
+            check_manifest_weights(weights, folder / "best.pkl")  # named by the run, not by you: no code runs
         return encoder, weights, None, {}
     dataset = Dataset.open(root)
     encoder, weights = preprocessed_encoder(
@@ -645,3 +654,14 @@ def export_model(
     if not hasattr(model, "image_model"):
         model = load(model, clip_weights=clip_weights)
     return write_model_folder(model, out, float16=float16, note=note)
+
+
+def _epochs_run(run_dir: Path, fallback):
+    """The epochs a training run ran (its ``metrics.csv``): ``best.pkl`` records the best epoch, not the last."""
+    from villa.engine.training import read_metrics
+
+    try:
+        rows = read_metrics(run_dir)
+    except (OSError, ValueError, KeyError):
+        return fallback
+    return int(rows[-1]["epoch"]) if rows else fallback

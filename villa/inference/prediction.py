@@ -287,7 +287,8 @@ def predict_images(
             "top_k": top_k,
             "score_threshold": score_threshold,
             "nms_iou": nms_iou,
-            "score": "sigmoid((cos(region, query) - mean cos(region, vocabulary prompts)) / temperature)",
+            "score": "sigmoid((cos(region, query) - mean cos(region, vocabulary prompts)) / temperature); "
+            "with proposals, its geometric mean with the proposal's objectness",
             "images": image_rows,
             "categories": [{"id": k, "name": label} for label, k in category.items()],
             "annotations": annotations,

@@ -106,18 +106,20 @@ def propose_regions(image: np.ndarray, max_regions: int = DEFAULT_MAX_PROPOSALS)
 
 
 # --------------------------------------------------------------------------- steps
-def _working_image(image: np.ndarray) -> tuple[np.ndarray, float]:
-    """The image at the working resolution and the scale factor applied (<= 1)."""
+def _working_image(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The image at the working resolution and the factors ``[4]`` (sx, sy, sx, sy, each <= 1) that map box
+    coordinates of the image to the working image's (per axis: rounding, and the smallest side kept at
+    :data:`MIN_SIDE`, make them differ)."""
     height, width = image.shape[:2]
     scale = min(1.0, WORK_SIDE / max(height, width))
     if scale == 1.0:
-        return image, 1.0
+        return image, np.ones(4)
     from PIL import Image
 
     size = (max(MIN_SIDE, round(width * scale)), max(MIN_SIDE, round(height * scale)))
     resized = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR, reducing_gap=3.0))
-    # the scale actually applied per axis differs by rounding; boxes use the mean (sub-pixel)
-    return resized, (size[0] / width + size[1] / height) / 2
+    sx, sy = size[0] / width, size[1] / height
+    return resized, np.array([sx, sy, sx, sy])
 
 
 def _segment(work: np.ndarray) -> np.ndarray:

@@ -39,6 +39,35 @@ class RegionSpec:
             return f"proposals:{self.max_regions}"
         return self.kind
 
+    def for_files(
+        self, paths, sizes, *, strict: bool = True, progress: bool = True
+    ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """This spec's regions on many image files: per image ``(boxes [M, 4] float32, objectness [M] or None)``
+        in stored pixels. ``sizes``: ``[N, 2]`` (height, width) of the files. Proposals read the images (a
+        process pool, :func:`villa.regions.propose_for_files`) and carry the proposer's scores; a grid needs only
+        the sizes and has none. ``strict``: an image too small for any proposal is a one-line error naming it
+        (else it gets no region)."""
+        sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+        if self.kind == "grid":
+            return [(self.boxes_for(size=(int(h), int(w))), None) for h, w in sizes]
+        if self.kind != "proposals":
+            raise ValueError("a 'boxes' spec has no boxes of its own: the data gives them")
+        from villa.regions.proposals import propose_for_files, smallest_image_side
+
+        out = []
+        for path, (h, w), found in zip(
+            paths, sizes, propose_for_files(paths, self.max_regions, progress=progress)
+        ):
+            if isinstance(found, str):
+                raise VillaError(found)
+            if strict and len(found.boxes) == 0:
+                raise VillaError(
+                    f"image {path} is {int(w)}x{int(h)} pixels: too small for any region proposal (both sides must "
+                    f"be at least {smallest_image_side()}); use --regions=grid:RxC or give boxes"
+                )
+            out.append((found.boxes, found.scores.astype(np.float64)))
+        return out
+
     def boxes_for(self, image: np.ndarray | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
         """This spec's boxes ``[M, 4]`` (float32) for one image: ``image`` uint8 ``[H, W, 3]`` (proposals need
         the pixels) or just its ``size`` (height, width) for a grid. ``boxes`` has none to compute."""
