@@ -238,3 +238,15 @@ def test_detection_candidates_and_settings(shapes, tmp_path):
         _check_detection_settings(gt, "auto", "sigmoid", 0.5, 0)
     with pytest.raises(VillaError, match="unknown detection.regions spec"):
         _check_detection_settings(gt, "segments", "sigmoid", 0.5, 100)
+
+
+def test_ingest_names_the_next_command_and_the_encoder(shapes, tmp_path, capsys):
+    from villa.ingest import main
+
+    out = tmp_path / "data"
+    main(["coco", f"--images={shapes / 'images'}", f"--instances={shapes / 'instances.json'}",
+          f"--captions={shapes / 'captions.json'}", "--regions=proposals:5", f"--out={out}", "--no_progress"])  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == str(out.resolve())  # the dataset folder stays the last line
+    assert lines[-2].startswith(f"next: python3 preprocess/preprocess_dataset.py --data_dir={out.resolve()}")
+    assert "--encoder=mobilenet_v2" in lines[-2]

@@ -348,9 +348,14 @@ def summary_lines(columns: dict[str, list], vocabulary: Vocabulary, region_label
 
 
 def run_import(build: Callable[[], ImportResult]) -> ImportResult:
-    """Run an importer and print its summary lines and the dataset folder (the last line)."""
+    """Run an importer and print its summary lines, the next command (with the encoder to choose for
+    photographs) and the dataset folder (the last line)."""
     result = build()
     for line in result.lines:
         print(line)
+    print(
+        f"next: python3 preprocess/preprocess_dataset.py --data_dir={result.dataset_dir} --encoder=mobilenet_v2 "
+        "(an ImageNet-pretrained image tower; --encoder=default is untrained: docs/datasets.md#choosing-an-encoder)"
+    )
     print(result.dataset_dir)
     return result
