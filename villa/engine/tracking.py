@@ -277,7 +277,8 @@ class _WandB(Tracker):
             dir=str(run_dir),
             mode=mode,
             reinit="create_new",
-            settings=wandb.Settings(console="off", silent=True),
+            # a loaded machine can take longer than wandb's 90 s default to start its service process
+            settings=wandb.Settings(console="off", silent=True, init_timeout=300),
         )
         self.run_id = self.run.id
         self.run.define_metric("epoch")
