@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -119,6 +120,18 @@ def test_mlflow_file_store_holds_every_epoch_and_the_final_metrics(tracked):
     assert len(client.search_runs([experiment.experiment_id])) == 1  # resume and evaluation: the same run
 
 
+def wandb_run_folders(run_dir: Path, run_id: str) -> list[Path]:
+    """The offline W&B folders of run ``run_id``, oldest first. W&B names each ``offline-run-<date>_<time>-<id>``
+    and, when two processes start within the same second, adds ``-1``, ``-2``... to the later ones."""
+    pattern = re.compile(rf"offline-run-(\d{{8}}_\d{{6}})-{re.escape(run_id)}(?:-(\d+))?")
+    found = []
+    for folder in (run_dir / "wandb").glob("offline-run-*"):
+        match = pattern.fullmatch(folder.name)
+        if match:
+            found.append(((match.group(1), int(match.group(2) or 0)), folder))
+    return [folder for _, folder in sorted(found)]
+
+
 def wandb_records(run_dir: Path, run_id: str):
     """Every record of the offline W&B runs ``run_id`` under ``run_dir/wandb``, in the order written: each
     ``offline-run-*/run-<id>.wandb`` is a LevelDB-style log (7-byte file header ``:W&B``, magic, version; 32 KiB
@@ -126,7 +139,8 @@ def wandb_records(run_dir: Path, run_id: str):
     from wandb.proto import wandb_internal_pb2
 
     block = 32768
-    for path in sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
+    for folder in wandb_run_folders(run_dir, run_id):
+        path = folder / f"run-{run_id}.wandb"
         data = path.read_bytes()
         assert data[:4] == b":W&B"
         pos, pending = 7, b""
@@ -184,8 +198,8 @@ def test_resume_and_evaluation_continue_the_same_tracker_runs(tracked):
     assert set(ids) == {"tensorboard", "wandb", "mlflow"}
     assert tracked["resumed_ids"] == ids and tracked["checkpoint_ids"] == ids and tracked["eval_ids"] == ids
     # W&B offline: one folder per process (train, resume, evaluate), all of the one run id
-    folders = sorted((tracked["run_dir"] / "wandb").glob("offline-run-*"))
-    assert len(folders) == 3 and all(f.name.endswith(ids["wandb"]) for f in folders)
+    assert len(list((tracked["run_dir"] / "wandb").glob("offline-run-*"))) == 3
+    assert len(wandb_run_folders(tracked["run_dir"], ids["wandb"])) == 3
 
 
 def test_env_json_records_versions_machine_code_and_command(tracked):
