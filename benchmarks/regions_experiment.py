@@ -199,7 +199,9 @@ def main() -> None:
         "--prepare_only", action="store_true", help="make the data (import, preprocess) and stop"
     )
     parser.add_argument(
-        "--stage2_overrides", default="", help="extra stage-2 keys, space-separated (activation_checkpointing=true)"
+        "--stage2_overrides",
+        default="",
+        help="extra stage-2 keys, space-separated (activation_checkpointing=true)",
     )
     args = parser.parse_args()
     arms = [a for a in args.arms.split(",") if a]

@@ -222,7 +222,9 @@ def import_table(
         )
         regions_of.update(zip(to_compute, computed))
     # what the regions are, for dataset.json: the rows' own boxes, the spec's, or both
-    regions_record = "boxes" if not to_compute else str(spec) if len(to_compute) == len(kept) else f"boxes+{spec}"
+    regions_record = (
+        "boxes" if not to_compute else str(spec) if len(to_compute) == len(kept) else f"boxes+{spec}"
+    )
 
     given_splits = (
         [str(rows[i].get("split") or "").strip() or None for i in kept] if "split" in rows[0] else None
