@@ -38,7 +38,7 @@ def test_miniature_sweep_writes_tables_and_plot_and_resumes(tmp_path):
         "stage1.epochs=1",
         "stage2.epochs=1",
         "stage2.batch_size=8",
-        "device=cpu",
+        "device=auto",  # the command's and the demo's default, resolved by every stage and by env.json
         "progress=false",
         f"out_dir={out}",
     ]

@@ -339,3 +339,26 @@ def test_sweep_cells_log_to_one_store_with_seed_complexity_and_method_tags(tmp_p
     assert settings.backends["wandb"]["group"] == "sweep out"
     assert settings.tags == {"who": "it's me", "seed": "23", "complexity": "4", "method": "clip"}
     assert settings.run_name == "docmnist_clip who=it's me seed=23 complexity=4 method=clip"
+
+
+@pytest.mark.parametrize("spec", ["auto", "cpu", None])
+def test_env_json_resolves_a_device_spec_as_the_run_does(spec):
+    """The sweep and the demo pass the configured spec ("auto" by default), not a resolved device."""
+    from villa.engine.device import resolve_device
+    from villa.engine.environment import cpu_model, environment
+
+    record = environment("sweep", seed=1, device=spec)["device"]
+    if spec is None:
+        assert record is None
+    else:
+        assert record["type"] == resolve_device(spec).type
+        if record["type"] == "cpu":
+            assert record["name"] == cpu_model()
+
+
+def test_env_json_refuses_an_unknown_device_in_one_line():
+    from villa.engine.environment import environment
+    from villa.storage.errors import VillaError
+
+    with pytest.raises(VillaError, match="unknown device 'tpu'"):
+        environment("sweep", device="tpu")

@@ -120,11 +120,15 @@ def _cuda() -> dict:
 
 
 def _device(device) -> dict | None:
+    """The device record of ``device``: a ``torch.device`` or a spec such as ``"auto"`` (resolved as the run
+    resolves it)."""
     if device is None:
         return None
     import torch
 
-    device = torch.device(device)
+    from villa.engine.device import resolve_device
+
+    device = resolve_device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         return {"type": "cuda", "name": torch.cuda.get_device_name(device)}
     if device.type == "cpu":
