@@ -24,12 +24,12 @@ import torch
 
 def image_scores(model, store, frame, attr, offsets, boxes) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosines ``[N, K]`` of the N images with the K attributes: the whole image's, and the best proposal's."""
+    from villa.datasets import whole_image_boxes
     from villa.evaluation.run import embed_regions
     from villa.vlm.data import RegionTextDataset
 
     n = len(frame)
-    sizes = np.asarray(frame["image_size"].tolist(), dtype=np.float32).reshape(-1, 2)  # (h, w)
-    whole = np.stack([np.zeros(n), np.zeros(n), sizes[:, 1] - 1, sizes[:, 0] - 1], 1)
+    whole = whole_image_boxes(frame)
     cpu = torch.device("cpu")
     units = RegionTextDataset(store, np.arange(n + 1), whole, torch.zeros(n, 0))
     emb_whole = embed_regions(model, units, cpu, 256, False, False)

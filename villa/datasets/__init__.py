@@ -24,6 +24,7 @@ from villa.datasets.contract import (
     region_boxes,
     region_offsets,
     region_truth,
+    whole_image_boxes,
     write_dataset,
 )
 from villa.datasets.vocabulary import (
@@ -54,5 +55,6 @@ __all__ = [
     "region_boxes",
     "region_offsets",
     "region_truth",
+    "whole_image_boxes",
     "write_dataset",
 ]

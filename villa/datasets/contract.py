@@ -425,6 +425,14 @@ def region_boxes(frame: pd.DataFrame) -> np.ndarray:
     return np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
 
 
+def whole_image_boxes(frame: pd.DataFrame) -> np.ndarray:
+    """One box per row covering its whole image ``[N, 4]`` (0, 0, W - 1, H - 1), float32, from ``image_size``."""
+    sizes = np.asarray(frame["image_size"].tolist(), dtype=np.float32).reshape(-1, 2)  # [H, W]
+    boxes = np.zeros((len(sizes), 4), dtype=np.float32)
+    boxes[:, 2], boxes[:, 3] = sizes[:, 1] - 1, sizes[:, 0] - 1
+    return boxes
+
+
 def region_truth(frame: pd.DataFrame, vocabulary: Sequence[str], reachable: bool = True) -> np.ndarray:
     """Ground-truth region-attribute pairs ``[M, K]`` bool over the frame's M regions, in region order.
 

@@ -9,7 +9,7 @@ Accepted ``--clip_weights``:
 * ``openai``: OpenAI's RN50 as open_clip obtains it for ``pretrained="openai"`` (its Hugging Face Hub copy
   ``timm/resnet50_clip.openai``, a safetensors state dict, in the Hub cache; or OpenAI's own ``RN50.pt``
   in open_clip's URL cache ``~/.cache/clip``). A cached file is used without any network access; else it
-  is downloaded, and offline this stops at once with one line naming the file to supply;
+  is downloaded, and offline it stops with one line naming the file to supply;
 * the OpenAI ``RN50.pt`` TorchScript archive. **Loading a TorchScript archive runs code stored in the
   file**: use only a file from a trusted source. OpenAI's published file is recognised by its full SHA256;
   any other TorchScript file loads with a warning when the user names it (``--clip_weights=``,

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from villa.datasets import Dataset, region_boxes, region_offsets, region_truth
+from villa.datasets import Dataset, region_boxes, region_offsets, region_truth, whole_image_boxes
 from villa.datasets.images import DEFAULT_CACHE_MB, ResizePolicy, size_sorted_batches
 from villa.engine.device import autocast, resolve_device
 from villa.evaluation.metrics import PRECISION_KS, SMALL_SPLIT_IMAGES, metric_warnings, retrieval_metrics
@@ -166,9 +166,7 @@ def evaluate_model(
         truth = region_truth(frame, names, reachable=False)  # what each region shows, mentioned or not
     else:
         evaluation = "images"  # the whole image against the attributes its text mentions
-        sizes = np.asarray(frame["image_size"].tolist(), dtype=np.float32).reshape(-1, 2)
-        offsets = np.arange(len(frame) + 1)
-        boxes = np.stack([np.zeros(len(frame)), np.zeros(len(frame)), sizes[:, 1] - 1, sizes[:, 0] - 1], 1)
+        offsets, boxes = np.arange(len(frame) + 1), whole_image_boxes(frame)
         truth = dataset.vocabulary.match_matrix(frame["text"].tolist())
     units = RegionTextDataset(store, offsets, boxes, torch.zeros(int(offsets[-1]), 0))
     embs = embed_regions(model, units, resolve_device(device), batch_size, amp, progress)

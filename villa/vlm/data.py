@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from villa.datasets import Dataset, Vocabulary, attribute_multi_hot, region_boxes
+from villa.datasets import Dataset, Vocabulary, attribute_multi_hot, region_boxes, whole_image_boxes
 from villa.datasets.images import DEFAULT_CACHE_MB, NO_RESIZE, ImageStore, ResizePolicy
 from villa.datasets.text import split_sentences
 from villa.features.embeddings import TextEmbeddingCache
@@ -58,10 +58,7 @@ def build_pairs(
     if mode not in PAIR_MODES:
         raise VillaError(f"unknown pair mode '{mode}': use one of {', '.join(PAIR_MODES)}")
     n = len(frame)
-    sizes = np.asarray(frame["image_size"].tolist(), dtype=np.float32).reshape(n, 2)  # [H, W]
-    whole_boxes = np.zeros((n, 4), dtype=np.float32)
-    whole_boxes[:, 2] = sizes[:, 1] - 1
-    whole_boxes[:, 3] = sizes[:, 0] - 1
+    whole_boxes = whole_image_boxes(frame)
     whole_texts = np.asarray(frame["text"].tolist(), dtype=object)
     if mode == "clip":
         return np.arange(n + 1, dtype=np.int64), whole_boxes, whole_texts.tolist()
