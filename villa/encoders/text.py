@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from villa.encoders.base import Encoder, register_encoder
@@ -98,13 +99,25 @@ class HFTextTower:
 
     @torch.no_grad()  # not inference_mode: callers may use the result next to tensors that need grad
     def encode(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        """``[N, hidden_size]`` float32 on CPU, mean-pooled over the attention mask, not normalised."""
+        """``[N, hidden_size]`` float32 on CPU, mean-pooled over the attention mask, not normalised.
+
+        Texts are batched in order of length (characters, a proxy for tokens), so that a batch pads its short
+        texts to a similar length rather than to the longest text of an arbitrary batch: on a set of captions
+        and short prompts the padded tokens were most of the work. Rows come back in ``texts`` order; a text's
+        embedding does not depend on its batch (padding is masked), up to float rounding."""
         if self._model is None:
             self._load()
-        out = []
+        texts = list(texts)
+        if not texts:
+            return torch.zeros(0, self.dim)
+        order = np.argsort(
+            np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts)), kind="stable"
+        )
+        out = torch.empty(len(texts), self.dim)
         for start in range(0, len(texts), batch_size):
+            rows = order[start : start + batch_size]
             batch = self._tokenizer(
-                list(texts[start : start + batch_size]),
+                [texts[i] for i in rows.tolist()],
                 padding=True,
                 truncation=True,
                 max_length=self.max_length,
@@ -113,10 +126,8 @@ class HFTextTower:
             hidden = self._model(**batch).last_hidden_state  # [B, T, H]
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out.append(pooled.float().cpu())
-        if not out:
-            return torch.zeros(0, self.dim)
-        return torch.cat(out)
+            out[torch.from_numpy(rows)] = pooled.float().cpu()
+        return out
 
 
 # --------------------------------------------------------------------------- encoders with an HF text tower

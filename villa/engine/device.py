@@ -8,6 +8,7 @@ import ctypes.util
 import functools
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -37,20 +38,67 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     raise VillaError(f"unknown device '{spec}': use auto, cpu, cuda or cuda:N")
 
 
+#: CPU flags (``/proc/cpuinfo``) of native bf16 arithmetic, which oneDNN uses for bf16 matrix products and
+#: convolutions. Without them oneDNN emulates bf16 through float32 and is slower than float32 itself.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags_have_native_bf16(cpuinfo: str) -> bool:
+    """Whether ``/proc/cpuinfo``'s text lists a flag of :data:`CPU_BF16_FLAGS`."""
+    flags = next(
+        (line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []
+    )
+    return any(flag in flags for flag in CPU_BF16_FLAGS)
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX-512 BF16 or AMX) and torch's oneDNN can use it.
+
+    Read from ``/proc/cpuinfo`` (Linux); elsewhere False, so amp stays float32 there."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return cpu_flags_have_native_bf16(Path("/proc/cpuinfo").read_text(errors="replace"))
+    except OSError:
+        return False
+
+
 def amp_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed-precision dtype for ``device``: bf16 where supported, else fp16, on CUDA only; else None."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    """Mixed-precision dtype for ``device``, or None where a run with amp stays float32.
+
+    CUDA: bf16 where supported, else fp16. CPU: bf16 where the CPU has native bf16 (:func:`cpu_has_native_bf16`),
+    else None. Other devices: None."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+@functools.cache
+def _note_amp_stays_float32(device_type: str) -> None:
+    # once per process and device type: autocast() is entered every step
+    why = (
+        "this CPU has no native bf16 (avx512_bf16 or amx_bf16)"
+        if device_type == "cpu"
+        else f"amp is not used on {device_type}"
+    )
+    print(f"note: {why}: running in float32 (amp=false silences this)", flush=True)
 
 
 def autocast(device: torch.device, enabled: bool = True, cache_enabled: bool = True):
-    """Autocast context for mixed precision on CUDA; a no-op elsewhere.
+    """Autocast context for mixed precision (:func:`amp_dtype`); a no-op where the device has none.
 
-    ``cache_enabled=False`` for code captured into a CUDA graph: the weight-cast cache would be freed when
-    the context exits, under the graph's feet."""
+    Under it, matrix products and convolutions run in bf16 (fp16 on CUDA without bf16) and reductions, norms
+    and softmax in float32 (torch's autocast op lists); callers cast embeddings to float32 before losses and
+    metrics. ``cache_enabled=False`` for code captured into a CUDA graph: the weight-cast cache would be freed
+    when the context exits, under the graph's feet."""
+    if not enabled:
+        return contextlib.nullcontext()
     dtype = amp_dtype(device)
-    if not enabled or dtype is None:
+    if dtype is None:
+        _note_amp_stays_float32(device.type)
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache_enabled)
 
@@ -113,3 +161,64 @@ def release_freed_memory() -> None:
     trim = _glibc("malloc_trim")
     if trim is not None:
         trim(0)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def torch_threads_for(cores: int, processes: int = 1, loader_workers: int = 0) -> int:
+    """Torch intra-op threads for one of ``processes`` processes sharing ``cores``, each feeding itself with
+    ``loader_workers`` DataLoader workers (one core each while they decode): the cores are split evenly,
+    never below one thread. More threads than cores make torch's OpenMP threads wait at every barrier for a
+    thread that another process holds off its core (docs/performance.md, "Threads")."""
+    per_process = cores // max(1, processes) - max(0, loader_workers)
+    return max(1, per_process)
+
+
+def configure_threads(threads: int | str | None = "auto", loader_workers: int = 0) -> int:
+    """Set this process's torch intra-op threads and return the number.
+
+    ``auto`` (or None/0): :func:`torch_threads_for` the usable cores, the processes of this run on this
+    machine (torchrun's ``LOCAL_WORLD_SIZE``, else 1) and ``loader_workers``. An explicit positive number
+    (``threads=N`` in the configs, ``--threads`` in preprocessing) is used as given. An ``OMP_NUM_THREADS``
+    in the environment counts as explicit for ``auto``: the user chose it.
+    """
+    if threads in (None, 0, "auto"):
+        if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+            count = max(1, int(os.environ["OMP_NUM_THREADS"]))
+        else:
+            processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+            count = torch_threads_for(usable_cores(), processes, loader_workers)
+    else:
+        try:
+            count = int(threads)
+        except (TypeError, ValueError):
+            raise VillaError(f"threads must be auto or a positive number, got '{threads}'") from None
+        if count < 1:
+            raise VillaError(f"threads must be auto or a positive number, got {count}")
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    return count
+
+
+def keeps_cpu_memory(setting: bool | str | None, device: torch.device, amp: bool) -> bool:
+    """Whether a run keeps freed heap memory (:func:`keep_cpu_memory`): ``true``/``false`` as given; ``auto``
+    (or None) on the CPU exactly when ``amp`` runs there in bf16.
+
+    Why bf16 decides it: keeping the heap removes the page faults of every step's large activations (a stage-2
+    step at batch 64 ran 2-4x faster) but holds the process at its peak, and bf16 activations are half the
+    size, so with both the peak stays below the float32 run's without the setting (docs/performance.md,
+    "Stage-2 steps on a CPU"); in float32 the kept peak grows (up to 1.6x)."""
+    if setting is None or (isinstance(setting, str) and setting.strip().lower() == "auto"):
+        return device.type == "cpu" and amp and amp_dtype(device) == torch.bfloat16
+    if isinstance(setting, str):
+        word = setting.strip().lower()
+        if word not in ("true", "false"):
+            raise VillaError(f"cpu_keep_freed_memory must be auto, true or false, got '{setting}'")
+        return word == "true"
+    return bool(setting)

@@ -129,6 +129,7 @@ def hydra_main(
             run_entry(check_command_line, sys.argv[1:], config_name)
 
             def task(cfg: DictConfig) -> None:
+                run_entry(_configure_threads, cfg)
                 run_entry(func, cfg)
 
             import hydra
@@ -138,6 +139,14 @@ def hydra_main(
         return entry
 
     return decorate
+
+
+def _configure_threads(cfg: DictConfig) -> None:
+    """Torch threads for this process, before any work: ``threads`` (auto: from the cores, torchrun's processes on
+    this machine and ``num_workers``; :func:`villa.engine.device.configure_threads`)."""
+    from villa.engine.device import configure_threads
+
+    configure_threads(cfg.get("threads", "auto"), int(cfg.get("num_workers", 0) or 0))
 
 
 def implied_experiment(argv: Sequence[str], default: str | None, generic: str | None) -> str | None:
@@ -361,7 +370,7 @@ def training_arguments(cfg: DictConfig) -> dict:
         "num_workers": int(cfg.num_workers),
         "pin_memory": bool(cfg.pin_memory),
         "progress": bool(cfg.progress),
-        "cpu_keep_freed_memory": bool(cfg.cpu_keep_freed_memory),
+        "cpu_keep_freed_memory": cfg.cpu_keep_freed_memory,
         "checkpoint_every_s": float(cfg.checkpoint_every_s),
         "config": to_container(cfg),
         "logger": tracker_settings(cfg),  # (a missing tracker package: refused before any work)

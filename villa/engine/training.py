@@ -1,6 +1,6 @@
 """The training loop shared by stage 1 and stage 2.
 
-``fit`` owns everything around the model's loss: device placement, mixed precision (CUDA only),
+``fit`` owns everything around the model's loss: device placement, mixed precision (CUDA; CPUs with native bf16),
 gradient scaling, DistributedDataParallel under torchrun, seeded per-epoch shuffling, validation,
 learning-rate scheduling, early stopping, ``metrics.csv``, ``curves.png``, the experiment trackers' per-epoch
 metrics (:mod:`villa.engine.tracking`), atomic ``last.pkl`` / ``best.pkl`` and resume.
@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from villa.engine import distributed, tracking
 from villa.engine.checkpoints import BEST, LAST, CheckpointWriter, host_copy, load_checkpoint, unwrap
 from villa.engine.curves import CURVES_FILE, plot_curves
-from villa.engine.device import autocast, keep_cpu_memory, needs_grad_scaler
+from villa.engine.device import autocast, keep_cpu_memory, keeps_cpu_memory, needs_grad_scaler
 from villa.storage.artifacts import one_line
 from villa.storage.errors import VillaError
 from villa.storage.io import atomic_path, remove_own_file
@@ -413,7 +413,7 @@ def fit(
     channels_last: bool = True,
     find_unused_parameters: bool = False,
     progress: bool = True,
-    cpu_keep_freed_memory: bool = False,
+    cpu_keep_freed_memory: bool | str = "auto",
     resident: bool = False,
     cuda_graphs: bool = False,
     val_loss_fn: Callable | None = None,
@@ -426,9 +426,10 @@ def fit(
     ``ReduceLROnPlateau`` scheduler steps on the validation loss (train loss without a val set).
     Only rank 0 writes files. ``resume=True`` continues from ``run_dir/last.pkl`` when it exists.
     On CUDA, ``channels_last`` stores the model's convolutions and 4-D inputs NHWC (ignored on CPU).
-    On the CPU, ``cpu_keep_freed_memory`` makes the process keep freed heap memory for reuse (off by default)
-    (:func:`villa.engine.device.keep_cpu_memory`, process-wide, not undone): stage-2 steps run faster but the peak
-    RSS is higher (on 4,000 images of 200x150, batch 256: 7.5 GB instead of 4.8 GB; docs/performance.md, "The CPU allocator setting").
+    On the CPU, ``cpu_keep_freed_memory`` makes the process keep freed heap memory for reuse
+    (:func:`villa.engine.device.keep_cpu_memory`, process-wide, not undone): steps run faster but the process stays
+    at its peak. ``auto`` (the default) applies it when amp runs in bf16 on the CPU
+    (:func:`villa.engine.device.keeps_cpu_memory`; docs/performance.md, "The CPU allocator setting").
 
     Small datasets can live on the device: with ``resident=True`` ``train_set`` and ``val_set`` are already
     there and give a whole batch with ``batch(index)`` (``index [B]`` long on the device; fixed shapes,
@@ -462,7 +463,7 @@ def fit(
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
 
-    if device.type == "cpu" and cpu_keep_freed_memory:
+    if device.type == "cpu" and keeps_cpu_memory(cpu_keep_freed_memory, device, amp):
         # large activations reuse resident memory instead of page-faulting every step (faster, higher peak RSS)
         keep_cpu_memory()
     channels_last = channels_last and device.type == "cuda"

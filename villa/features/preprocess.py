@@ -64,7 +64,7 @@ from villa.datasets.images import (
 from villa.datasets.text import split_sentences
 from villa.encoders.rich import REGION_FEATURES, RichRegionFeatures, RunningMoments
 from villa.engine import distributed
-from villa.engine.device import amp_dtype, autocast, release_freed_memory, resolve_device
+from villa.engine.device import amp_dtype, autocast, configure_threads, release_freed_memory, resolve_device
 from villa.features.embeddings import (
     RegionEmbeddingWriter,
     RegionWork,
@@ -269,7 +269,8 @@ def preprocess_dataset(
         batch_size: images per forward pass.
         max_batch_pixels: padded pixels per forward pass at most (None: no cap); bounds the memory of
             datasets of large images.
-        amp: run the image tower under CUDA autocast (bf16/fp16). Off by default: the embeddings are a
+        amp: run the image tower under autocast (:func:`villa.engine.device.amp_dtype`: bf16/fp16 on CUDA, bf16 on
+            a CPU with native bf16; the rich descriptor always runs in float32). Off by default: the embeddings are a
             one-off artifact, and stage 1 z-scores them, which turns bf16 rounding of a large common
             component into large errors (an H100 run gave a relative error of 0.52 against the CPU).
         rank, world_size: this process's share of the images; default: from ``torch.distributed``
@@ -579,8 +580,13 @@ def build_parser():
     parser.add_argument(
         "--amp",
         action="store_true",
-        help="CUDA mixed precision for the image tower (faster, less exact; the rich stage-1 "
-        "features always run in float32)",
+        help="mixed precision for the image tower: CUDA, or a CPU with native bf16 (faster, less exact; the "
+        "rich stage-1 features always run in float32)",
+    )
+    parser.add_argument(
+        "--threads",
+        default="auto",
+        help="torch threads: auto (the usable cores, divided among torchrun's processes on this machine) or N",
     )
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     return parser
@@ -595,6 +601,7 @@ def cli_main(argv: Sequence[str] | None = None) -> dict:
     @exit_on_error
     def run() -> dict:
         args = build_parser().parse_args(argv)
+        configure_threads(args.threads)
         summary = preprocess_dataset(
             args.data_dir,
             encoder=args.encoder,

@@ -25,7 +25,8 @@ def region_scores(
     """
     proj = F.normalize(projections.float(), dim=-1)
     emb = F.normalize(attr_embs.float(), dim=-1)
-    sim = torch.einsum("brkd,kd->brk", proj, emb) / tau
+    with torch.autocast(proj.device.type, enabled=False):  # scores in float32 under amp as well
+        sim = torch.einsum("brkd,kd->brk", proj, emb) / tau
     return sim.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1)
 
 
@@ -95,7 +96,8 @@ def packed_similarity(
     """
     proj = F.normalize(projections.float(), dim=-1)
     emb = F.normalize(attr_embs.float(), dim=-1)
-    sim = torch.einsum("mkd,kd->mk", proj, emb) / tau
+    with torch.autocast(proj.device.type, enabled=False):  # scores in float32 under amp as well
+        sim = torch.einsum("mkd,kd->mk", proj, emb) / tau
     full = sim.new_full((*mask.shape, sim.shape[1]), float("-inf"))
     full[mask] = sim
     return full
@@ -237,7 +239,8 @@ class MappingLoss:
             chosen += [t.flatten(0, 1).index_select(0, at).view(shape) for t in (hidden, out)]  # [Kp, B, D]
         raw = rows.index_select(0, best).view(shape) if model.adapter else None
         proj = F.normalize(model.replay(*chosen, head_index, raw).float(), dim=-1)  # [Kp, B, D]
-        scores = torch.einsum("kbd,kd->bk", proj, embs) / self.tau
+        with torch.autocast(proj.device.type, enabled=False):  # scores in float32 under amp as well
+            scores = torch.einsum("kbd,kd->bk", proj, embs) / self.tau
         # an image without real regions has no score (region_scores gives -inf there too)
         return scores.masked_fill(~mask.any(1, keepdim=True), float("-inf"))
 
@@ -284,7 +287,8 @@ class MappingLoss:
             if row1 > row0:
                 x = regions[row0:row1].to(device, non_blocking=True).float()
                 proj = F.normalize(model(x.unsqueeze(0))[0].float(), dim=-1)  # [m, K, D]
-                sim = torch.einsum("mkd,kd->mk", proj, embs) / self.tau
+                with torch.autocast(device.type, enabled=False):  # float32 under amp as well
+                    sim = torch.einsum("mkd,kd->mk", proj, embs) / self.tau
                 image = torch.repeat_interleave(host_counts[start:stop].to(device))  # [m] chunk-local image
                 scores[start:stop].scatter_reduce_(0, image.unsqueeze(1).expand(-1, k), sim, "amax")
             start = stop

@@ -73,7 +73,7 @@ def run_stage1(
     num_workers: int = 0,
     pin_memory: bool = False,
     progress: bool = True,
-    cpu_keep_freed_memory: bool = False,
+    cpu_keep_freed_memory: bool | str = "auto",
     checkpoint_every_s: float = 30.0,
     resident_data_mb: float = 2048,
     cuda_graphs: bool = True,

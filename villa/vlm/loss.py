@@ -12,11 +12,12 @@ def symmetric_info_nce(image_embs: torch.Tensor, text_embs: torch.Tensor, tau: f
     """Symmetric InfoNCE over all M pairs of a batch: 0.5 * (image->text + text->image), each a mean over pairs.
 
     image_embs ``[M, D]``, text_embs ``[M, D]`` (row i of each forms a positive pair; both are
-    L2-normalised here). Returns a scalar. Like the reference, pairs that share identical text are still
+    L2-normalised here). Returns a scalar, computed in float32 also under autocast. Like the reference, pairs that share identical text are still
     negatives of each other.
     """
     image_embs = F.normalize(image_embs.float(), dim=-1)
     text_embs = F.normalize(text_embs.float(), dim=-1)
-    logits = image_embs @ text_embs.T / tau
+    with torch.autocast(image_embs.device.type, enabled=False):  # the logits in float32 under amp as well
+        logits = image_embs @ text_embs.T / tau
     target = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * F.cross_entropy(logits, target) + 0.5 * F.cross_entropy(logits.T, target)

@@ -131,7 +131,7 @@ def run_stage2(
     pin_memory: bool = False,
     progress: bool = True,
     image_cache_mb: float = DEFAULT_CACHE_MB,
-    cpu_keep_freed_memory: bool = False,
+    cpu_keep_freed_memory: bool | str = "auto",
     checkpoint_every_s: float = 30.0,
     activation_checkpointing: bool = False,
     config: dict | None = None,
