@@ -205,3 +205,15 @@ def test_the_commands_set_threads_from_the_config(restore_threads):
     cfg = compose(["experiment=stage1", "data_dir=x", "threads=1"])
     _configure_threads(cfg)
     assert torch.get_num_threads() == 1
+
+
+def test_evaluation_embeds_in_float32_on_a_cpu_with_bf16(native_bf16, tiny_docmnist):
+    # a CPU's metrics must not depend on whether it has bf16: the untrained tower's near-identical region
+    # vectors rank differently in bf16
+    from villa.evaluation.run import evaluate_model
+
+    native_bf16(True)
+    with_amp = evaluate_model(data_dir=tiny_docmnist, device="cpu", amp=True, detection=False, progress=False)
+    without = evaluate_model(data_dir=tiny_docmnist, device="cpu", amp=False, detection=False, progress=False)
+    keys = ("text_to_region_r_precision", "region_to_text_r_precision", "zero_shot_auroc")
+    assert {k: with_amp[k] for k in keys} == {k: without[k] for k in keys}
