@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from open_clip.modified_resnet import AttentionPool2d, Bottleneck, ModifiedResNet
 from torch import nn
 
-from villa.encoders.ops import ROI_SIZE, checkpointed, roi_align_boxes
+from villa.encoders.ops import ROI_SIZE, checkpointed, roi_align_axis_weights, roi_align_boxes
 
 #: the attention pool's positional embedding is 7x7 (+1): RoIAlign 14x14 -> layer4 stride 2 -> 7x7
 POOL_IMAGE_SIZE = 224
@@ -81,59 +81,6 @@ def attention_pool_first_token(pool: AttentionPool2d, x: torch.Tensor) -> torch.
     v_weight = pool.v_proj.weight.reshape(heads, head_dim, c).to(pooled.dtype)
     values = torch.einsum("mhc,hdc->mhd", pooled, v_weight) + pool.v_proj.bias.reshape(heads, head_dim)
     return F.linear(values.reshape(m, c), pool.c_proj.weight, pool.c_proj.bias)
-
-
-def _axis_weights(start: torch.Tensor, length: torch.Tensor, size: int, bins: int) -> torch.Tensor:
-    """RoIAlign's bilinear weights along one axis, averaged over each bin's samples: ``[M, bins, size]``.
-
-    Mirrors torchvision's CPU/CUDA kernel for ``aligned=True, sampling_ratio=0``: ``ceil(length / bins)``
-    samples per bin at ``start + bin * b + (i + 0.5) * b / grid``; a sample outside ``[-1, size]`` counts
-    zero, one below 0 is clamped to 0, one at or past ``size - 1`` reads the last row only.
-    ``start``/``length``: ``[M]`` in feature-map pixels.
-    """
-    bin_size = length / bins  # [M]
-    grid = torch.ceil(length / bins).clamp(min=0)  # samples per bin; 0 for an empty box (output 0)
-    samples = max(int(grid.max()), 1) if len(grid) else 1
-    i = torch.arange(samples, dtype=start.dtype, device=start.device)
-    b = torch.arange(bins, dtype=start.dtype, device=start.device)
-    # same operation order as the kernel: start + bin * bin_size + (i + .5) * bin_size / grid
-    pos = (
-        start[:, None, None]
-        + b[None, :, None] * bin_size[:, None, None]
-        + (i + 0.5)[None, None, :] * bin_size[:, None, None] / grid.clamp(min=1)[:, None, None]
-    )  # [M, bins, samples]
-    used = (i[None, None, :] < grid[:, None, None]) & (pos >= -1.0) & (pos <= size)
-    pos = pos.clamp(min=0)
-    low = pos.floor().clamp(max=size - 1)
-    pos = torch.where(low >= size - 1, low, pos)
-    frac = pos - low
-    high = (low + 1).clamp(max=size - 1)
-    scale = used.to(start.dtype) / grid.clamp(min=1)[:, None, None]
-    weights = start.new_zeros((len(start), bins, size))
-    weights.scatter_add_(2, low.long(), (1 - frac) * scale)
-    weights.scatter_add_(2, high.long(), frac * scale)
-    return weights
-
-
-def roi_align_axis_weights(
-    boxes: torch.Tensor, spatial_scale: float, height: int, width: int, output_size: int = ROI_SIZE
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoIAlign's (``aligned=True``, ``sampling_ratio=0``) y and x weights ``([M, S, H], [M, S, W])``.
-
-    Every output bin of RoIAlign averages bilinear samples on a grid, and both the grid and the bilinear
-    weights factor into a y part and an x part, so crop ``m`` is ``Wy[m] @ features[b_m, c] @ Wx[m].T``
-    for every channel ``c`` (:func:`roi_align_matrices` makes that one matrix per region).
-
-    Args:
-        boxes: ``[M, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` in image pixels.
-        spatial_scale: feature pixels per image pixel.
-        height, width: the feature map's size.
-    """
-    # aligned=True: pixel centres at +0.5; at least float32, like the RoIAlign kernels (float64 stays float64)
-    coords = boxes[:, 1:].to(torch.promote_types(boxes.dtype, torch.float32)) * spatial_scale - 0.5
-    wy = _axis_weights(coords[:, 1], coords[:, 3] - coords[:, 1], height, output_size)
-    wx = _axis_weights(coords[:, 0], coords[:, 2] - coords[:, 0], width, output_size)
-    return wy, wx
 
 
 def _kron(wy: torch.Tensor, wx: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,8 @@ BANK_FILTERS = 64
 #: bytes of bank responses made at once (a few images' worth; bounds the descriptor's peak memory)
 BANK_CHUNK_BYTES = 256 * 2**20
 BANK_GRID = 4
+#: window sizes of the bank's per-region responses are rounded up to this many pixels (fewer, larger groups)
+BANK_WINDOW_STEP = 8
 DEFAULT_RICH_SEED = 0
 
 
@@ -65,6 +67,28 @@ def _exact_convolutions():
     return cudnn.flags(
         enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False
     )
+
+
+def _bank_windows_extent(
+    boxes: torch.Tensor, scale: float, h: int, w: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per box, the smallest map window that holds every pixel RoIAlign reads for it: ``(lo_x, lo_y, width_x,
+    width_y)``, int64 ``[M]`` each, in pixels of an ``h x w`` map at ``scale`` times the boxes' coordinates.
+
+    With ``aligned=True`` the samples of a box ``x0..x1`` lie in ``[x0 * scale - 0.5, x1 * scale - 0.5]``, and a
+    sample at ``x`` reads pixels ``floor(x)`` and ``floor(x) + 1``; samples left of 0 read pixel 0 (or nothing
+    below -1) and samples right of ``w - 1`` read pixel ``w - 1``. A window starting at ``floor(x_min)`` (0 when
+    that is negative, so the left border rule is the map's) and ending past ``floor(x_max) + 1`` (or at ``w``)
+    therefore reads what the whole map does.
+    """
+    coords = boxes[:, 1:].double() * scale - 0.5  # [M, 4]: x0, y0, x1, y1 sample extents
+    lo = coords[:, :2].floor().clamp(min=0)
+    hi = coords[:, 2:].floor() + 2  # one past the last pixel read
+    limit = torch.tensor([w, h], dtype=hi.dtype)
+    hi = torch.minimum(torch.maximum(hi, lo + 1), limit)
+    lo = torch.minimum(lo, limit - 1)
+    size = (hi - lo).long()
+    return lo[:, 0].long(), lo[:, 1].long(), size[:, 0], size[:, 1]
 
 
 class RichRegionFeatures(nn.Module):
@@ -164,14 +188,32 @@ class RichRegionFeatures(nn.Module):
     def _bank_crops(self, images: torch.Tensor, boxes: torch.Tensor, width: int) -> torch.Tensor:
         """RoIAlign ``[M, F, 28, 28]`` of the bank's responses ``relu(conv3x3(images) + bias)`` ``[B, F, H, W]``.
 
-        The responses are made a few images at a time (about :data:`BANK_CHUNK_BYTES` each) as one matrix
-        product over the 3x3 patches, which writes them in the row-major layout RoIAlign reads. The
-        convolution op wrote them channels-last, and RoIAlign's CPU kernel first copied the whole
-        ``F``-channel full-resolution map to row-major: that copy took most of the rich descriptor's time.
-        Equal to the convolution to float rounding."""
+        RoIAlign reads a response map only inside each box (and one pixel around it), and a 3x3 response needs
+        only the pixels next to it. So when the regions cover less than the images, the responses are made for
+        a window around each region (:meth:`_bank_windows`) rather than for the whole map; else for the whole
+        map a few images at a time (:meth:`_bank_full_maps`). Both equal RoIAlign of the convolution over the
+        whole map, to float rounding: the windows hold every pixel the samples read, and the same border rule.
+        """
+        if not len(boxes):
+            return images.new_zeros((0, len(self.bank_weight), PIXEL_SIZE, PIXEL_SIZE))
         b, c, h, w = images.shape
-        weight = self.bank_weight.to(images.dtype).reshape(len(self.bank_weight), -1)  # [F, 3 * 9]
-        bias = self.bank_bias.to(images.dtype)[:, None]
+        scale = w / width  # RoIAlign's spatial scale for a map as wide as ``images``
+        lo_x, lo_y, width_x, width_y = _bank_windows_extent(boxes, scale, h, w)
+        if float((width_x * width_y).sum()) >= b * h * w:
+            return self._bank_full_maps(images, boxes, width)
+        return self._bank_windows(images, boxes, scale, lo_x, lo_y, width_x, width_y)
+
+    def _bank_matrices(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bank as a matrix ``[F, 3 * 9]`` and its bias ``[F, 1]``."""
+        weight = self.bank_weight.to(dtype).reshape(len(self.bank_weight), -1)
+        return weight, self.bank_bias.to(dtype)[:, None]
+
+    def _bank_full_maps(self, images: torch.Tensor, boxes: torch.Tensor, width: int) -> torch.Tensor:
+        """Whole response maps, a few images at a time (about :data:`BANK_CHUNK_BYTES` each), as one matrix
+        product over the 3x3 patches, which writes them in the row-major layout RoIAlign reads (a convolution
+        op writes them channels-last, and RoIAlign's CPU kernel would first copy them to row-major)."""
+        b, c, h, w = images.shape
+        weight, bias = self._bank_matrices(images.dtype)
         per_image = max(1, BANK_CHUNK_BYTES // (len(weight) * h * w * images.element_size()))
         image_of_box = boxes[:, 0].long()
         crops = images.new_empty((len(boxes), len(weight), PIXEL_SIZE, PIXEL_SIZE))
@@ -185,6 +227,43 @@ class RichRegionFeatures(nn.Module):
             local = boxes[mine].clone()
             local[:, 0] -= start
             crops[mine] = roi_align_boxes(responses, local, width, PIXEL_SIZE)
+        return crops
+
+    def _bank_windows(self, images, boxes, scale, lo_x, lo_y, width_x, width_y) -> torch.Tensor:
+        """Responses in a window around each region only (see :func:`_bank_windows_extent`).
+
+        Regions are grouped by window size (rounded up to :data:`BANK_WINDOW_STEP` pixels) so that each group
+        is one gather of padded-image windows ``[m, 3, wy + 2, wx + 2]``, one matrix product over their 3x3
+        patches ``-> [m, F, wy, wx]`` and one RoIAlign with the boxes moved into their windows."""
+        b, c, h, w = images.shape
+        weight, bias = self._bank_matrices(images.dtype)
+        padded = F.pad(images, (1, 1, 1, 1)).permute(
+            0, 2, 3, 1
+        )  # [B, H + 2, W + 2, 3]: zeros as conv padding
+        step = BANK_WINDOW_STEP
+        size_x = torch.clamp((width_x + step - 1) // step * step, max=w)
+        size_y = torch.clamp((width_y + step - 1) // step * step, max=h)
+        # a window that would cross the far edge slides back: it then ends where the image ends, as it must
+        lo_x, lo_y = torch.minimum(lo_x, w - size_x), torch.minimum(lo_y, h - size_y)
+        crops = images.new_empty((len(boxes), len(weight), PIXEL_SIZE, PIXEL_SIZE))
+        groups = torch.stack([size_y, size_x], 1)
+        for sy, sx in torch.unique(groups, dim=0).tolist():
+            members = ((groups[:, 0] == sy) & (groups[:, 1] == sx)).nonzero().squeeze(1)
+            per_chunk = max(1, BANK_CHUNK_BYTES // ((len(weight) + 27) * sy * sx * images.element_size()))
+            for chunk in members.split(per_chunk):
+                rows = lo_y[chunk, None] + torch.arange(sy + 2)  # [m, sy + 2] in the padded image
+                cols = lo_x[chunk, None] + torch.arange(sx + 2)
+                image_index = boxes[chunk, 0].long()
+                windows = padded[image_index[:, None, None], rows[:, :, None], cols[:, None, :]]
+                patches = F.unfold(windows.permute(0, 3, 1, 2), 3)  # [m, 27, sy * sx]
+                responses = (
+                    torch.matmul(weight, patches).add_(bias).relu_().view(len(chunk), len(weight), sy, sx)
+                )
+                local = boxes[chunk].clone()
+                local[:, 0] = torch.arange(len(chunk), dtype=local.dtype)
+                local[:, 1::2] -= lo_x[chunk, None].to(local.dtype) / scale
+                local[:, 2::2] -= lo_y[chunk, None].to(local.dtype) / scale
+                crops[chunk] = roi_align_boxes(responses, local, sx / scale, PIXEL_SIZE)
         return crops
 
     @staticmethod
