@@ -67,6 +67,28 @@ def test_hf_folder_without_weights(tmp_path):
 
 
 # --------------------------------------------------------------------------- default encoder
+def test_text_tower_batches_by_the_device_default(default_encoder, monkeypatch):
+    """On a CPU the tower runs TEXT_BATCH_CPU texts per forward unless told otherwise; rows keep their order."""
+    from villa.encoders.text import TEXT_BATCH_CPU
+
+    tower = default_encoder.text
+    tower.encode(["warm up"])
+    sizes = []
+    real = tower._tokenizer
+
+    def counting(batch, **kwargs):
+        sizes.append(len(batch))
+        return real(batch, **kwargs)
+
+    monkeypatch.setattr(tower, "_tokenizer", counting)
+    texts = [f"the number is {i}" + " and more" * (i % 3) for i in range(2 * TEXT_BATCH_CPU + 3)]
+    embs = default_encoder.encode_text(texts)
+    assert sizes == [TEXT_BATCH_CPU, TEXT_BATCH_CPU, 3]
+    sizes.clear()
+    torch.testing.assert_close(default_encoder.encode_text(texts, batch_size=1000), embs, atol=1e-5, rtol=1e-4)
+    assert sizes == [len(texts)]
+
+
 def test_default_text_tower(default_encoder):
     texts = ["the color is red", "the image is red", "the number is a nine"]
     embs = default_encoder.encode_text(texts, batch_size=2)

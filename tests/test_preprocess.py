@@ -160,7 +160,7 @@ def test_each_sentence_encoded_once(tmp_path, monkeypatch):
     calls = []
     original = HFEncoder.encode_text
 
-    def spy(self, texts, batch_size=256):
+    def spy(self, texts, batch_size=None):
         calls.append(list(texts))
         return original(self, texts, batch_size)
 

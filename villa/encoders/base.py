@@ -50,8 +50,9 @@ class Encoder(abc.ABC):
         return True
 
     @abc.abstractmethod
-    def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        """Embed ``texts``: float32 ``[N, D]`` on CPU, NOT normalised, no grad."""
+    def encode_text(self, texts: list[str], batch_size: int | None = None) -> torch.Tensor:
+        """Embed ``texts``: float32 ``[N, D]`` on CPU, NOT normalised, no grad; ``batch_size`` texts per forward
+        (None: the tower's default)."""
 
     @property
     def text_token_limit(self) -> int | None:

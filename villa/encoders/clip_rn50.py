@@ -258,12 +258,13 @@ class ClipRN50Encoder(Encoder):
         return self._text is not None
 
     @torch.no_grad()  # not inference_mode: callers may use the result next to tensors that need grad
-    def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    def encode_text(self, texts: list[str], batch_size: int | None = None) -> torch.Tensor:
         if self._text is None:
             raise VillaError(
                 f"'{self.weights_path}' holds only CLIP's visual tower: text embeddings need the full "
                 "CLIP RN50 checkpoint (e.g. OpenAI's RN50.pt)"
             )
+        batch_size = batch_size or 256
         out = [
             self._text(self._tokenizer(list(texts[s : s + batch_size])).to(self.device)).float().cpu()
             for s in range(0, len(texts), batch_size)

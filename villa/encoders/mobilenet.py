@@ -242,7 +242,7 @@ class MobileNetV2Encoder(Encoder):
             "dim": self.dim,
         }
 
-    def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    def encode_text(self, texts: list[str], batch_size: int | None = None) -> torch.Tensor:
         return self.text.encode(texts, batch_size)
 
     @property

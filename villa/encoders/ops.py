@@ -82,6 +82,7 @@ def roi_align_boxes(
     return crops.to(features.dtype)
 
 
+@torch.compiler.disable  # its per-image loop sizes come from the boxes: a compiled graph would specialise on each
 def roi_align_separable(
     features: torch.Tensor, boxes: torch.Tensor, spatial_scale: float, size: int = ROI_SIZE
 ) -> torch.Tensor:

@@ -22,6 +22,11 @@ DEFAULT_IMAGE_WIDTH = 16
 DEFAULT_IMAGE_SEED = 0
 
 
+#: the text tower's sentences per forward on a CPU: smaller batches keep a layer's activations in cache, and on
+#: 2 cores MiniLM ran faster in batches of 64 than of 256 (docs/performance.md, preprocessing throughput)
+TEXT_BATCH_CPU = 64
+
+
 def _force_offline() -> None:
     # Set before transformers touches the hub so a missing file fails fast instead of trying to download.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -98,15 +103,19 @@ class HFTextTower:
         return [len(row) for row in ids]
 
     @torch.no_grad()  # not inference_mode: callers may use the result next to tensors that need grad
-    def encode(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    def encode(self, texts: list[str], batch_size: int | None = None) -> torch.Tensor:
         """``[N, hidden_size]`` float32 on CPU, mean-pooled over the attention mask, not normalised.
 
         Texts are batched in order of length (characters, a proxy for tokens), so that a batch pads its short
         texts to a similar length rather than to the longest text of an arbitrary batch: on a set of captions
         and short prompts the padded tokens were most of the work. Rows come back in ``texts`` order; a text's
-        embedding does not depend on its batch (padding is masked), up to float rounding."""
+        embedding does not depend on its batch (padding is masked), up to float rounding. ``batch_size``: texts
+        per forward; by default :data:`TEXT_BATCH_CPU` on a CPU (smaller batches keep a layer's activations in
+        cache) and 256 elsewhere."""
         if self._model is None:
             self._load()
+        if batch_size is None:
+            batch_size = TEXT_BATCH_CPU if self.device.type == "cpu" else 256
         texts = list(texts)
         if not texts:
             return torch.zeros(0, self.dim)
@@ -172,7 +181,7 @@ class HFEncoder(Encoder):
             "dim": self.dim,
         }
 
-    def encode_text(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    def encode_text(self, texts: list[str], batch_size: int | None = None) -> torch.Tensor:
         return self.text.encode(texts, batch_size)
 
     @property
