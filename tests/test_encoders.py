@@ -85,7 +85,9 @@ def test_text_tower_batches_by_the_device_default(default_encoder, monkeypatch):
     embs = default_encoder.encode_text(texts)
     assert sizes == [TEXT_BATCH_CPU, TEXT_BATCH_CPU, 3]
     sizes.clear()
-    torch.testing.assert_close(default_encoder.encode_text(texts, batch_size=1000), embs, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        default_encoder.encode_text(texts, batch_size=1000), embs, atol=1e-5, rtol=1e-4
+    )
     assert sizes == [len(texts)]
 
 
