@@ -2,7 +2,8 @@
 
 ``baseline_tree``: ``git archive <rev> villa`` unpacked (that commit's code doing its real work its real way);
 ``current_tree``: a copy of this tree's package taken at the start (uncommitted changes included);
-``worker_env``: the environment that makes a worker import ``villa`` from one of them.
+``worker_env``: the environment that makes a worker import ``villa`` from one of them;
+``rev_parse``: the commit a baseline revision names, resolved once.
 """
 
 from __future__ import annotations
@@ -33,3 +34,13 @@ def current_tree(dest: Path, source: Path = REPO) -> Path:
 def worker_env(tree: Path) -> dict:
     """This process's environment with ``tree`` first on ``PYTHONPATH``."""
     return dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]))
+
+
+def rev_parse(rev: str) -> str:
+    """The full commit of ``rev`` (the baseline stays that commit even if the branch moves during the run)."""
+    return subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()

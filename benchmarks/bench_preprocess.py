@@ -37,12 +37,16 @@ from villa.storage.paths import resolve_dataset_dir
 
 
 def scratch_copy(dataset_dir: Path, into: Path) -> Path:
-    """A dataset folder sharing ``dataset_dir``'s images (symlink) with its own outputs."""
+    """A dataset folder with ``dataset_dir``'s annotation files copied and its outputs of its own: images read
+    from the same place (a link to ``images/``, unless ``dataset.json`` names an ``image_root`` elsewhere)."""
     target = into / dataset_dir.name
-    target.mkdir()
+    target.mkdir(parents=True)
     for name in ("annotations.feather", "attributes.yaml", "dataset.json"):
-        shutil.copy2(dataset_dir / name, target / name)
-    (target / "images").symlink_to(dataset_dir / "images", target_is_directory=True)
+        if (dataset_dir / name).exists():
+            shutil.copy2(dataset_dir / name, target / name)
+    manifest = dataset_dir / "dataset.json"
+    if not (manifest.exists() and json.loads(manifest.read_text()).get("image_root")):
+        (target / "images").symlink_to(dataset_dir / "images", target_is_directory=True)
     return target
 
 

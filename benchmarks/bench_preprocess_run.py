@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -27,27 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from _trees import REPO, baseline_tree, current_tree, worker_env
+from _trees import baseline_tree, current_tree, rev_parse, worker_env
+from bench_preprocess import scratch_copy
 
 TOL = 1e-4  # largest |difference| of an embedding entry, relative to the largest entry
 KEYS = ("seconds", "text_seconds", "region_seconds", "forward_seconds")
-
-
-def scratch_copy(dataset_dir: Path, into: Path) -> Path:
-    """A dataset folder sharing ``dataset_dir``'s images (symlink) with its own outputs."""
-    target = into / dataset_dir.name
-    target.mkdir(parents=True)
-    for name in ("annotations.feather", "attributes.yaml", "dataset.json"):
-        if (dataset_dir / name).exists():
-            shutil.copy2(dataset_dir / name, target / name)
-    images = (
-        json.loads((dataset_dir / "dataset.json").read_text()).get("image_root")
-        if (dataset_dir / "dataset.json").exists()
-        else None
-    )
-    if not images:
-        (target / "images").symlink_to(dataset_dir / "images", target_is_directory=True)
-    return target
 
 
 def worker(args) -> None:
@@ -99,12 +82,10 @@ def main() -> None:
     import numpy as np
 
     data_dir = Path(args.data_dir).resolve()
-    rev = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--verify", f"{args.baseline_rev}^{{commit}}"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "?")  # fmt: skip
+    from villa.engine.environment import cpu_model
+
+    rev = rev_parse(args.baseline_rev)
+    cpu = cpu_model()
     print(
         f"preprocessing {data_dir}, encoder {args.encoder}; baseline git {rev[:7]}, current = this tree; {cpu}"
     )

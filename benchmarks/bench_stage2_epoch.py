@@ -53,9 +53,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _trees import baseline_tree, current_tree, worker_env
+from _trees import REPO, baseline_tree, current_tree, rev_parse, worker_env
 
-REPO = Path(__file__).resolve().parents[1]
 RESULT_KEYS = ("train_loss", "val_loss")
 RESULT_TOL = 1e-3  # relative, on the losses after the epoch
 EVAL_TOL = 0.5  # points, on R-Precision and AUROC (percent)
@@ -393,7 +392,7 @@ def main() -> None:
     args.data_dir = Path(args.data_dir).resolve()
     args.stage_1_ckpt_dir = Path(args.stage_1_ckpt_dir).resolve()
 
-    args.baseline_rev = _rev_parse(args.baseline_rev)
+    args.baseline_rev = rev_parse(args.baseline_rev)
     env_threads = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")}
     print(f"stage-2 epoch, batch {args.batch_size}, data {args.data_dir}, stage 1 {args.stage_1_ckpt_dir}")
     print(
@@ -451,16 +450,6 @@ def main() -> None:
         print("RESULTS DIFFER: " + "; ".join(problems))
         sys.exit(1)
     print("results agree")
-
-
-def _rev_parse(rev: str) -> str:
-    """The full commit of ``rev`` (the baseline stays that commit even if the branch moves during the run)."""
-    return subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--verify", f"{rev}^{{commit}}"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
 
 
 def _head() -> str:

@@ -20,27 +20,25 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from villa.docmnist.complexity_sweep import t_interval
+
 REPO = Path(__file__).resolve().parents[1]
 PRECISIONS = {"float32": "amp=false", "bf16": "amp=true"}
 METRICS = ("text_to_region_r_precision", "region_to_text_r_precision", "zero_shot_auroc")
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def interval(values: list[float]) -> str:
     """``mean [low, high]``: the 95% t interval of the mean (just the mean for one value)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return f"{mean:.2f}"
-    half = T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
-    return f"{mean:.2f} [{mean - half:.2f}, {mean + half:.2f}]"
+    stats = t_interval(values)
+    if stats["n"] < 2:
+        return f"{stats['mean']:.2f}"
+    return f"{stats['mean']:.2f} [{stats['ci95_low']:.2f}, {stats['ci95_high']:.2f}]"
 
 
 def command(*args: str) -> float:

@@ -164,7 +164,7 @@ def release_freed_memory() -> None:
 
 
 def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one, else the machine's count)."""
+    """CPU cores this process may run on: its affinity mask where the OS has one, else the machine's count."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -175,7 +175,7 @@ def torch_threads_for(cores: int, processes: int = 1, loader_workers: int = 0) -
     """Torch intra-op threads for one of ``processes`` processes sharing ``cores``, each feeding itself with
     ``loader_workers`` DataLoader workers (one core each while they decode): the cores are split evenly,
     never below one thread. More threads than cores make torch's OpenMP threads wait at every barrier for a
-    thread that another process holds off its core (docs/performance.md, "Threads")."""
+    thread that another process holds off its core (docs/performance.md, "Training on a CPU")."""
     per_process = cores // max(1, processes) - max(0, loader_workers)
     return max(1, per_process)
 
@@ -213,7 +213,7 @@ def keeps_cpu_memory(setting: bool | str | None, device: torch.device, amp: bool
     Why bf16 decides it: keeping the heap removes the page faults of every step's large activations (a stage-2
     step at batch 64 ran 2-4x faster) but holds the process at its peak, and bf16 activations are half the
     size, so with both the peak stays below the float32 run's without the setting (docs/performance.md,
-    "Stage-2 steps on a CPU"); in float32 the kept peak grows (up to 1.6x)."""
+    "Training on a CPU"); in float32 the kept peak grows (up to 1.6x)."""
     if setting is None or (isinstance(setting, str) and setting.strip().lower() == "auto"):
         return device.type == "cpu" and amp and amp_dtype(device) == torch.bfloat16
     if isinstance(setting, str):

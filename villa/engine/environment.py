@@ -73,13 +73,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def usable_cores() -> int | None:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count()
-
-
 def git_state(path: str | os.PathLike | None = None) -> dict | None:
     """``{commit, dirty, root}`` of the git checkout holding ``path`` (default: villa's source), or None
     outside one (or without git). ``dirty``: tracked files differ from the commit (untracked files, such as
@@ -139,6 +132,8 @@ def _device(device) -> dict | None:
 def environment(stage: str, *, seed: int | None = None, device=None, world_size: int | None = None) -> dict:
     """The record :func:`write_environment` writes (module docstring) for a start of ``stage`` now."""
     import torch
+
+    from villa.engine.device import usable_cores
 
     argv = [sys.executable, *sys.argv]
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
