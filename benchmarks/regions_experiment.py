@@ -10,14 +10,15 @@ One shapes set (``python -m villa.datasets.shapes --images=N --seed=0``) is impo
 - ``proposals``: COCO import with ``--regions=proposals`` (no ground-truth box is used in training or mapping;
   the instance boxes are kept as the objects for metrics only);
 - ``table``: the same images and captions as a box-free table import with ``--regions=proposals`` (image-level
-  evaluation: no region labels at all).
+  evaluation: no region labels at all), evaluated twice: images scored by their best region (``image_score=regions``,
+  the default) and by their whole-image embedding (``image_score=whole``).
 
 Per arm: preprocessing (``--encoder``), then per seed stage 1 and ViLLA's stage 2, and evaluation of ViLLA, CLIP
 and the untrained tower. The CLIP baseline trains on whole images and whole texts only, which the three arms
 share (same images, same texts, same splits), so it is trained once per seed and evaluated on every arm. Seeds
 change stage 1's and stage 2's initialisation and order, not the data. Every command runs as its own process
-with ``OMP_NUM_THREADS=1`` (the commands are printed as they run and logged in ``<out>/commands.log``); a finished
-step (its output file present) is skipped, so an interrupted run resumes, and seeds can run as concurrent
+with ``OMP_NUM_THREADS=1`` (``--threads``; the commands are printed as they run and logged in ``<out>/commands.log``); a finished
+step (its output file present) is skipped and an interrupted training continues from its ``last.pkl``, and seeds can run as concurrent
 processes once ``--prepare_only`` has made the data. Results: ``<out>/results_<encoder>.csv`` (one row per arm,
 seed and model) and ``<out>/summary_<encoder>.csv`` (mean and 95% Student-t interval over the seeds, and
 ViLLA - CLIP paired by seed).
@@ -38,6 +39,8 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parent.parent
 ARMS = ("gt", "proposals", "table")
+IMAGE_SCORES = ("regions", "whole")  # (villa.evaluation.run.IMAGE_SCORES)
+FOLDER_SUFFIX = {"regions": "", "whole": "_whole"}
 MODELS = ("villa", "clip", "untrained")
 METRICS = (
     "text_to_region_r_precision",
@@ -51,10 +54,16 @@ METRICS = (
 )
 
 
+THREADS = 1  # torch threads of every command (--threads)
+#: written when a training run has ended (its last epoch or an early stop); an interrupted run has best.pkl and
+#: last.pkl but not this, and continues from last.pkl (resume=true)
+TRAINED = "curves.png"  # (villa.engine.curves.CURVES_FILE)
+
+
 def run(command: list[str], log: Path) -> None:
-    """Run one villa command (one torch thread), appending its output to ``log``; stop on failure."""
+    """Run one villa command (:data:`THREADS` torch threads), appending its output to ``log``; stop on failure."""
     print("$", shlex.join(command), flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "PYTHONPATH": str(REPO)}
     start = time.time()
     with open(log, "a") as fh:
         fh.write(f"$ {shlex.join(command)}\n")
@@ -115,8 +124,8 @@ def train_clip(out: Path, folder: Path, seed: int, args, log: Path) -> Path:
     """The CLIP baseline of one seed (whole images and texts: the same for every arm); returns its best.pkl."""
     ckpt = out / "runs" / f"clip_{args.encoder}" / f"s{seed}"
     run_dir = ckpt / "clip"
-    if not (run_dir / "best.pkl").is_file():
-        run([sys.executable, "-m", "villa.stage2", "experiment=clip", f"data_dir={folder}", f"run_dir={run_dir}",
+    if not (run_dir / TRAINED).is_file():
+        run([sys.executable, "-m", "villa.stage2", "experiment=clip", "resume=true", f"data_dir={folder}", f"run_dir={run_dir}",
              f"checkpoint_dir={ckpt}", f"seed={seed}", "device=cpu", "progress=false",
              f"epochs={args.stage2_epochs}", f"batch_size={args.stage2_batch}", *args.stage2_overrides.split()],
             log)  # fmt: skip
@@ -132,55 +141,81 @@ def train_and_evaluate(out: Path, arm: str, folder: Path, seed: int, clip: Path,
     if not (runs / "stage1" / "mapping_metrics.json").is_file():
         run([py, "-m", "villa.stage1", "experiment=stage1", *common, f"run_dir={runs / 'stage1'}"], log)
     stage2 = [f"run_dir={runs / 'stage2'}", f"stage_1_ckpt_dir={runs / 'stage1'}"]
-    if not (runs / "stage2" / "best.pkl").is_file():
-        run([py, "-m", "villa.stage2", "experiment=stage2", *common, *stage2, f"epochs={args.stage2_epochs}",
+    if not (runs / "stage2" / TRAINED).is_file():
+        run([py, "-m", "villa.stage2", "experiment=stage2", "resume=true", *common, *stage2, f"epochs={args.stage2_epochs}",
              f"batch_size={args.stage2_batch}", *args.stage2_overrides.split()], log)  # fmt: skip
-    evaluations = {
-        "stage2": stage2,
-        "clip": [f"run_dir={runs / 'clip'}", f"eval_checkpoint={clip}"],
-        "untrained": [f"run_dir={runs / 'untrained'}"],
-    }
-    for experiment, keys in evaluations.items():
-        if not (runs / experiment / "metrics.json").is_file():
+    for experiment, folder_name, keys in evaluations(runs, clip, arm):
+        if not (runs / folder_name / "metrics.json").is_file():
             run([py, "-m", "villa.evaluate", f"experiment={experiment}", *common, *keys], log)
     return runs
+
+
+def evaluations(runs: Path, clip: Path, arm: str) -> list[tuple[str, str, list[str]]]:
+    """(experiment, run folder name, keys) of every evaluation of an arm: the three models, and on the table arm
+    the three again with images scored by their whole-image embedding (folders ``<experiment>_whole``)."""
+    models = {
+        "stage2": [f"stage_1_ckpt_dir={runs / 'stage1'}", f"eval_checkpoint={runs / 'stage2' / 'best.pkl'}"],
+        "clip": [f"eval_checkpoint={clip}"],
+        "untrained": [],
+    }
+    scores = IMAGE_SCORES if arm == "table" else ("regions",)
+    return [
+        (experiment, experiment + FOLDER_SUFFIX[score],
+         [f"run_dir={runs / (experiment + FOLDER_SUFFIX[score])}", *keys, f"image_score={score}"])
+        for score in scores
+        for experiment, keys in models.items()
+    ]  # fmt: skip
 
 
 def collect(out: Path, runs: dict[tuple[str, int], Path]) -> pd.DataFrame:
     rows = []
     for (arm, seed), folder in sorted(runs.items()):
-        for model, experiment in zip(MODELS, ("stage2", "clip", "untrained")):
-            metrics = json.loads((folder / experiment / "metrics.json").read_text())
-            detection = metrics.get("detection") or {}
-            mapping = metrics.get("mapping") or {}
-            row = {"arm": arm, "seed": seed, "model": model, "candidates": detection.get("candidates")}
-            for key in METRICS[:3]:
-                row[key] = metrics.get(key)
-            row["detection_ap"] = detection.get("ap")
-            row["detection_ap50"] = detection.get("ap50")
-            row["mapping_f1_val"] = (mapping.get("val") or {}).get("f1")
-            row["mapping_f1_test"] = (mapping.get("test") or {}).get("f1")
-            row["mapping_precision_val"] = (mapping.get("val") or {}).get("precision")
-            rows.append(row)
+        for score in IMAGE_SCORES if arm == "table" else ("regions",):
+            for model, experiment in zip(MODELS, ("stage2", "clip", "untrained")):
+                metrics = json.loads(
+                    (folder / (experiment + FOLDER_SUFFIX[score]) / "metrics.json").read_text()
+                )
+                rows.append(_row(arm, seed, model, metrics))
     return pd.DataFrame(rows)
+
+
+def _row(arm: str, seed: int, model: str, metrics: dict) -> dict:
+    detection = metrics.get("detection") or {}
+    mapping = metrics.get("mapping") or {}
+    row = {"arm": arm, "seed": seed, "model": model, "image_score": metrics.get("image_score"),
+           "candidates": detection.get("candidates")}  # fmt: skip
+    for key in METRICS[:3]:
+        row[key] = metrics.get(key)
+    row["detection_ap"] = detection.get("ap")
+    row["detection_ap50"] = detection.get("ap50")
+    row["mapping_f1_val"] = (mapping.get("val") or {}).get("f1")
+    row["mapping_f1_test"] = (mapping.get("test") or {}).get("f1")
+    row["mapping_precision_val"] = (mapping.get("val") or {}).get("precision")
+    return row
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
     from villa.docmnist.complexity_sweep import t_interval
 
     rows = []
-    for (arm, model), group in results.groupby(["arm", "model"], sort=False):
+    keys = ["arm", "image_score"]  # (image_score: None on the arms with region labels)
+    for (arm, score, model), group in results.groupby([*keys, "model"], sort=False, dropna=False):
         for metric in METRICS:
             values = group[metric].dropna().astype(float).tolist()
             if values:
-                rows.append({"arm": arm, "model": model, "metric": metric, **t_interval(values)})
-    for arm, group in results.groupby("arm", sort=False):
+                rows.append(
+                    {"arm": arm, "image_score": score, "model": model, "metric": metric, **t_interval(values)}
+                )
+    for (arm, score), group in results.groupby(keys, sort=False, dropna=False):
         villa = group[group.model == "villa"].set_index("seed")
         clip = group[group.model == "clip"].set_index("seed")
         for metric in METRICS[:5]:
             paired = (villa[metric] - clip[metric]).dropna().astype(float).tolist()
             if paired:
-                rows.append({"arm": arm, "model": "villa - clip", "metric": metric, **t_interval(paired)})
+                rows.append(
+                    {"arm": arm, "image_score": score, "model": "villa - clip", "metric": metric,
+                     **t_interval(paired)}
+                )  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -203,7 +238,10 @@ def main() -> None:
         default="",
         help="extra stage-2 keys, space-separated (activation_checkpointing=true)",
     )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each command")
     args = parser.parse_args()
+    global THREADS
+    THREADS = args.threads
     arms = [a for a in args.arms.split(",") if a]
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:

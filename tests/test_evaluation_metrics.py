@@ -64,6 +64,45 @@ def test_retrieval_metrics_perfect_and_shape_check():
         retrieval_metrics(regions, torch.eye(3), torch.eye(2).bool(), ["a", "b"])
 
 
+def test_an_image_is_scored_by_its_best_unit_whatever_the_chunking():
+    import numpy as np
+
+    from villa.evaluation.metrics import retrieval_metrics_from_scores
+    from villa.evaluation.run import best_unit_scores
+
+    # image 0: whole image and two regions; image 1: whole image and one region; image 2: whole image only
+    embs = torch.tensor([[1.0, 0.0], [0.0, 3.0], [0.6, 0.8], [0.8, 0.6], [-1.0, 0.0], [0.0, -1.0]])
+    offsets = np.array([0, 3, 5, 6])
+    attrs = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    expected = torch.tensor([[1.0, 1.0], [0.8, 0.6], [0.0, -1.0]], dtype=torch.float64)
+    for chunk in (1, 2, 65536):  # chunk boundaries inside an image's units change nothing
+        assert torch.allclose(best_unit_scores(embs, attrs, offsets, chunk=chunk), expected)
+    labels = torch.tensor([[1, 1], [1, 0], [0, 0]]).bool()
+    out = retrieval_metrics_from_scores(expected, labels, ["a", "b"])
+    # a: scores [1, .8, 0], truth [1, 1, 0] -> R-Precision 1, AUROC 1; b: [1, .6, -1], truth [1, 0, 0] -> 1, 1
+    assert out["text_to_region_r_precision"] == pytest.approx(100.0)
+    assert out["zero_shot_auroc"] == pytest.approx(100.0)
+    with pytest.raises(ValueError):
+        retrieval_metrics_from_scores(expected, labels[:2], ["a", "b"])
+
+
+def test_image_units_put_the_whole_image_first():
+    import pandas as pd
+
+    from villa.evaluation.run import image_units
+
+    frame = pd.DataFrame(
+        {
+            "image_size": [[10, 20], [30, 40]],  # [H, W]
+            "num_regions": [2, 1],
+            "region_coord": [[[0, 0, 5, 5], [5, 5, 9, 9]], [[1, 2, 3, 4]]],
+        }
+    )
+    offsets, boxes = image_units(frame)
+    assert offsets.tolist() == [0, 3, 5]
+    assert boxes.tolist() == [[0, 0, 19, 9], [0, 0, 5, 5], [5, 5, 9, 9], [0, 0, 39, 29], [1, 2, 3, 4]]
+
+
 def test_hand_worked_metrics_are_not_flagged():
     regions = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.8, 0.6]])
     labels = torch.tensor([[1, 0], [0, 1], [1, 0], [0, 1]]).bool()

@@ -69,8 +69,9 @@ def test_generic_experiments_on_an_imported_coco_set(shapes_dataset):
 
 
 def test_table_with_grid_regions_is_evaluated_at_the_image_level(tmp_path):
-    from villa.evaluation.run import evaluate_model
+    from villa.evaluation.run import evaluate_model, format_metrics
     from villa.features.preprocess import preprocess_dataset
+    from villa.storage.errors import VillaError
 
     rng = np.random.default_rng(0)
     images = tmp_path / "imgs"
@@ -99,3 +100,10 @@ def test_table_with_grid_regions_is_evaluated_at_the_image_level(tmp_path):
     assert 0 < metrics["num_images"] < 24  # the test split only
     assert metrics["small_split"] is True and f"only {metrics['num_images']} images" in metrics["warnings"][0]
     assert set(metrics["per_attribute"]) == {"red", "blue"}
+    # images are scored by their best unit (whole image or grid cell) unless told to use the whole image
+    assert metrics["image_score"] == "regions"
+    whole = evaluate_model(data_dir=tmp_path / "grid", device="cpu", progress=False, image_score="whole")
+    assert whole["image_score"] == "whole" and "whole-image embedding" in format_metrics(whole)
+    assert "best region" in format_metrics(metrics)
+    with pytest.raises(VillaError, match="unknown image_score 'mean'"):
+        evaluate_model(data_dir=tmp_path / "grid", device="cpu", progress=False, image_score="mean")

@@ -90,10 +90,23 @@ def retrieval_metrics(
     labels: torch.Tensor,
     attribute_names: Sequence[str],
 ) -> dict:
-    """All evaluation metrics, in percent.
+    """All evaluation metrics, in percent, of the cosines of ``region_embs`` with ``attr_embs``.
 
     region_embs ``[M, D]`` and attr_embs ``[K, D]`` (normalised here, so scores are cosines);
-    labels bool ``[M, K]``: region m truly carries attribute k.
+    labels bool ``[M, K]``: region m truly carries attribute k. See :func:`retrieval_metrics_from_scores`.
+    """
+    regions = torch.nn.functional.normalize(region_embs.double(), dim=1)
+    attrs = torch.nn.functional.normalize(attr_embs.double().to(regions.device), dim=1)
+    if labels.shape != (regions.shape[0], attrs.shape[0]):
+        raise ValueError(f"labels {tuple(labels.shape)} do not match {regions.shape[0]} x {attrs.shape[0]}")
+    return retrieval_metrics_from_scores(regions @ attrs.T, labels, attribute_names)
+
+
+def retrieval_metrics_from_scores(
+    sims: torch.Tensor, labels: torch.Tensor, attribute_names: Sequence[str]
+) -> dict:
+    """All evaluation metrics, in percent, of scores ``sims [M, K]`` (higher: unit m more likely shows
+    attribute k; cosines, or an image's best cosine over its regions); labels bool ``[M, K]``.
 
     Text->region: every attribute ranks all M regions (R-Precision, precision@1/5/10), macro over
     attributes carried by at least one region. Region->text: every region ranks the K attributes
@@ -103,12 +116,10 @@ def retrieval_metrics(
     attribute, or when every region carries every attribute; text->region when every region carries every
     attribute, e.g. a single region).
     """
-    regions = torch.nn.functional.normalize(region_embs.double(), dim=1)
-    attrs = torch.nn.functional.normalize(attr_embs.double().to(regions.device), dim=1)
-    labels = labels.bool().to(regions.device)
-    if labels.shape != (regions.shape[0], attrs.shape[0]):
-        raise ValueError(f"labels {tuple(labels.shape)} do not match {regions.shape[0]} x {attrs.shape[0]}")
-    sims = regions @ attrs.T  # [M, K]
+    sims = sims.double()
+    labels = labels.bool().to(sims.device)
+    if labels.shape != sims.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} do not match scores {tuple(sims.shape)}")
     t2r = sims.T.contiguous()
     t2r_labels = labels.T.contiguous()
 
@@ -140,7 +151,7 @@ def retrieval_metrics(
         "region_to_text_r_precision": _nanmean_percent(r2t),
         **{f"precision_at_{p}": _nanmean_percent(per_pk[p]) for p in PRECISION_KS},
         "zero_shot_auroc": _nanmean_percent(per_auc),
-        "num_regions": int(regions.shape[0]),
+        "num_regions": int(sims.shape[0]),
         "num_attributes_present": int((counts > 0).sum()),
         "per_attribute": per_attribute,
         "trivial": trivial,

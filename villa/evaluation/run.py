@@ -2,9 +2,10 @@
 
 With region labels (``reg_to_attr``): text->region / region->text retrieval and zero-shot AUROC on the labelled
 regions, plus (for a ViLLA model) the stage-1 mapping precision/recall/F1 per split and per kind. Without
-region labels: the same metrics at the image level, each image's whole-image embedding against the attributes
-its text mentions (text->image R-Precision, zero-shot AUROC per attribute). ``metrics.json`` says which
-evaluation ran (``"evaluation": "regions" | "images"``).
+region labels: the same metrics at the image level, each image scored against the attributes its text mentions
+(text->image R-Precision, zero-shot AUROC per attribute), by its best region or by its whole-image embedding
+(:data:`IMAGE_SCORES`). ``metrics.json`` says which evaluation ran (``"evaluation": "regions" | "images"``)
+and, at the image level, how images were scored (``"image_score"``).
 
 A metric without a value is ``null`` (printed "n/a"). ``metrics.json`` also holds ``trivial`` (summary keys
 that are 100 whatever the model on this data, e.g. region->text R-Precision with one attribute),
@@ -25,7 +26,13 @@ from tqdm.auto import tqdm
 from villa.datasets import Dataset, region_boxes, region_offsets, region_truth, whole_image_boxes
 from villa.datasets.images import DEFAULT_CACHE_MB, ResizePolicy, size_sorted_batches
 from villa.engine.device import autocast, resolve_device
-from villa.evaluation.metrics import PRECISION_KS, SMALL_SPLIT_IMAGES, metric_warnings, retrieval_metrics
+from villa.evaluation.metrics import (
+    PRECISION_KS,
+    SMALL_SPLIT_IMAGES,
+    metric_warnings,
+    retrieval_metrics,
+    retrieval_metrics_from_scores,
+)
 from villa.evaluation.report import fmt
 from villa.features.embeddings import (
     TEXT_EMBS_DIR,
@@ -40,6 +47,10 @@ from villa.vlm.data import RegionTextDataset, image_store
 
 METRICS_FILE = "metrics.json"
 EVALUATIONS = ("regions", "images")
+#: how an image is scored against an attribute without region labels (docs/method.md section 6.3):
+#: ``regions``, the best cosine over its whole image and its regions (stage 1's image score, the max over
+#: regions); ``whole``, the cosine of its whole-image embedding
+IMAGE_SCORES = ("regions", "whole")
 
 
 def summary_keys(evaluation: str = "regions") -> tuple[str, ...]:
@@ -87,6 +98,40 @@ def embed_regions(
     return out if out is not None else torch.zeros(0, 0)
 
 
+def image_units(frame) -> tuple[np.ndarray, np.ndarray]:
+    """Every image's whole-image box followed by its regions' boxes.
+
+    Returns (offsets int64 ``[N+1]``, boxes float32 ``[N + R, 4]``); image i's units are
+    ``offsets[i]:offsets[i+1]``, the first of them its whole image.
+    """
+    region_starts = region_offsets(frame)
+    offsets = region_starts + np.arange(len(frame) + 1)
+    boxes = np.empty((int(offsets[-1]), 4), dtype=np.float32)
+    whole = np.zeros(len(boxes), dtype=bool)
+    whole[offsets[:-1]] = True
+    boxes[whole] = whole_image_boxes(frame)
+    boxes[~whole] = region_boxes(frame)
+    return offsets, boxes
+
+
+def best_unit_scores(
+    embs: torch.Tensor, attr_embs: torch.Tensor, offsets: np.ndarray, chunk: int = 65536
+) -> torch.Tensor:
+    """Each image's best cosine over its units with each attribute: float64 ``[N, K]``.
+
+    embs ``[P, D]`` (the units of all images, image by image), attr_embs ``[K, D]``, offsets int64 ``[N+1]``.
+    Cosines are formed ``chunk`` units at a time, so memory holds ``[chunk, K]`` of them, not ``[P, K]``.
+    """
+    attrs = torch.nn.functional.normalize(attr_embs.double(), dim=1)
+    owner = torch.from_numpy(np.repeat(np.arange(len(offsets) - 1), np.diff(offsets)))
+    best = torch.full((len(offsets) - 1, attrs.shape[0]), -torch.inf, dtype=torch.float64)
+    for start in range(0, len(owner), chunk):
+        sims = torch.nn.functional.normalize(embs[start : start + chunk].double(), dim=1) @ attrs.T
+        rows = owner[start : start + chunk, None].expand_as(sims)
+        best.scatter_reduce_(0, rows, sims, "amax")
+    return best
+
+
 def evaluate_model(
     *,
     data_dir: str | os.PathLike,
@@ -107,6 +152,7 @@ def evaluate_model(
     detection_score: str = "sigmoid",
     detection_nms_iou: float | None = 0.5,
     detection_max_per_image: int | None = 100,
+    image_score: str = "regions",
 ) -> dict:
     """Metrics (percent) of an image model on ``split`` of a dataset (see the module docstring).
 
@@ -116,8 +162,9 @@ def evaluate_model(
     under ``"mapping"``. ``detection``: also zero-shot detection AP/AP50 (:func:`detection_metrics`) when the
     dataset has region labels, over the candidates ``detection_regions`` names (:func:`detection_candidates`),
     scored by ``detection_score`` (:func:`villa.evaluation.detection.region_scores`), with per-class NMS at
-    ``detection_nms_iou`` and at most ``detection_max_per_image`` detections per image. Writes ``out_path``
-    (JSON) when given and returns the metrics dict.
+    ``detection_nms_iou`` and at most ``detection_max_per_image`` detections per image. ``image_score``: how an
+    image is scored without region labels (:data:`IMAGE_SCORES`). Writes ``out_path`` (JSON) when given and
+    returns the metrics dict.
 
     ``amp`` applies on CUDA only: on a CPU the embeddings are float32, so that a CPU's figures do not depend on
     whether it has bf16. Region vectors that differ by less than bf16's resolution (the untrained tower's) rank
@@ -128,6 +175,8 @@ def evaluate_model(
 
     amp = amp and resolve_device(device).type == "cuda"
 
+    if image_score not in IMAGE_SCORES:
+        raise VillaError(f"unknown image_score '{image_score}': use one of {', '.join(IMAGE_SCORES)}")
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
         if not checkpoint.is_file():
@@ -171,12 +220,19 @@ def evaluate_model(
         offsets, boxes = region_offsets(frame), region_boxes(frame)
         truth = region_truth(frame, names, reachable=False)  # what each region shows, mentioned or not
     else:
-        evaluation = "images"  # the whole image against the attributes its text mentions
-        offsets, boxes = np.arange(len(frame) + 1), whole_image_boxes(frame)
+        evaluation = "images"  # each image against the attributes its text mentions
+        if image_score == "whole":
+            offsets, boxes = np.arange(len(frame) + 1), whole_image_boxes(frame)
+        else:
+            offsets, boxes = image_units(frame)
         truth = dataset.vocabulary.match_matrix(frame["text"].tolist())
     units = RegionTextDataset(store, offsets, boxes, torch.zeros(int(offsets[-1]), 0))
     embs = embed_regions(model, units, resolve_device(device), batch_size, amp, progress)
-    metrics = retrieval_metrics(embs, attr_embs, torch.from_numpy(np.asarray(truth)), names)
+    truth = torch.from_numpy(np.asarray(truth))
+    if evaluation == "images" and image_score == "regions":
+        metrics = retrieval_metrics_from_scores(best_unit_scores(embs, attr_embs, offsets), truth, names)
+    else:
+        metrics = retrieval_metrics(embs, attr_embs, truth, names)
     if evaluation == "regions" and detection:
         spec, candidates = detection_candidates(dataset, frame, detection_regions, progress)
         if candidates is None:  # the dataset's own regions, already embedded
@@ -209,6 +265,7 @@ def evaluate_model(
         "dataset": dataset.name,
         "split": split,
         "num_images": len(frame),
+        "image_score": image_score if evaluation == "images" else None,
         **metrics,
     }
     if stage_1_ckpt_dir is not None and (Path(stage_1_ckpt_dir) / "mapping_metrics.json").is_file():
@@ -359,6 +416,15 @@ def detection_metrics(
     }
 
 
+def _image_level(metrics: dict) -> str:
+    scored_by = {
+        "regions": "each image by its best region",
+        "whole": "each image by its whole-image embedding",
+    }
+    how = scored_by.get(metrics.get("image_score"))
+    return ", no region labels: image-level" + (f", {how}" if how else "")
+
+
 def format_metrics(metrics: dict) -> str:
     """One line per summary metric, e.g. ``text_to_region_r_precision  63.21`` ("n/a": no value, "(trivial)":
     100 whatever the model), then the mapping F1s, then one ``warning:`` line per :func:`metric_warnings`."""
@@ -366,7 +432,7 @@ def format_metrics(metrics: dict) -> str:
     units = metrics.get("num_regions") if evaluation == "regions" else metrics.get("num_images")
     lines = [
         f"{metrics.get('model')} on {metrics.get('dataset')}/{metrics.get('split')} "
-        f"({units} {evaluation}{'' if evaluation == 'regions' else ', no region labels: image-level'})"
+        f"({units} {evaluation}{'' if evaluation == 'regions' else _image_level(metrics)})"
     ]
     trivial = set(metrics.get("trivial") or ())
     lines += [
@@ -427,6 +493,7 @@ def evaluate_from_config(cfg) -> dict:
         detection_max_per_image=None
         if cfg.detection.max_per_image is None
         else int(cfg.detection.max_per_image),
+        image_score=str(cfg.image_score),
         # (stage 2's experiments declare pairs and stage_1_ckpt_dir; the untrained tower has neither)
         stage_1_ckpt_dir=cfg.get("stage_1_ckpt_dir") if cfg.get("pairs", "villa") == "villa" else None,
     )
