@@ -17,10 +17,11 @@ Per arm: preprocessing (``--encoder``), then per seed stage 1 and ViLLA's stage 
 and the untrained tower. The CLIP baseline trains on whole images and whole texts only, which the three arms
 share (same images, same texts, same splits), so it is trained once per seed and evaluated on every arm. Seeds
 change stage 1's and stage 2's initialisation and order, not the data. Every command runs as its own process
-with ``OMP_NUM_THREADS=1`` (``--threads``; the commands are printed as they run and logged in ``<out>/commands.log``); a finished
-step (its output file present) is skipped and an interrupted training continues from its ``last.pkl``, and seeds can run as concurrent
-processes once ``--prepare_only`` has made the data. Results: ``<out>/results_<encoder>.csv`` (one row per arm,
-seed and model) and ``<out>/summary_<encoder>.csv`` (mean and 95% Student-t interval over the seeds, and
+with ``--threads`` torch threads (1 by default; the commands are printed as they run and logged in
+``<out>/commands.log``); a finished step (its output file present) is skipped and an interrupted training
+continues from its ``last.pkl``, so a run can be resumed, and seeds can run as concurrent processes once
+``--prepare_only`` has made the data. Results: ``<out>/results_<encoder>.csv`` (one row per arm, seed, model
+and, on the table arm, image score) and ``<out>/summary_<encoder>.csv`` (mean and 95% Student-t interval over the seeds, and
 ViLLA - CLIP paired by seed).
 """
 
