@@ -38,10 +38,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from villa.engine.curves import CURVES_FILE
+from villa.evaluation.run import IMAGE_SCORES
+
 REPO = Path(__file__).resolve().parent.parent
 ARMS = ("gt", "proposals", "table")
-IMAGE_SCORES = ("regions", "whole")  # (villa.evaluation.run.IMAGE_SCORES)
-FOLDER_SUFFIX = {"regions": "", "whole": "_whole"}
+FOLDER_SUFFIX = {"regions": "", "whole": "_whole"}  # the run folder of each image score: <experiment><suffix>
 MODELS = ("villa", "clip", "untrained")
 METRICS = (
     "text_to_region_r_precision",
@@ -58,7 +60,7 @@ METRICS = (
 THREADS = 1  # torch threads of every command (--threads)
 #: written when a training run has ended (its last epoch or an early stop); an interrupted run has best.pkl and
 #: last.pkl but not this, and continues from last.pkl (resume=true)
-TRAINED = "curves.png"  # (villa.engine.curves.CURVES_FILE)
+TRAINED = CURVES_FILE
 
 
 def run(command: list[str], log: Path) -> None:
