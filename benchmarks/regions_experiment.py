@@ -1,7 +1,8 @@
 """Detection from region proposals on a shapes set: ground-truth boxes vs proposals vs a box-free table import.
 
     python benchmarks/regions_experiment.py --out=results/regions [--images=800 --seeds=23,24,25 \\
-        --encoder=default --stage2_epochs=12 --stage2_batch=64 --arms=gt,proposals,table]
+        --encoder=default --stage2_epochs=12 --stage2_batch=64 --arms=gt,proposals,table \\
+        --stage1_overrides="mapping.text_unit=clause" --stage2_overrides="..."]
 
 One shapes set (``python -m villa.datasets.shapes --images=N --seed=0``) is imported three ways, each an "arm":
 
@@ -142,7 +143,8 @@ def train_and_evaluate(out: Path, arm: str, folder: Path, seed: int, clip: Path,
     runs = ckpt / "runs"
     common = [f"data_dir={folder}", f"checkpoint_dir={ckpt}", f"seed={seed}", "device=cpu", "progress=false"]
     if not (runs / "stage1" / "mapping_metrics.json").is_file():
-        run([py, "-m", "villa.stage1", "experiment=stage1", *common, f"run_dir={runs / 'stage1'}"], log)
+        run([py, "-m", "villa.stage1", "experiment=stage1", *common, f"run_dir={runs / 'stage1'}",
+             *args.stage1_overrides.split()], log)  # fmt: skip
     stage2 = [f"run_dir={runs / 'stage2'}", f"stage_1_ckpt_dir={runs / 'stage1'}"]
     if not (runs / "stage2" / TRAINED).is_file():
         run([py, "-m", "villa.stage2", "experiment=stage2", "resume=true", *common, *stage2, f"epochs={args.stage2_epochs}",
@@ -235,6 +237,11 @@ def main() -> None:
     parser.add_argument("--stage2_batch", type=int, default=64)
     parser.add_argument(
         "--prepare_only", action="store_true", help="make the data (import, preprocess) and stop"
+    )
+    parser.add_argument(
+        "--stage1_overrides",
+        default="",
+        help="extra stage-1 keys, space-separated (mapping.text_unit=clause)",
     )
     parser.add_argument(
         "--stage2_overrides",

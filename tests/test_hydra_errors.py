@@ -49,6 +49,17 @@ def resolvers():
             "sweep",
             "nearest valid keys: stage1.epochs",
         ),
+        # settings with fixed choices or ranges: their owners' errors, before Hydra makes a run folder
+        ([STAGE1, "mapping.text_unit=word"], "default", "mapping.text_unit must be one of sentence, clause"),
+        ([STAGE1, "mapping.epsilon=-1"], "default", "mapping.epsilon must be >= 0, got -1"),
+        ([STAGE1, "mapping.epsilon=abc"], "default", "mapping.epsilon must be >= 0, got abc"),
+        (["experiment=docmnist_stage2", "image_score=best"], "default", "unknown image_score 'best'"),
+        (["experiment=docmnist_stage2", "detection.score=max"], "default", "unknown detection.score 'max'"),
+        (
+            ["experiment=docmnist_stage2", "detection.nms_iou=2"],
+            "default",
+            "detection.nms_iou must be in (0, 1]",
+        ),
     ],
     ids=[
         "unknown",
@@ -60,6 +71,12 @@ def resolvers():
         "sweep",
         "multirun",
         "sweep-multirun",
+        "text_unit",
+        "epsilon",
+        "epsilon-type",
+        "image_score",
+        "detection-score",
+        "detection-nms",
     ],
 )
 def test_config_errors_are_one_line(argv, config, expected):
@@ -105,3 +122,18 @@ def test_entry_point_prints_one_line_and_exits_2(tmp_path):
     ]
     assert done.stdout == ""
     assert not any(tmp_path.iterdir()), "nothing written"
+
+
+def test_a_bad_setting_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
+    from villa import evaluate
+
+    run_dir = tmp_path / "runs" / "eval"
+    argv = ["villa.evaluate", "experiment=docmnist_stage2", f"run_dir={run_dir}", "image_score=best"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: unknown image_score 'best': use one of regions, whole"
+    ]
+    assert not run_dir.exists()

@@ -275,3 +275,38 @@ def test_mapping_schema_refuses_bad_input(tmp_path):
     (tmp_path / "mapping_test.feather").write_text("not feather")
     with pytest.raises(VillaError, match="mapping_test.feather in .* is not a readable feather table"):
         read_mapping(tmp_path, "test")
+
+
+def test_clause_unit_pairs_a_region_with_the_part_naming_its_attribute():
+    from villa.datasets import Vocabulary
+
+    vocab = Vocabulary.from_names(["star", "circle", "half moon", "black and white", "dog"])
+    texts = [
+        "Two half moons, a red star and three circles on a cluttered background",
+        "a black and white photo, a cat but no dog",
+    ]
+    attrs = [["star", "circle", "half moon"], ["black and white", "dog"]]
+    clause = choose_sentences(texts, attrs, vocab, seed=0, text_unit="clause")
+    sentence = choose_sentences(texts, attrs, vocab, seed=0)  # the default unit
+    assert clause[0].tolist() == [
+        "a red star",
+        "three circles on a cluttered background",
+        "Two half moons",
+        "",
+        "",
+    ]
+    assert (sentence[0, :3] == texts[0]).all()
+    # a phrase across a joining word keeps its whole sentence; a denied attribute gets none in either unit
+    assert clause[1, 3] == sentence[1, 3] == texts[1]
+    assert clause[1, 4] == sentence[1, 4] == ""
+    with pytest.raises(VillaError, match="unknown text unit 'word'"):
+        choose_sentences(texts, attrs, vocab, seed=0, text_unit="word")
+
+
+def test_clause_unit_leaves_docmnist_sentences_whole():
+    texts = ["the image shows a one . the color is red . the shape is a circle"]
+    attrs = [["one", "red", "circle"]]
+    for seed in range(5):
+        a = choose_sentences(texts, attrs, docmnist_vocabulary(), seed=seed, text_unit="clause")
+        b = choose_sentences(texts, attrs, docmnist_vocabulary(), seed=seed)
+        assert (a == b).all()

@@ -83,3 +83,38 @@ def test_coco_importer_captions_split_as_on_every_full_stop():
     ]
     joined = _caption_text(captions)
     assert split_sentences(joined) == _plain(joined) == [c.strip().rstrip(".") for c in captions]
+
+
+@pytest.mark.parametrize(
+    "sentence, expected",
+    [
+        (
+            "Two half moons, a red star and three circles on a cluttered background",
+            ["Two half moons", "a red star", "three circles on a cluttered background"],
+        ),
+        ("A kitchen with a stove, a sink, and a fridge", ["A kitchen", "a stove", "a sink", "a fridge"]),
+        (
+            "Mild cardiomegaly, no effusion or pneumothorax",
+            ["Mild cardiomegaly", "no effusion", "pneumothorax"],
+        ),
+        ("a cat AND a dog", ["a cat", "a dog"]),
+        (
+            "a sandwich on the island near Andorra",
+            ["a sandwich on the island near Andorra"],
+        ),  # words inside words
+        ("ok, a dog", ["a dog"]),  # pieces of 3 characters or fewer are dropped, as sentences are
+    ],
+)
+def test_split_clauses(sentence, expected):
+    from villa.datasets.text import split_clauses
+
+    assert split_clauses(sentence) == expected
+
+
+def test_docmnist_sentences_are_single_clauses():
+    # DocMNIST's sentences name one attribute each: narrowing them to clauses must change nothing
+    from villa.datasets.text import split_clauses
+    from villa.docmnist.vocabulary import docmnist_vocabulary
+
+    prompts = [p for attr in docmnist_vocabulary().attributes for p in attr.prompts]
+    assert all(split_clauses(p) == [p] for p in prompts)

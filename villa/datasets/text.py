@@ -18,6 +18,12 @@ Its rules, in order:
 
 On texts without digits next to a full stop, listed abbreviations, ``!``, ``?`` or ``;`` (DocMNIST's
 captions, captions joined with ``" . "``) this is ``[s.strip() for s in text.split(".") if len(s.strip()) > 3]``.
+
+:func:`split_clauses` cuts one sentence further, at its commas and at the words of :data:`CLAUSE_JOINERS`
+("Two half moons, a red star and three circles on a cluttered background" gives ``Two half moons``,
+``a red star``, ``three circles on a cluttered background``), so that stage 1 can pair a region with the
+part of a sentence that names its attribute rather than with a sentence that lists every object of the
+image (docs/method.md section 4.6). Pieces of 3 characters or fewer are dropped, as sentences are.
 """
 
 from __future__ import annotations
@@ -29,6 +35,14 @@ ABBREVIATIONS = ("dr", "mr", "mrs", "ms", "prof", "st", "jr", "sr", "vs", "cf", 
 
 #: minimum length (exclusive) of a kept sentence
 MIN_SENTENCE_CHARS = 3
+
+#: words that join two clauses of a sentence ("a red star and two circles"); each starts a new clause
+CLAUSE_JOINERS = ("and", "or", "but", "with", "while", "plus")
+# a comma (with an optional joining word after it), or a joining word between spaces
+_CLAUSE_BOUNDARY = re.compile(
+    r"\s*,\s*(?:(?:" + "|".join(CLAUSE_JOINERS) + r")\s+)?|\s+(?:" + "|".join(CLAUSE_JOINERS) + r")\s+",
+    re.IGNORECASE,
+)
 
 # placeholders: a protected full stop, and a boundary put where an enumeration marker was
 _KEPT_DOT, _BREAK = "\x00", "\x01"
@@ -71,3 +85,11 @@ def split_sentences(text: str) -> list[str]:
         text = _MARKER.sub(_BREAK, text)
     pieces = (p.strip().replace(_KEPT_DOT, ".") for p in _BOUNDARY.split(text))
     return [s for s in pieces if len(s) > MIN_SENTENCE_CHARS]
+
+
+def split_clauses(sentence: str) -> list[str]:
+    """Split one sentence (a piece of :func:`split_sentences`) into clauses, at its commas and the joining
+    words of :data:`CLAUSE_JOINERS`; each stripped, kept when longer than 3 characters, in text order. A
+    sentence without either is its own single clause."""
+    pieces = (p.strip() for p in _CLAUSE_BOUNDARY.split(sentence))
+    return [p for p in pieces if len(p) > MIN_SENTENCE_CHARS]

@@ -242,6 +242,25 @@ def check_command_line(argv: Sequence[str], config_name: str = "default") -> Non
     from villa.engine.tracking import check_installed
 
     check_installed(cfg.get("logger"))  # (before Hydra makes the run folder)
+    check_settings(cfg)
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Refuse a bad value of the settings that have fixed choices or ranges (``image_score``, ``detection.*``,
+    ``mapping.*``) with their owners' one-line errors, so that Hydra makes no run folder for a command that
+    would stop at once."""
+    if "image_score" in cfg and "detection" in cfg:
+        from villa.evaluation.run import check_evaluation_settings
+
+        detection = cfg.detection
+        check_evaluation_settings(
+            cfg.image_score, detection.score, detection.nms_iou, detection.max_per_image
+        )
+    if cfg.get("stage") == "stage1" and "mapping" in cfg:
+        from villa.mapping.run import check_mapping_settings
+
+        mapping = cfg.mapping
+        check_mapping_settings(mapping.epsilon, mapping.weights, mapping.text_unit)
 
 
 def _is_config_error(err: Exception) -> bool:

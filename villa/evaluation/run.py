@@ -175,8 +175,7 @@ def evaluate_model(
 
     amp = amp and resolve_device(device).type == "cuda"
 
-    if image_score not in IMAGE_SCORES:
-        raise VillaError(f"unknown image_score '{image_score}': use one of {', '.join(IMAGE_SCORES)}")
+    _check_image_score(image_score)
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
         if not checkpoint.is_file():
@@ -277,12 +276,20 @@ def evaluate_model(
     return metrics
 
 
-def _check_detection_settings(dataset: Dataset, regions: str, score: str, nms_iou, max_per_image) -> None:
-    """One-line errors for detection settings, before any work."""
+def _check_image_score(image_score: str) -> None:
+    if image_score not in IMAGE_SCORES:
+        raise VillaError(f"unknown image_score '{image_score}': use one of {', '.join(IMAGE_SCORES)}")
+
+
+def check_evaluation_settings(image_score: str, score: str, nms_iou, max_per_image) -> None:
+    """One-line errors for the evaluation settings that need no dataset (``image_score`` and the
+    ``detection.*`` values but the candidates); the commands call it on the command line, before Hydra makes the
+    run folder."""
     import numbers
 
     from villa.evaluation.detection import SCORES
 
+    _check_image_score(image_score)
     if score not in SCORES:
         raise VillaError(f"unknown detection.score '{score}': use one of {', '.join(SCORES)}")
     if nms_iou is not None and not (isinstance(nms_iou, numbers.Real) and 0 < nms_iou <= 1):
@@ -293,6 +300,11 @@ def _check_detection_settings(dataset: Dataset, regions: str, score: str, nms_io
         or max_per_image < 1
     ):
         raise VillaError(f"detection.max_per_image must be a positive integer or null, got {max_per_image!r}")
+
+
+def _check_detection_settings(dataset: Dataset, regions: str, score: str, nms_iou, max_per_image) -> None:
+    """One-line errors for detection settings, before any work."""
+    check_evaluation_settings(IMAGE_SCORES[0], score, nms_iou, max_per_image)
     spec = detection_candidate_spec(dataset, regions)
     if score == "cosine" and spec is not None and spec.kind == "proposals":
         raise VillaError(

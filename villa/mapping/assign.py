@@ -11,11 +11,16 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from villa.datasets import Vocabulary, attribute_multi_hot
-from villa.datasets.text import split_sentences
+from villa.datasets.text import split_clauses, split_sentences
 from villa.storage.errors import VillaError
 
 EPSILON = 0.2
 SENTENCE_SEPARATOR = " . "
+#: what of a chosen sentence a region is paired with (docs/method.md section 4.6): ``sentence``, the whole
+#: sentence (the reference's rule); ``clause``, the first clause of the sentence that names the attribute (the
+#: whole sentence when none does alone)
+TEXT_UNITS = ("sentence", "clause")
+TEXT_UNIT = "sentence"
 
 
 @torch.no_grad()
@@ -104,6 +109,7 @@ def choose_sentences(
     attribute_lists: Sequence[Sequence[str]],
     vocabulary: Vocabulary,
     seed: int | Sequence[int],
+    text_unit: str = TEXT_UNIT,
 ) -> np.ndarray:
     """For each image and each attribute of its text, one sentence of the text that mentions the attribute.
 
@@ -112,11 +118,16 @@ def choose_sentences(
     star") is never chosen, whatever the policy, so no region is paired with a sentence denying it. On DocMNIST
     this is the reference's test for ``" " + attribute`` in the lower-cased sentence. The choice among several
     candidate sentences is uniform, from ``numpy.random.default_rng(seed)`` (same seed, same choice).
-    Sentences come from :func:`villa.datasets.text.split_sentences`.
+    Sentences come from :func:`villa.datasets.text.split_sentences`. ``text_unit`` ``clause``
+    (:data:`TEXT_UNITS`) then narrows each chosen sentence to its first clause that mentions the attribute
+    (:func:`narrow_to_clauses`).
 
     Returns:
-        object array ``[N, K]`` of sentences; ``""`` where the attribute is absent or no sentence matches.
+        object array ``[N, K]`` of sentences (or clauses); ``""`` where the attribute is absent or no sentence
+        matches.
     """
+    if text_unit not in TEXT_UNITS:
+        raise VillaError(f"unknown text unit '{text_unit}': use one of {', '.join(TEXT_UNITS)}")
     sentences = [split_sentences(t) for t in texts]
     counts = np.fromiter((len(s) for s in sentences), dtype=np.int64, count=len(sentences))
     flat = [s for group in sentences for s in group]
@@ -138,7 +149,36 @@ def choose_sentences(
     found &= attribute_multi_hot(attribute_lists, vocabulary.names)
     rows, cols = np.nonzero(found)
     chosen[rows, cols] = np.asarray(flat, dtype=object)[offsets[rows] + best[rows, cols]]
-    return chosen
+    return narrow_to_clauses(chosen, vocabulary) if text_unit == "clause" else chosen
+
+
+def narrow_to_clauses(sentences: np.ndarray, vocabulary: Vocabulary) -> np.ndarray:
+    """Each chosen sentence narrowed to its first clause (:func:`villa.datasets.text.split_clauses`) in which
+    the vocabulary's matcher finds the attribute; the sentence stays whole when no clause holds the attribute
+    alone (an attribute phrase that spans a joining word, "black and white").
+
+    The sentence was chosen because it affirms the attribute, so the clause is matched without the negation
+    test: in "a cat but no dog" the clause of ``cat`` is ``a cat``, and ``dog`` was never chosen.
+
+    sentences: object ``[N, K]`` (``""``: none), columns in vocabulary order. Returns a new ``[N, K]`` array.
+    """
+    rows, cols = np.nonzero(sentences != "")
+    if len(rows) == 0:
+        return sentences
+    codes, uniques = pd.factorize(pd.Series(sentences[rows, cols], dtype=object))
+    clause_lists = [split_clauses(s) for s in uniques]
+    flat = [c for clauses in clause_lists for c in clauses]
+    if not flat:
+        return sentences
+    owner = np.repeat(np.arange(len(uniques)), [len(c) for c in clause_lists])
+    clause, attr = np.nonzero(vocabulary.match_matrix(flat))  # [C, K] -> the (clause, attribute) mentions
+    first = np.full((len(uniques), len(vocabulary)), len(flat), dtype=np.int64)
+    np.minimum.at(first, (owner[clause], attr), clause)  # the first clause of each sentence per attribute
+    pick = first[codes, cols]
+    found = pick < len(flat)
+    narrowed = sentences.copy()
+    narrowed[rows[found], cols[found]] = np.asarray(flat, dtype=object)[pick[found]]
+    return narrowed
 
 
 def assigned_columns(
@@ -183,6 +223,7 @@ def map_split(
     *,
     epsilon: float = EPSILON,
     seed: int | Sequence[int] = 0,
+    text_unit: str = TEXT_UNIT,
     device: torch.device | str = "cpu",
     chunk_size: int = 256,
     progress: bool = False,
@@ -222,7 +263,7 @@ def map_split(
         )
         chunk_assigned = assign_regions(cosine, chunk_counts, present, epsilon).numpy()
         mentioned = [[names[c] for c in np.flatnonzero(row)] for row in present.numpy()]
-        sentences = choose_sentences(texts[start:stop], mentioned, vocabulary, rng)
+        sentences = choose_sentences(texts[start:stop], mentioned, vocabulary, rng, text_unit)
         chunk_attrs, chunk_texts = assigned_columns(chunk_assigned, chunk_counts, sentences, names)
         assigned[row0:row1] = chunk_assigned
         attrs += chunk_attrs
