@@ -20,7 +20,8 @@ share (same images, same texts, same splits), so it is trained once per seed and
 change stage 1's and stage 2's initialisation and order, not the data. Every command runs as its own process
 with ``--threads`` torch threads (1 by default; the commands are printed as they run and logged in
 ``<out>/commands.log``); a finished step (its output file present) is skipped and an interrupted training
-continues from its ``last.pkl``, so a run can be resumed, and seeds can run as concurrent processes once
+continues from its ``last.pkl``, so a run can be resumed (runs with ``--stage1_overrides`` have their own
+folders, ``runs/<arm>_<encoder>+<override>...``), and seeds can run as concurrent processes once
 ``--prepare_only`` has made the data. Results: ``<out>/results_<encoder>.csv`` (one row per arm, seed, model
 and, on the table arm, image score) and ``<out>/summary_<encoder>.csv`` (mean and 95% Student-t interval over the seeds, and
 ViLLA - CLIP paired by seed).
@@ -139,7 +140,9 @@ def train_clip(out: Path, folder: Path, seed: int, args, log: Path) -> Path:
 def train_and_evaluate(out: Path, arm: str, folder: Path, seed: int, clip: Path, args, log: Path) -> Path:
     """Stage 1, ViLLA and the three evaluations of one arm and seed; returns the folder of its runs."""
     py = sys.executable
-    ckpt = out / "runs" / f"{arm}_{args.encoder}" / f"s{seed}"
+    # stage-1 overrides name the runs' folder: runs made with other stage-1 settings are never taken for these
+    settings = "".join(f"+{o}" for o in sorted(args.stage1_overrides.split()))
+    ckpt = out / "runs" / f"{arm}_{args.encoder}{settings}" / f"s{seed}"
     runs = ckpt / "runs"
     common = [f"data_dir={folder}", f"checkpoint_dir={ckpt}", f"seed={seed}", "device=cpu", "progress=false"]
     if not (runs / "stage1" / "mapping_metrics.json").is_file():

@@ -310,3 +310,20 @@ def test_clause_unit_leaves_docmnist_sentences_whole():
         a = choose_sentences(texts, attrs, docmnist_vocabulary(), seed=seed, text_unit="clause")
         b = choose_sentences(texts, attrs, docmnist_vocabulary(), seed=seed)
         assert (a == b).all()
+
+
+def test_clause_unit_follows_the_affirmed_mention():
+    from villa.datasets import Vocabulary
+
+    vocab = Vocabulary.from_names(["star", "circle", "dog"])
+    texts = ["no star or circle, but a circle on the right", "1,000 stars and a dog"]
+    attrs = [["circle"], ["star", "dog"]]
+    got = choose_sentences(texts, attrs, vocab, seed=0, text_unit="clause")
+    assert got[0].tolist() == ["", "a circle on the right", ""]  # not the denied "circle" of the first clause
+    assert got[1].tolist() == ["1,000 stars", "", "a dog"]  # a comma between digits does not cut
+    # with negated mentions kept by the policy, a denied mention still never gives the clause
+    keep = vocab.with_policy(negated="keep")
+    got = choose_sentences(
+        ["no dog near the door but a dog on the sofa"], [["dog"]], keep, seed=0, text_unit="clause"
+    )
+    assert got[0, 2] == "a dog on the sofa"

@@ -118,3 +118,13 @@ def test_docmnist_sentences_are_single_clauses():
 
     prompts = [p for attr in docmnist_vocabulary().attributes for p in attr.prompts]
     assert all(split_clauses(p) == [p] for p in prompts)
+
+
+def test_every_clause_is_a_text_stage_2_can_look_up():
+    # stage 2 splits a region's text with split_sentences and looks each piece up: a clause must survive it
+    from villa.datasets.text import split_clauses
+
+    sentence = "mild cardiomegaly, 2) small effusion and a 3.5 cm nodule, e.g. in the apex"
+    clauses = split_clauses(sentence)
+    assert clauses and all(split_sentences(c) == [c] for c in clauses)
+    assert "2) small effusion" not in clauses and "small effusion" not in clauses

@@ -38,9 +38,13 @@ MIN_SENTENCE_CHARS = 3
 
 #: words that join two clauses of a sentence ("a red star and two circles"); each starts a new clause
 CLAUSE_JOINERS = ("and", "or", "but", "with", "while", "plus")
-# a comma (with an optional joining word after it), or a joining word between spaces
+# a comma not between two digits ("1,000"), with an optional joining word after it; or a joining word
 _CLAUSE_BOUNDARY = re.compile(
-    r"\s*,\s*(?:(?:" + "|".join(CLAUSE_JOINERS) + r")\s+)?|\s+(?:" + "|".join(CLAUSE_JOINERS) + r")\s+",
+    r"(?:(?<!\d),|,(?!\d))\s*(?:(?:"
+    + "|".join(CLAUSE_JOINERS)
+    + r")\s+)?|\s(?:"
+    + "|".join(CLAUSE_JOINERS)
+    + r")\s",
     re.IGNORECASE,
 )
 
@@ -87,9 +91,26 @@ def split_sentences(text: str) -> list[str]:
     return [s for s in pieces if len(s) > MIN_SENTENCE_CHARS]
 
 
+def clause_spans(sentence: str) -> list[tuple[int, int]]:
+    """The ``(start, end)`` character spans of the clauses of one sentence (a piece of
+    :func:`split_sentences`), in text order: the pieces between its commas (not those between two digits)
+    and the joining words of :data:`CLAUSE_JOINERS`, stripped, kept when longer than 3 characters and when
+    :func:`split_sentences` leaves them as they are (so a clause is always a text stage 2 can look up; a
+    piece starting with a list marker, "2) small effusion", is dropped)."""
+    spans, start = [], 0
+    for boundary in [*_CLAUSE_BOUNDARY.finditer(sentence), None]:
+        end = len(sentence) if boundary is None else boundary.start()
+        piece = sentence[start:end]
+        left = len(piece) - len(piece.lstrip())
+        stripped = piece.strip()
+        if len(stripped) > MIN_SENTENCE_CHARS and split_sentences(stripped) == [stripped]:
+            spans.append((start + left, start + left + len(stripped)))
+        if boundary is not None:
+            start = boundary.end()
+    return spans
+
+
 def split_clauses(sentence: str) -> list[str]:
-    """Split one sentence (a piece of :func:`split_sentences`) into clauses, at its commas and the joining
-    words of :data:`CLAUSE_JOINERS`; each stripped, kept when longer than 3 characters, in text order. A
-    sentence without either is its own single clause."""
-    pieces = (p.strip() for p in _CLAUSE_BOUNDARY.split(sentence))
-    return [p for p in pieces if len(p) > MIN_SENTENCE_CHARS]
+    """The clauses of one sentence (:func:`clause_spans`) as strings. A sentence without a comma or a joining
+    word is its own single clause."""
+    return [sentence[start:end] for start, end in clause_spans(sentence)]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from villa.datasets import Vocabulary, attribute_multi_hot
-from villa.datasets.text import split_clauses, split_sentences
+from villa.datasets.text import clause_spans, split_sentences
 from villa.storage.errors import VillaError
 
 EPSILON = 0.2
@@ -153,31 +153,54 @@ def choose_sentences(
 
 
 def narrow_to_clauses(sentences: np.ndarray, vocabulary: Vocabulary) -> np.ndarray:
-    """Each chosen sentence narrowed to its first clause (:func:`villa.datasets.text.split_clauses`) in which
-    the vocabulary's matcher finds the attribute; the sentence stays whole when no clause holds the attribute
-    alone (an attribute phrase that spans a joining word, "black and white").
-
-    The sentence was chosen because it affirms the attribute, so the clause is matched without the negation
-    test: in "a cat but no dog" the clause of ``cat`` is ``a cat``, and ``dog`` was never chosen.
+    """Each chosen sentence narrowed to the clause (:func:`villa.datasets.text.clause_spans`) that holds the
+    sentence's first mention of the attribute that counts for sentence choice: a mention the policy keeps and
+    that is not denied, its status read in the whole sentence. So in "no star or circle, but a circle on the
+    right" the clause of ``circle`` is ``a circle on the right``, not the denied ``circle`` of the first clause.
+    The sentence stays whole when that mention lies in no single clause (a phrase across a joining word,
+    "black and white"), or when lower-casing changes the sentence's length (the mention offsets would not
+    line up).
 
     sentences: object ``[N, K]`` (``""``: none), columns in vocabulary order. Returns a new ``[N, K]`` array.
     """
+    from villa.datasets.assertion import NEGATED, normalise
+
     rows, cols = np.nonzero(sentences != "")
     if len(rows) == 0:
         return sentences
     codes, uniques = pd.factorize(pd.Series(sentences[rows, cols], dtype=object))
-    clause_lists = [split_clauses(s) for s in uniques]
-    flat = [c for clauses in clause_lists for c in clauses]
-    if not flat:
+    uniques = uniques.tolist()
+    found = vocabulary.mentions(uniques)
+    k = len(vocabulary)
+    # the first mention of each (sentence, attribute) that counts (per attribute, mentions are in text order)
+    counts = (found.status & np.uint8(vocabulary.kept_statuses) & ~np.uint8(NEGATED)) != 0
+    mention = np.flatnonzero(counts)
+    if len(mention) == 0:
         return sentences
-    owner = np.repeat(np.arange(len(uniques)), [len(c) for c in clause_lists])
-    clause, attr = np.nonzero(vocabulary.match_matrix(flat))  # [C, K] -> the (clause, attribute) mentions
-    first = np.full((len(uniques), len(vocabulary)), len(flat), dtype=np.int64)
-    np.minimum.at(first, (owner[clause], attr), clause)  # the first clause of each sentence per attribute
-    pick = first[codes, cols]
-    found = pick < len(flat)
+    first = np.full((len(uniques), k), len(found), dtype=np.int64)
+    np.minimum.at(first, (found.text[mention], found.attribute[mention]), mention)
+    first[first == len(found)] = -1
+    # the clauses in the matcher's corpus (the normalised sentences joined by one character); a sentence whose
+    # length lower-casing changes keeps no clause (the offsets would not line up)
+    lengths = np.fromiter((len(normalise(u)) for u in uniques), dtype=np.int64, count=len(uniques))
+    text_start = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
+    spans = [clause_spans(u) if len(u) == n else [] for u, n in zip(uniques, lengths.tolist())]
+    owner = np.repeat(np.arange(len(uniques)), [len(c) for c in spans])
+    bounds = (
+        np.asarray([b for c in spans for b in c], dtype=np.int64).reshape(-1, 2) + text_start[owner, None]
+    )
+    texts = np.asarray([u[a:b] for u, c in zip(uniques, spans) for a, b in c], dtype=object)
+
+    pick = first[codes, cols]  # [P] the mention each chosen (image, attribute) is narrowed around
+    clause = np.searchsorted(bounds[:, 0], found.start[pick], side="right") - 1
+    inside = (pick >= 0) & (clause >= 0)
+    clause = np.where(inside, clause, 0)
+    if len(bounds):
+        inside &= (owner[clause] == codes) & (found.end[pick] <= bounds[clause, 1])
+    else:
+        inside[:] = False
     narrowed = sentences.copy()
-    narrowed[rows[found], cols[found]] = np.asarray(flat, dtype=object)[pick[found]]
+    narrowed[rows[inside], cols[inside]] = texts[clause[inside]]
     return narrowed
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import numbers
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -256,7 +255,11 @@ def run_stage1(
 def check_mapping_settings(epsilon: float, map_weights: str, text_unit: str) -> None:
     """One-line errors for the ``mapping.*`` settings; the command calls it on the command line, before Hydra
     makes the run folder."""
-    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not epsilon >= 0:
+    try:
+        valid = not isinstance(epsilon, bool) and float(epsilon) >= 0
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
         raise VillaError(f"mapping.epsilon must be >= 0, got {epsilon}")
     if text_unit not in TEXT_UNITS:
         raise VillaError(f"mapping.text_unit must be one of {', '.join(TEXT_UNITS)}, got '{text_unit}'")

@@ -44,7 +44,8 @@ def build_pairs(
                      sentences and pair counts as stage 1, at random places
     ``oracle``       each region with the sentences of its ground-truth attributes (``reg_to_attr``, those
                      the text mentions), chosen by :func:`villa.mapping.assign.choose_sentences` with
-                     ``seed``: the pairs a perfect stage 1 would write
+                     ``seed``: the pairs a perfect stage 1 would write with whole sentences (stage 1's
+                     default ``mapping.text_unit``)
     ================ =========================================================================================
 
     ``frame``: annotation rows (``image_size``, ``region_coord``, ``num_regions``, ``text``); ``villa`` and
