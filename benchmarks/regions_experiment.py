@@ -2,7 +2,7 @@
 
     python benchmarks/regions_experiment.py --out=results/regions [--images=800 --seeds=23,24,25 \\
         --encoder=default --stage2_epochs=12 --stage2_batch=64 --arms=gt,proposals,table \\
-        --stage1_overrides="mapping.text_unit=clause" --stage2_overrides="..."]
+        --stage1_overrides="mapping.epsilon=0.3" --stage2_overrides="..."]
 
 One shapes set (``python -m villa.datasets.shapes --images=N --seed=0``) is imported three ways, each an "arm":
 
@@ -244,7 +244,7 @@ def main() -> None:
     parser.add_argument(
         "--stage1_overrides",
         default="",
-        help="extra stage-1 keys, space-separated (mapping.text_unit=clause)",
+        help="extra stage-1 keys, space-separated (mapping.epsilon=0.3)",
     )
     parser.add_argument(
         "--stage2_overrides",

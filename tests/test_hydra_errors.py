@@ -50,7 +50,11 @@ def resolvers():
             "nearest valid keys: stage1.epochs",
         ),
         # settings with fixed choices or ranges: their owners' errors, before Hydra makes a run folder
-        ([STAGE1, "mapping.text_unit=word"], "default", "mapping.text_unit must be one of sentence, clause"),
+        (
+            [STAGE1, "mapping.weights=first"],
+            "default",
+            "mapping.weights must be one of best, last, got 'first'",
+        ),
         ([STAGE1, "mapping.epsilon=-1"], "default", "mapping.epsilon must be >= 0, got -1"),
         ([STAGE1, "mapping.epsilon=abc"], "default", "mapping.epsilon must be >= 0, got abc"),
         (["experiment=docmnist_stage2", "image_score=best"], "default", "unknown image_score 'best'"),
@@ -71,7 +75,7 @@ def resolvers():
         "sweep",
         "multirun",
         "sweep-multirun",
-        "text_unit",
+        "weights",
         "epsilon",
         "epsilon-type",
         "image_score",

@@ -68,45 +68,6 @@ def test_generic_experiments_on_an_imported_coco_set(shapes_dataset):
     assert villa["small_split"] is True and "only 6 images" in villa["warnings"][0]
 
 
-def test_clause_texts_go_from_stage_1_to_stage_2(shapes_dataset):
-    # regions paired with the clause naming their attribute: preprocessing embedded those clauses for stage 2
-    from villa.datasets import Dataset
-    from villa.datasets.text import split_sentences
-    from villa.mapping.schema import read_mapping
-
-    root, data_dir = shapes_dataset
-    stage1, stage2 = root / "clause" / "stage1", root / "clause" / "stage2"
-    common = [f"data_dir={data_dir}", f"checkpoint_dir={root / 'ckpt'}", *FAST]
-    _run(
-        root,
-        "-m",
-        "villa.stage1",
-        "experiment=stage1",
-        *common,
-        f"run_dir={stage1}",
-        "mapping.text_unit=clause",
-    )
-    mapping = read_mapping(stage1, "train")
-    # a region's text is its attributes' pieces joined with " . ": compare the pieces
-    pieces = {
-        p for region_texts in mapping["assigned_text"] for t in region_texts for p in split_sentences(t)
-    }
-    sentences = {s for text in Dataset.open(data_dir).annotations()["text"] for s in split_sentences(text)}
-    assert (
-        pieces and len(pieces - sentences) > len(pieces) // 2
-    )  # mostly clauses, not whole caption sentences
-    _run(
-        root,
-        "-m",
-        "villa.stage2",
-        "experiment=stage2",
-        *common,
-        f"run_dir={stage2}",
-        f"stage_1_ckpt_dir={stage1}",
-    )
-    assert (stage2 / "best.pkl").is_file()
-
-
 def test_table_with_grid_regions_is_evaluated_at_the_image_level(tmp_path):
     from villa.evaluation.run import evaluate_model, format_metrics
     from villa.features.preprocess import preprocess_dataset

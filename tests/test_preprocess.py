@@ -391,14 +391,3 @@ def test_region_features_option_validated_and_cli_flag(tmp_path, capsys):
         preprocess_dataset(folder, device="cpu", progress=False, region_features="fancy")
     load_cli().main([f"--data_dir={folder}", "--no_progress", "--region_features=reference"])
     assert RegionEmbeddings.open(folder).manifest["region_features"] == "reference"
-
-
-def test_distinct_sentences_include_each_sentences_clauses():
-    # stage 1 may pair a region with a clause (mapping.text_unit=clause): stage 2 looks its embedding up here
-    from villa.datasets import Vocabulary
-
-    vocab = Vocabulary.from_names(["star", "circle"])
-    texts = ["A red star and two circles . A star", "A red star and two circles"]
-    got = distinct_sentences(texts, vocab)
-    assert got[-4:] == ["A red star and two circles", "A red star", "two circles", "A star"]
-    assert len(got) == len(set(got))

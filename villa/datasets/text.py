@@ -18,12 +18,6 @@ Its rules, in order:
 
 On texts without digits next to a full stop, listed abbreviations, ``!``, ``?`` or ``;`` (DocMNIST's
 captions, captions joined with ``" . "``) this is ``[s.strip() for s in text.split(".") if len(s.strip()) > 3]``.
-
-:func:`split_clauses` cuts one sentence further, at its commas and at the words of :data:`CLAUSE_JOINERS`
-("Two half moons, a red star and three circles on a cluttered background" gives ``Two half moons``,
-``a red star``, ``three circles on a cluttered background``), so that stage 1 can pair a region with the
-part of a sentence that names its attribute rather than with a sentence that lists every object of the
-image (docs/method.md section 4.6). Pieces of 3 characters or fewer are dropped, as sentences are.
 """
 
 from __future__ import annotations
@@ -35,18 +29,6 @@ ABBREVIATIONS = ("dr", "mr", "mrs", "ms", "prof", "st", "jr", "sr", "vs", "cf", 
 
 #: minimum length (exclusive) of a kept sentence
 MIN_SENTENCE_CHARS = 3
-
-#: words that join two clauses of a sentence ("a red star and two circles"); each starts a new clause
-CLAUSE_JOINERS = ("and", "or", "but", "with", "while", "plus")
-# a comma not between two digits ("1,000"), with an optional joining word after it; or a joining word
-_CLAUSE_BOUNDARY = re.compile(
-    r"(?:(?<!\d),|,(?!\d))\s*(?:(?:"
-    + "|".join(CLAUSE_JOINERS)
-    + r")\s+)?|\s(?:"
-    + "|".join(CLAUSE_JOINERS)
-    + r")\s",
-    re.IGNORECASE,
-)
 
 # placeholders: a protected full stop, and a boundary put where an enumeration marker was
 _KEPT_DOT, _BREAK = "\x00", "\x01"
@@ -89,28 +71,3 @@ def split_sentences(text: str) -> list[str]:
         text = _MARKER.sub(_BREAK, text)
     pieces = (p.strip().replace(_KEPT_DOT, ".") for p in _BOUNDARY.split(text))
     return [s for s in pieces if len(s) > MIN_SENTENCE_CHARS]
-
-
-def clause_spans(sentence: str) -> list[tuple[int, int]]:
-    """The ``(start, end)`` character spans of the clauses of one sentence (a piece of
-    :func:`split_sentences`), in text order: the pieces between its commas (not those between two digits)
-    and the joining words of :data:`CLAUSE_JOINERS`, stripped, kept when longer than 3 characters and when
-    :func:`split_sentences` leaves them as they are (so a clause is always a text stage 2 can look up; a
-    piece starting with a list marker, "2) small effusion", is dropped)."""
-    spans, start = [], 0
-    for boundary in [*_CLAUSE_BOUNDARY.finditer(sentence), None]:
-        end = len(sentence) if boundary is None else boundary.start()
-        piece = sentence[start:end]
-        left = len(piece) - len(piece.lstrip())
-        stripped = piece.strip()
-        if len(stripped) > MIN_SENTENCE_CHARS and split_sentences(stripped) == [stripped]:
-            spans.append((start + left, start + left + len(stripped)))
-        if boundary is not None:
-            start = boundary.end()
-    return spans
-
-
-def split_clauses(sentence: str) -> list[str]:
-    """The clauses of one sentence (:func:`clause_spans`) as strings. A sentence without a comma or a joining
-    word is its own single clause."""
-    return [sentence[start:end] for start, end in clause_spans(sentence)]

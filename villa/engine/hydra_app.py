@@ -260,7 +260,7 @@ def check_settings(cfg: DictConfig) -> None:
         from villa.mapping.run import check_mapping_settings
 
         mapping = cfg.mapping
-        check_mapping_settings(mapping.epsilon, mapping.weights, mapping.text_unit)
+        check_mapping_settings(mapping.epsilon, mapping.weights)
 
 
 def _is_config_error(err: Exception) -> bool:

@@ -61,7 +61,7 @@ from villa.datasets.images import (
     scale_boxes,
     size_sorted_batches,
 )
-from villa.datasets.text import split_clauses, split_sentences
+from villa.datasets.text import split_sentences
 from villa.encoders.rich import REGION_FEATURES, RichRegionFeatures, RunningMoments
 from villa.engine import distributed
 from villa.engine.device import amp_dtype, autocast, configure_threads, release_freed_memory, resolve_device
@@ -227,17 +227,10 @@ def _concat_parts(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], dim: i
 
 # --------------------------------------------------------------------------- text embeddings
 def distinct_sentences(texts: Sequence[str], vocabulary: Vocabulary) -> list[str]:
-    """Every attribute prompt (vocabulary order) then every caption sentence, each followed by its clauses
-    (:func:`~villa.datasets.text.split_clauses`: the texts stage 1 may pair a region with), each once,
-    first-seen order."""
+    """Every attribute prompt (vocabulary order) then every caption sentence, each once, first-seen order."""
     prompts = [p for attr in vocabulary.attributes for p in attr.prompts]
-    sentences = pd.unique(
-        pd.Series(
-            [s for text in pd.unique(pd.Series(list(texts), dtype=object)) for s in split_sentences(text)]
-        )
-    )
-    pieces = [piece for s in sentences for piece in (s, *split_clauses(s))]
-    return list(dict.fromkeys(prompts + pieces))
+    captions = [s for text in pd.unique(pd.Series(list(texts), dtype=object)) for s in split_sentences(text)]
+    return list(dict.fromkeys(prompts + captions))
 
 
 def attribute_embeddings(

@@ -11,16 +11,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from villa.datasets import Vocabulary, attribute_multi_hot
-from villa.datasets.text import clause_spans, split_sentences
+from villa.datasets.text import split_sentences
 from villa.storage.errors import VillaError
 
 EPSILON = 0.2
 SENTENCE_SEPARATOR = " . "
-#: what of a chosen sentence a region is paired with (docs/method.md section 4.6): ``sentence``, the whole
-#: sentence (the reference's rule); ``clause``, the first clause of the sentence that names the attribute (the
-#: whole sentence when none does alone)
-TEXT_UNITS = ("sentence", "clause")
-TEXT_UNIT = "sentence"
 
 
 @torch.no_grad()
@@ -109,7 +104,6 @@ def choose_sentences(
     attribute_lists: Sequence[Sequence[str]],
     vocabulary: Vocabulary,
     seed: int | Sequence[int],
-    text_unit: str = TEXT_UNIT,
 ) -> np.ndarray:
     """For each image and each attribute of its text, one sentence of the text that mentions the attribute.
 
@@ -118,16 +112,11 @@ def choose_sentences(
     star") is never chosen, whatever the policy, so no region is paired with a sentence denying it. On DocMNIST
     this is the reference's test for ``" " + attribute`` in the lower-cased sentence. The choice among several
     candidate sentences is uniform, from ``numpy.random.default_rng(seed)`` (same seed, same choice).
-    Sentences come from :func:`villa.datasets.text.split_sentences`. ``text_unit`` ``clause``
-    (:data:`TEXT_UNITS`) then narrows each chosen sentence to its first clause that mentions the attribute
-    (:func:`narrow_to_clauses`).
+    Sentences come from :func:`villa.datasets.text.split_sentences`.
 
     Returns:
-        object array ``[N, K]`` of sentences (or clauses); ``""`` where the attribute is absent or no sentence
-        matches.
+        object array ``[N, K]`` of sentences; ``""`` where the attribute is absent or no sentence matches.
     """
-    if text_unit not in TEXT_UNITS:
-        raise VillaError(f"unknown text unit '{text_unit}': use one of {', '.join(TEXT_UNITS)}")
     sentences = [split_sentences(t) for t in texts]
     counts = np.fromiter((len(s) for s in sentences), dtype=np.int64, count=len(sentences))
     flat = [s for group in sentences for s in group]
@@ -149,59 +138,7 @@ def choose_sentences(
     found &= attribute_multi_hot(attribute_lists, vocabulary.names)
     rows, cols = np.nonzero(found)
     chosen[rows, cols] = np.asarray(flat, dtype=object)[offsets[rows] + best[rows, cols]]
-    return narrow_to_clauses(chosen, vocabulary) if text_unit == "clause" else chosen
-
-
-def narrow_to_clauses(sentences: np.ndarray, vocabulary: Vocabulary) -> np.ndarray:
-    """Each chosen sentence narrowed to the clause (:func:`villa.datasets.text.clause_spans`) that holds the
-    sentence's first mention of the attribute that counts for sentence choice: a mention the policy keeps and
-    that is not denied, its status read in the whole sentence. So in "no star or circle, but a circle on the
-    right" the clause of ``circle`` is ``a circle on the right``, not the denied ``circle`` of the first clause.
-    The sentence stays whole when that mention lies in no single clause (a phrase across a joining word,
-    "black and white"), or when lower-casing changes the sentence's length (the mention offsets would not
-    line up).
-
-    sentences: object ``[N, K]`` (``""``: none), columns in vocabulary order. Returns a new ``[N, K]`` array.
-    """
-    from villa.datasets.assertion import NEGATED, normalise
-
-    rows, cols = np.nonzero(sentences != "")
-    if len(rows) == 0:
-        return sentences
-    codes, uniques = pd.factorize(pd.Series(sentences[rows, cols], dtype=object))
-    uniques = uniques.tolist()
-    found = vocabulary.mentions(uniques)
-    k = len(vocabulary)
-    # the first mention of each (sentence, attribute) that counts (per attribute, mentions are in text order)
-    counts = (found.status & np.uint8(vocabulary.kept_statuses) & ~np.uint8(NEGATED)) != 0
-    mention = np.flatnonzero(counts)
-    if len(mention) == 0:
-        return sentences
-    first = np.full((len(uniques), k), len(found), dtype=np.int64)
-    np.minimum.at(first, (found.text[mention], found.attribute[mention]), mention)
-    first[first == len(found)] = -1
-    # the clauses in the matcher's corpus (the normalised sentences joined by one character); a sentence whose
-    # length lower-casing changes keeps no clause (the offsets would not line up)
-    lengths = np.fromiter((len(normalise(u)) for u in uniques), dtype=np.int64, count=len(uniques))
-    text_start = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
-    spans = [clause_spans(u) if len(u) == n else [] for u, n in zip(uniques, lengths.tolist())]
-    owner = np.repeat(np.arange(len(uniques)), [len(c) for c in spans])
-    bounds = (
-        np.asarray([b for c in spans for b in c], dtype=np.int64).reshape(-1, 2) + text_start[owner, None]
-    )
-    texts = np.asarray([u[a:b] for u, c in zip(uniques, spans) for a, b in c], dtype=object)
-
-    pick = first[codes, cols]  # [P] the mention each chosen (image, attribute) is narrowed around
-    clause = np.searchsorted(bounds[:, 0], found.start[pick], side="right") - 1
-    inside = (pick >= 0) & (clause >= 0)
-    clause = np.where(inside, clause, 0)
-    if len(bounds):
-        inside &= (owner[clause] == codes) & (found.end[pick] <= bounds[clause, 1])
-    else:
-        inside[:] = False
-    narrowed = sentences.copy()
-    narrowed[rows[inside], cols[inside]] = texts[clause[inside]]
-    return narrowed
+    return chosen
 
 
 def assigned_columns(
@@ -246,7 +183,6 @@ def map_split(
     *,
     epsilon: float = EPSILON,
     seed: int | Sequence[int] = 0,
-    text_unit: str = TEXT_UNIT,
     device: torch.device | str = "cpu",
     chunk_size: int = 256,
     progress: bool = False,
@@ -286,7 +222,7 @@ def map_split(
         )
         chunk_assigned = assign_regions(cosine, chunk_counts, present, epsilon).numpy()
         mentioned = [[names[c] for c in np.flatnonzero(row)] for row in present.numpy()]
-        sentences = choose_sentences(texts[start:stop], mentioned, vocabulary, rng, text_unit)
+        sentences = choose_sentences(texts[start:stop], mentioned, vocabulary, rng)
         chunk_attrs, chunk_texts = assigned_columns(chunk_assigned, chunk_counts, sentences, names)
         assigned[row0:row1] = chunk_assigned
         attrs += chunk_attrs

@@ -19,7 +19,7 @@ from villa.engine.tracking import mapping_figures, open_tracker
 from villa.engine.training import FitResult, fit
 from villa.evaluation.metrics import SMALL_SPLIT_IMAGES
 from villa.features.embeddings import RegionEmbeddings, load_attr_embs
-from villa.mapping.assign import EPSILON, TEXT_UNIT, TEXT_UNITS, map_split
+from villa.mapping.assign import EPSILON, map_split
 from villa.mapping.data import Stage1Dataset, collate_stage1
 from villa.mapping.loss import TEMPERATURE, MappingLoss
 from villa.mapping.metrics import format_metrics_table, mapping_metrics
@@ -68,7 +68,6 @@ def run_stage1(
     resume: bool = False,
     early_stopping_patience: int | None = None,
     epsilon: float = EPSILON,
-    text_unit: str = TEXT_UNIT,
     map_weights: str = "last",
     chunk_size: int = 256,
     num_workers: int = 0,
@@ -89,8 +88,7 @@ def run_stage1(
     ``best.pkl`` (by :func:`villa.engine.training.fit`), ``mapping_{split}.feather`` and ``mapping_metrics.json``
     (mapping P/R/F1 per split and per attribute kind when the dataset has region labels, and the checksums
     of the annotations and region embeddings it was made from, which later stages check), and prints the
-    metrics table. ``map_weights`` picks the weights that map: ``best`` (lowest val loss) or ``last``;
-    ``text_unit`` what of a chosen sentence a region's text is (:data:`villa.mapping.assign.TEXT_UNITS`).
+    metrics table. ``map_weights`` picks the weights that map: ``best`` (lowest val loss) or ``last``.
 
     Region embeddings are held packed (:class:`~villa.mapping.data.Stage1Dataset`): memory follows the
     number of regions, not the number of images times the largest region count. On CUDA, the train and
@@ -105,7 +103,7 @@ def run_stage1(
     (:class:`villa.engine.tracking.TrackerSettings` or a ``logger`` config node) names the experiment trackers that
     get the run's epochs and mapping metrics.
     """
-    check_mapping_settings(epsilon, map_weights, text_unit)
+    check_mapping_settings(epsilon, map_weights)
     if not temperature > 0:
         raise VillaError(f"loss.temperature must be > 0, got {temperature}")
     if not 0 <= dropout < 1:
@@ -222,7 +220,6 @@ def run_stage1(
             vocabulary,
             epsilon=epsilon,
             seed=[seed, SPLITS.index(split)],
-            text_unit=text_unit,
             device=device,
             chunk_size=chunk_size,
             progress=progress,
@@ -252,7 +249,7 @@ def run_stage1(
     return Stage1Result(run_dir=run_dir, metrics=metrics, fit=result, mapped_with=mapped_with)
 
 
-def check_mapping_settings(epsilon: float, map_weights: str, text_unit: str) -> None:
+def check_mapping_settings(epsilon: float, map_weights: str) -> None:
     """One-line errors for the ``mapping.*`` settings; the command calls it on the command line, before Hydra
     makes the run folder."""
     try:
@@ -261,8 +258,6 @@ def check_mapping_settings(epsilon: float, map_weights: str, text_unit: str) -> 
         valid = False
     if not valid:
         raise VillaError(f"mapping.epsilon must be >= 0, got {epsilon}")
-    if text_unit not in TEXT_UNITS:
-        raise VillaError(f"mapping.text_unit must be one of {', '.join(TEXT_UNITS)}, got '{text_unit}'")
     if map_weights not in MAP_WEIGHTS:
         raise VillaError(f"mapping.weights must be one of {', '.join(MAP_WEIGHTS)}, got '{map_weights}'")
 
@@ -295,7 +290,6 @@ def run_stage1_from_config(cfg) -> Stage1Result:
         temperature=float(loss.temperature),
         reference_quirk=bool(loss.reference_quirk),
         epsilon=float(mapping.epsilon),
-        text_unit=str(mapping.text_unit),
         map_weights=str(mapping.weights),
         chunk_size=int(mapping.chunk_size),
         resident_data_mb=float(cfg.resident_data_mb),

@@ -44,8 +44,7 @@ def build_pairs(
                      sentences and pair counts as stage 1, at random places
     ``oracle``       each region with the sentences of its ground-truth attributes (``reg_to_attr``, those
                      the text mentions), chosen by :func:`villa.mapping.assign.choose_sentences` with
-                     ``seed``: the pairs a perfect stage 1 would write with whole sentences (stage 1's
-                     default ``mapping.text_unit``)
+                     ``seed``: the pairs a perfect stage 1 would write
     ================ =========================================================================================
 
     ``frame``: annotation rows (``image_size``, ``region_coord``, ``num_regions``, ``text``); ``villa`` and

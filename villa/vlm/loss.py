@@ -8,24 +8,16 @@ import torch.nn.functional as F
 TAU = 0.07
 
 
-def symmetric_info_nce(
-    image_embs: torch.Tensor, text_embs: torch.Tensor, tau: float = TAU, same_text_negatives: bool = True
-) -> torch.Tensor:
+def symmetric_info_nce(image_embs: torch.Tensor, text_embs: torch.Tensor, tau: float = TAU) -> torch.Tensor:
     """Symmetric InfoNCE over all M pairs of a batch: 0.5 * (image->text + text->image), each a mean over pairs.
 
     image_embs ``[M, D]``, text_embs ``[M, D]`` (row i of each forms a positive pair; both are
-    L2-normalised here). Returns a scalar, computed in float32 also under autocast. With
-    ``same_text_negatives`` (the reference's behaviour) pairs that share an identical text are still negatives
-    of each other; without it a pair's logits against the other pairs of its text are left out of both
-    directions (short region texts such as clauses repeat within a batch).
+    L2-normalised here). Returns a scalar, computed in float32 also under autocast. Like the reference, pairs that share identical text are still
+    negatives of each other.
     """
     image_embs = F.normalize(image_embs.float(), dim=-1)
     text_embs = F.normalize(text_embs.float(), dim=-1)
     with torch.autocast(image_embs.device.type, enabled=False):  # the logits in float32 under amp as well
         logits = image_embs @ text_embs.T / tau
-        if not same_text_negatives:
-            same = text_embs @ text_embs.T > 1 - 1e-6  # [M, M] identical texts (the diagonal included)
-            same.fill_diagonal_(False)
-            logits = logits.masked_fill(same, float("-inf"))
     target = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * F.cross_entropy(logits, target) + 0.5 * F.cross_entropy(logits.T, target)

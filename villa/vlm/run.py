@@ -37,8 +37,8 @@ class RegionTextLoss:
     stays uint8), boxes ``[M, 5]``, text ``[M, D]``. Returns (mean loss over the M pairs, M).
     """
 
-    def __init__(self, tau: float = TAU, same_text_negatives: bool = True):
-        self.tau, self.same_text_negatives = tau, same_text_negatives
+    def __init__(self, tau: float = TAU):
+        self.tau = tau
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
         images = batch["images"].float().div_(255)
@@ -46,8 +46,7 @@ class RegionTextLoss:
         # under torchrun the negatives are the pairs of the GLOBAL batch, as in one process
         region_embs, _ = all_gather_with_grad(region_embs)
         text = all_gather_no_grad(batch["text"])
-        loss = symmetric_info_nce(region_embs, text, self.tau, self.same_text_negatives)
-        return loss, int(region_embs.shape[0])
+        return symmetric_info_nce(region_embs, text, self.tau), int(region_embs.shape[0])
 
 
 #: pair modes built from stage 1's mapping (the others read the dataset's annotations)
@@ -125,7 +124,6 @@ def run_stage2(
     scheduler_factory=DEFAULT_SCHEDULER,
     early_stopping_patience: int | None = 5,
     tau: float = TAU,
-    same_text_negatives: bool = True,
     amp: bool = True,
     compile: bool = False,
     resume: bool = False,
@@ -145,8 +143,7 @@ def run_stage2(
     ``encoder``/``clip_weights`` None: those preprocessing recorded in the dataset's embeddings. Images keep
     decoded in memory when they fit ``image_cache_mb``, else are decoded per batch. ``activation_checkpointing``
     recomputes the tower's activations in the backward pass instead of keeping them (less memory, one more
-    forward a step; same results). ``same_text_negatives`` False leaves pairs with identical texts out of each
-    other's negatives (:func:`villa.vlm.loss.symmetric_info_nce`).
+    forward a step; same results).
     Writes ``run_dir/{metrics.csv,last.pkl,best.pkl,curves.png}`` through :func:`villa.engine.training.fit` and
     ``env.json``; ``logger`` (:class:`villa.engine.tracking.TrackerSettings` or a ``logger`` config node) names the
     experiment trackers that also get the run. Returns the FitResult.
@@ -183,7 +180,7 @@ def run_stage2(
         model,
         train_set,
         val_set,
-        RegionTextLoss(tau, same_text_negatives),
+        RegionTextLoss(tau),
         collate_fn=collate_region_text,
         batch_size=batch_size,
         epochs=epochs,
@@ -227,7 +224,6 @@ def run_stage2_from_config(cfg):
         encoder=cfg.encoder,
         clip_weights=cfg.clip_weights,
         tau=float(cfg.tau),
-        same_text_negatives=bool(cfg.same_text_negatives),
         image_cache_mb=float(cfg.image_cache_mb),
         activation_checkpointing=bool(cfg.activation_checkpointing),
         **training_arguments(cfg),
