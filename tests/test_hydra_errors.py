@@ -49,21 +49,6 @@ def resolvers():
             "sweep",
             "nearest valid keys: stage1.epochs",
         ),
-        # settings with fixed choices or ranges: their owners' errors, before Hydra makes a run folder
-        (
-            [STAGE1, "mapping.weights=first"],
-            "default",
-            "mapping.weights must be one of best, last, got 'first'",
-        ),
-        ([STAGE1, "mapping.epsilon=-1"], "default", "mapping.epsilon must be >= 0, got -1"),
-        ([STAGE1, "mapping.epsilon=abc"], "default", "mapping.epsilon must be >= 0, got abc"),
-        (["experiment=docmnist_stage2", "image_score=best"], "default", "unknown image_score 'best'"),
-        (["experiment=docmnist_stage2", "detection.score=max"], "default", "unknown detection.score 'max'"),
-        (
-            ["experiment=docmnist_stage2", "detection.nms_iou=2"],
-            "default",
-            "detection.nms_iou must be in (0, 1]",
-        ),
     ],
     ids=[
         "unknown",
@@ -75,12 +60,6 @@ def resolvers():
         "sweep",
         "multirun",
         "sweep-multirun",
-        "weights",
-        "epsilon",
-        "epsilon-type",
-        "image_score",
-        "detection-score",
-        "detection-nms",
     ],
 )
 def test_config_errors_are_one_line(argv, config, expected):
@@ -141,3 +120,33 @@ def test_a_bad_setting_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
         "error: unknown image_score 'best': use one of regions, whole"
     ]
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "command, argv, expected",
+    [
+        (
+            "stage1",
+            [STAGE1, "mapping.weights=first"],
+            "mapping.weights must be one of best, last, got 'first'",
+        ),
+        ("stage1", [STAGE1, "mapping.epsilon=-1"], "mapping.epsilon must be >= 0, got -1"),
+        ("stage1", [STAGE1, "mapping.epsilon=abc"], "mapping.epsilon must be >= 0, got abc"),
+        ("evaluate", ["experiment=docmnist_stage2", "image_score=best"], "unknown image_score 'best'"),
+        ("evaluate", ["experiment=docmnist_stage2", "detection.score=max"], "unknown detection.score 'max'"),
+        (
+            "evaluate",
+            ["experiment=docmnist_stage2", "detection.nms_iou=2"],
+            "detection.nms_iou must be in (0, 1]",
+        ),
+    ],
+)
+def test_entry_points_check_their_settings_on_the_command_line(command, argv, expected):
+    # values outside a setting's choices or range: the owner's one-line error, before Hydra makes a run folder
+    import importlib
+
+    check = importlib.import_module(f"villa.{command}").check
+    with pytest.raises(VillaError) as info:
+        check_command_line(argv, "default", check)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+    check_command_line(argv, "default")  # not a config error: only the entry point's check refuses it

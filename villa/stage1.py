@@ -8,7 +8,13 @@ from __future__ import annotations
 from villa.engine.hydra_app import hydra_main
 
 
-@hydra_main(default_experiment="docmnist_stage1", generic_experiment="stage1")
+def check(cfg) -> None:
+    from villa.mapping.run import check_mapping_config
+
+    check_mapping_config(cfg)
+
+
+@hydra_main(default_experiment="docmnist_stage1", generic_experiment="stage1", check=check)
 def main(cfg) -> None:
     from villa.mapping.run import run_stage1_from_config
 

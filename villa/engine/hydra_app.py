@@ -107,6 +107,7 @@ def hydra_main(
     default_experiment: str | None = None,
     config_name: str = "default",
     generic_experiment: str | None = None,
+    check: Callable[[DictConfig], None] | None = None,
 ) -> Callable[[Callable[[DictConfig], object]], Callable]:
     """Decorate ``main(cfg)`` as a Hydra app on ``villa/configs/<config_name>.yaml``.
 
@@ -115,7 +116,8 @@ def hydra_main(
     ``default_experiment`` (the DocMNIST preset, so the published ``python -m villa.stage1`` works).
     The command line is checked first (:func:`check_command_line`), so that Hydra's own errors (an unknown
     key, an unknown experiment, bad override syntax, a missing ``???`` value) read like ours: one line
-    ``error: ...`` and exit code 2. A :class:`VillaError` raised inside does the same.
+    ``error: ...`` and exit code 2. A :class:`VillaError` raised inside does the same. ``check``: the entry
+    point's test of its settings on the composed config, run with that check (before Hydra makes the run folder).
     """
 
     def decorate(func: Callable[[DictConfig], object]) -> Callable[[], None]:
@@ -126,7 +128,7 @@ def hydra_main(
             if chosen:
                 sys.argv.append(f"experiment={chosen}")
             sys.argv.extend(_non_main_rank_overrides(sys.argv[1:]))
-            run_entry(check_command_line, sys.argv[1:], config_name)
+            run_entry(check_command_line, sys.argv[1:], config_name, check)
 
             def task(cfg: DictConfig) -> None:
                 run_entry(_configure_threads, cfg)
@@ -198,11 +200,15 @@ _MISSING_HINTS = {
 }
 
 
-def check_command_line(argv: Sequence[str], config_name: str = "default") -> None:
+def check_command_line(
+    argv: Sequence[str], config_name: str = "default", check: Callable[[DictConfig], None] | None = None
+) -> None:
     """Compose the config that ``argv`` (a Hydra command line) asks for and raise a one-line
     :class:`VillaError` for what Hydra or OmegaConf would refuse: an unknown key (naming the nearest valid
     keys), an unknown config-group option such as an experiment, bad override syntax, a ``???`` value
-    left unset. With ``-m/--multirun`` the first job of the sweep is checked.
+    left unset. With ``-m/--multirun`` the first job of the sweep is checked. ``check``: the entry point's
+    own test of the composed config (values outside a setting's choices), run here so that Hydra makes no run
+    folder for a command that would stop at once.
     """
     from hydra._internal.utils import get_args_parser
 
@@ -242,25 +248,8 @@ def check_command_line(argv: Sequence[str], config_name: str = "default") -> Non
     from villa.engine.tracking import check_installed
 
     check_installed(cfg.get("logger"))  # (before Hydra makes the run folder)
-    check_settings(cfg)
-
-
-def check_settings(cfg: DictConfig) -> None:
-    """Refuse a bad value of the settings that have fixed choices or ranges (``image_score``, ``detection.*``,
-    ``mapping.*``) with their owners' one-line errors, so that Hydra makes no run folder for a command that
-    would stop at once."""
-    if "image_score" in cfg and "detection" in cfg:
-        from villa.evaluation.run import check_evaluation_settings
-
-        detection = cfg.detection
-        check_evaluation_settings(
-            cfg.image_score, detection.score, detection.nms_iou, detection.max_per_image
-        )
-    if cfg.get("stage") == "stage1" and "mapping" in cfg:
-        from villa.mapping.run import check_mapping_settings
-
-        mapping = cfg.mapping
-        check_mapping_settings(mapping.epsilon, mapping.weights)
+    if check is not None:
+        check(cfg)  # the entry point's own settings
 
 
 def _is_config_error(err: Exception) -> bool:

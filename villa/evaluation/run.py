@@ -302,6 +302,12 @@ def check_evaluation_settings(image_score: str, score: str, nms_iou, max_per_ima
         raise VillaError(f"detection.max_per_image must be a positive integer or null, got {max_per_image!r}")
 
 
+def check_evaluation_config(cfg) -> None:
+    """:func:`check_evaluation_settings` on a composed config (``python -m villa.evaluate``'s command-line check)."""
+    detection = cfg.detection
+    check_evaluation_settings(cfg.image_score, detection.score, detection.nms_iou, detection.max_per_image)
+
+
 def _check_detection_settings(dataset: Dataset, regions: str, score: str, nms_iou, max_per_image) -> None:
     """One-line errors for detection settings, before any work."""
     check_evaluation_settings(IMAGE_SCORES[0], score, nms_iou, max_per_image)

@@ -262,6 +262,11 @@ def check_mapping_settings(epsilon: float, map_weights: str) -> None:
         raise VillaError(f"mapping.weights must be one of {', '.join(MAP_WEIGHTS)}, got '{map_weights}'")
 
 
+def check_mapping_config(cfg) -> None:
+    """:func:`check_mapping_settings` on a composed config (``python -m villa.stage1``'s command-line check)."""
+    check_mapping_settings(cfg.mapping.epsilon, cfg.mapping.weights)
+
+
 def _device_memory_is_separate(device: torch.device) -> bool:
     """Whether keeping the data resident pays: on a GPU it spares the per-step copies and makes CUDA graphs
     possible; in host memory the DataLoader path already reads the tensors in place."""
