@@ -233,7 +233,7 @@ def _hydra_decorator(module: str) -> dict | None:
                 if isinstance(deco, ast.Call) and getattr(deco.func, "id", None) == "hydra_main":
                     names = ("default_experiment", "config_name", "generic_experiment")
                     found = dict(zip(names, (ast.literal_eval(a) for a in deco.args)))
-                    found.update({k.arg: ast.literal_eval(k.value) for k in deco.keywords})
+                    found.update({k.arg: ast.literal_eval(k.value) for k in deco.keywords if k.arg in names})
                     return {
                         "default_experiment": None,
                         "config_name": "default",
