@@ -2,7 +2,7 @@
 
     python benchmarks/regions_experiment.py --out=results/regions [--images=800 --seeds=23,24,25 \\
         --encoder=default --stage2_epochs=12 --stage2_batch=64 --arms=gt,proposals,table \\
-        --stage1_overrides="mapping.epsilon=0.3" --stage2_overrides="..."]
+        --stage1_overrides="mapping.epsilon=0.3" --stage2_overrides="..." --villa_overrides="..."]
 
 One shapes set (``python -m villa.datasets.shapes --images=N --seed=0``) is imported three ways, each an "arm":
 
@@ -20,11 +20,15 @@ share (same images, same texts, same splits), so it is trained once per seed and
 change stage 1's and stage 2's initialisation and order, not the data. Every command runs as its own process
 with ``--threads`` torch threads (1 by default; the commands are printed as they run and logged in
 ``<out>/commands.log``); a finished step (its output file present) is skipped and an interrupted training
-continues from its ``last.pkl``, so a run can be resumed (runs with ``--stage1_overrides`` have their own
-folders, ``runs/<arm>_<encoder>+<override>...``), and seeds can run as concurrent processes once
+continues from its ``last.pkl``, so a run can be resumed, and seeds can run as concurrent processes once
 ``--prepare_only`` has made the data. Results: ``<out>/results_<encoder>.csv`` (one row per arm, seed, model
 and, on the table arm, image score) and ``<out>/summary_<encoder>.csv`` (mean and 95% Student-t interval over the seeds, and
 ViLLA - CLIP paired by seed).
+
+Overrides: ``--stage1_overrides`` go to stage 1, ``--stage2_overrides`` to the stage-2 training of ViLLA and CLIP
+alike, ``--villa_overrides`` to ViLLA's stage 2 only (the CLIP runs are then reused). Runs made with overrides
+have their own folders named after them (``runs/<arm>_<encoder>+<override>...``,
+``runs/clip_<encoder>+<override>...``), so a rerun never picks up runs made with other settings.
 """
 
 from __future__ import annotations
@@ -127,7 +131,7 @@ def _vocabulary(shapes: Path) -> str:
 
 def train_clip(out: Path, folder: Path, seed: int, args, log: Path) -> Path:
     """The CLIP baseline of one seed (whole images and texts: the same for every arm); returns its best.pkl."""
-    ckpt = out / "runs" / f"clip_{args.encoder}" / f"s{seed}"
+    ckpt = out / "runs" / f"clip_{args.encoder}{_settings(args.stage2_overrides)}" / f"s{seed}"
     run_dir = ckpt / "clip"
     if not (run_dir / TRAINED).is_file():
         run([sys.executable, "-m", "villa.stage2", "experiment=clip", "resume=true", f"data_dir={folder}", f"run_dir={run_dir}",
@@ -140,8 +144,8 @@ def train_clip(out: Path, folder: Path, seed: int, args, log: Path) -> Path:
 def train_and_evaluate(out: Path, arm: str, folder: Path, seed: int, clip: Path, args, log: Path) -> Path:
     """Stage 1, ViLLA and the three evaluations of one arm and seed; returns the folder of its runs."""
     py = sys.executable
-    # stage-1 overrides name the runs' folder: runs made with other stage-1 settings are never taken for these
-    settings = "".join(f"+{o}" for o in sorted(args.stage1_overrides.split()))
+    # the overrides name the runs' folder: runs made with other settings are never taken for these
+    settings = _settings(f"{args.stage1_overrides} {args.stage2_overrides} {args.villa_overrides}")
     ckpt = out / "runs" / f"{arm}_{args.encoder}{settings}" / f"s{seed}"
     runs = ckpt / "runs"
     common = [f"data_dir={folder}", f"checkpoint_dir={ckpt}", f"seed={seed}", "device=cpu", "progress=false"]
@@ -151,11 +155,17 @@ def train_and_evaluate(out: Path, arm: str, folder: Path, seed: int, clip: Path,
     stage2 = [f"run_dir={runs / 'stage2'}", f"stage_1_ckpt_dir={runs / 'stage1'}"]
     if not (runs / "stage2" / TRAINED).is_file():
         run([py, "-m", "villa.stage2", "experiment=stage2", "resume=true", *common, *stage2, f"epochs={args.stage2_epochs}",
-             f"batch_size={args.stage2_batch}", *args.stage2_overrides.split()], log)  # fmt: skip
+             f"batch_size={args.stage2_batch}", *args.stage2_overrides.split(), *args.villa_overrides.split()],
+            log)  # fmt: skip
     for experiment, folder_name, keys in evaluations(runs, clip, arm):
         if not (runs / folder_name / "metrics.json").is_file():
             run([py, "-m", "villa.evaluate", f"experiment={experiment}", *common, *keys], log)
     return runs
+
+
+def _settings(overrides: str) -> str:
+    """The folder-name suffix of a set of overrides: ``+key=value`` each, sorted (empty without overrides)."""
+    return "".join(f"+{o}" for o in sorted(set(overrides.split())))
 
 
 def evaluations(runs: Path, clip: Path, arm: str) -> list[tuple[str, str, list[str]]]:
@@ -249,7 +259,12 @@ def main() -> None:
     parser.add_argument(
         "--stage2_overrides",
         default="",
-        help="extra stage-2 keys, space-separated (activation_checkpointing=true)",
+        help="extra stage-2 keys of ViLLA and CLIP, space-separated (activation_checkpointing=true)",
+    )
+    parser.add_argument(
+        "--villa_overrides",
+        default="",
+        help="extra stage-2 keys of ViLLA only, space-separated (whole_image_pairs=separate)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each command")
     args = parser.parse_args()

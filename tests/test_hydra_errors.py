@@ -139,6 +139,12 @@ def test_a_bad_setting_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
             ["experiment=docmnist_stage2", "detection.nms_iou=2"],
             "detection.nms_iou must be in (0, 1]",
         ),
+        ("stage2", ["experiment=docmnist_stage2", "pairs=regions"], "unknown pairs 'regions'"),
+        (
+            "stage2",
+            ["experiment=docmnist_stage2", "whole_image_pairs=split"],
+            "unknown whole_image_pairs 'split': use one of pooled, separate",
+        ),
     ],
 )
 def test_entry_points_check_their_settings_on_the_command_line(command, argv, expected):

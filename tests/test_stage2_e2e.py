@@ -175,6 +175,27 @@ def test_clip_baseline_runs_without_mapping(fixture, tmp_path):
     assert result.history[0]["train_loss"] > 0
 
 
+def test_whole_image_pairs_separate_trains_and_leaves_clip_unchanged(fixture, tmp_path):
+    from villa.engine.hydra_app import compose
+    from villa.vlm.run import run_stage2_from_config
+
+    data_dir, stage1_dir, _, _ = fixture
+    common = [f"data_dir={data_dir}", "device=cpu", "epochs=1", "batch_size=4", "progress=false"]
+    losses = {}
+    for experiment in ("docmnist_stage2", "docmnist_clip"):
+        for setting in ("pooled", "separate"):
+            run_dir = tmp_path / f"{experiment}_{setting}"
+            keys = [f"stage_1_ckpt_dir={stage1_dir}"] if experiment == "docmnist_stage2" else []
+            cfg = compose([f"experiment={experiment}", *common, *keys, f"run_dir={run_dir}",
+                           f"whole_image_pairs={setting}"])  # fmt: skip
+            losses[experiment, setting] = run_stage2_from_config(cfg).history[0]["train_loss"]
+    # whole-image pairs only: the same loss either way; with region pairs: a different loss
+    assert losses["docmnist_clip", "separate"] == losses["docmnist_clip", "pooled"]
+    assert losses["docmnist_stage2", "separate"] != pytest.approx(
+        losses["docmnist_stage2", "pooled"], rel=1e-3
+    )
+
+
 def test_stage2_bad_input_errors(fixture, tmp_path):
     from villa.evaluation.run import evaluate_model
     from villa.vlm.run import run_stage2

@@ -30,3 +30,51 @@ def test_symmetric_info_nce_default_tau_and_gradient():
     assert img.grad is not None and torch.isfinite(img.grad).all()
     # perfectly aligned, well-separated pairs give a near-zero loss at tau = 0.07
     assert symmetric_info_nce(torch.eye(4), torch.eye(4)).item() < 1e-4
+
+
+def test_whole_image_rows_marks_the_first_pair_of_each_image():
+    from villa.vlm.loss import whole_image_rows
+
+    boxes = torch.tensor([[0, 0, 0, 9, 9], [0, 1, 1, 3, 3], [0, 2, 2, 4, 4], [1, 0, 0, 9, 9], [2, 0, 0, 9, 9],
+                          [2, 5, 5, 6, 6]], dtype=torch.float32)  # fmt: skip
+    assert whole_image_rows(boxes).tolist() == [True, False, False, True, True, False]
+
+
+def test_separate_info_nce_is_the_sum_of_two_group_losses():
+    from villa.vlm.loss import separate_info_nce
+
+    gen = torch.Generator().manual_seed(1)
+    img = torch.randn(7, 4, generator=gen)
+    txt = torch.randn(7, 4, generator=gen)
+    whole = torch.tensor([True, False, False, True, False, True, False])
+    expected = symmetric_info_nce(img[whole], txt[whole]) + symmetric_info_nce(img[~whole], txt[~whole])
+    assert separate_info_nce(img, txt, whole).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert separate_info_nce(img, txt, whole).item() != pytest.approx(
+        symmetric_info_nce(img, txt).item(), rel=1e-3
+    )
+    # whole-image pairs only (the CLIP baseline): the same loss as pooling them
+    everything = torch.ones(7, dtype=torch.bool)
+    assert separate_info_nce(img, txt, everything).item() == pytest.approx(
+        symmetric_info_nce(img, txt).item()
+    )
+
+
+def test_region_text_loss_separate_keeps_a_whole_image_out_of_its_own_sentences_negatives():
+    """A whole image whose caption equals its region sentence: pooled, that sentence is a hard negative of it."""
+    from villa.vlm.run import RegionTextLoss
+
+    class Identity(torch.nn.Module):
+        def forward(self, images, boxes):  # one embedding per pair, read from the box's x1
+            return torch.nn.functional.one_hot(boxes[:, 1].long(), 4).float()
+
+    batch = {
+        "images": torch.zeros(2, 3, 4, 4, dtype=torch.uint8),
+        "boxes": torch.tensor([[0, 0, 0, 4, 4], [0, 0, 0, 2, 2], [1, 2, 0, 4, 4], [1, 3, 0, 2, 2]]).float(),
+        "text": torch.nn.functional.one_hot(torch.tensor([0, 0, 2, 3]), 4).float(),
+    }
+    pooled, n = RegionTextLoss(whole_image_pairs="pooled")(Identity(), batch)
+    separate, m = RegionTextLoss(whole_image_pairs="separate")(Identity(), batch)
+    assert n == m == 4
+    assert separate.item() < 1e-4 < pooled.item()
+    with pytest.raises(Exception, match="whole_image_pairs"):
+        RegionTextLoss(whole_image_pairs="both")

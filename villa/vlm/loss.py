@@ -6,6 +6,10 @@ import torch
 import torch.nn.functional as F
 
 TAU = 0.07
+#: how stage 2 treats each image's whole-image pair (docs/method.md section 5.3): ``pooled`` (the reference) puts it
+#: among all of the batch's pairs; ``separate`` gives the whole-image pairs their own InfoNCE among themselves
+#: (CLIP's loss) and the region pairs theirs, and adds the two
+WHOLE_IMAGE_PAIRS = ("pooled", "separate")
 
 
 def symmetric_info_nce(image_embs: torch.Tensor, text_embs: torch.Tensor, tau: float = TAU) -> torch.Tensor:
@@ -21,3 +25,28 @@ def symmetric_info_nce(image_embs: torch.Tensor, text_embs: torch.Tensor, tau: f
         logits = image_embs @ text_embs.T / tau
     target = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * F.cross_entropy(logits, target) + 0.5 * F.cross_entropy(logits.T, target)
+
+
+def separate_info_nce(
+    image_embs: torch.Tensor, text_embs: torch.Tensor, whole: torch.Tensor, tau: float = TAU
+) -> torch.Tensor:
+    """Symmetric InfoNCE of the whole-image pairs among themselves plus that of the region pairs among themselves.
+
+    image_embs ``[M, D]``, text_embs ``[M, D]``, whole bool ``[M]`` (True for a whole-image pair). A batch of
+    whole-image pairs only (the CLIP baseline) gives exactly :func:`symmetric_info_nce`; an empty group adds 0.
+    The whole image's own region sentences are then never its negatives, which matters where every sentence
+    restates most of the caption.
+    """
+    loss = image_embs.new_zeros((), dtype=torch.float32)
+    for group in (whole, ~whole):
+        if bool(group.any()):
+            loss = loss + symmetric_info_nce(image_embs[group], text_embs[group], tau)
+    return loss
+
+
+def whole_image_rows(boxes: torch.Tensor) -> torch.Tensor:
+    """bool ``[M]``: the first pair of each image in ``boxes`` ``[M, 5]`` (batch index first), which is its
+    whole-image pair (:func:`villa.vlm.data.build_pairs` puts it first)."""
+    rows = torch.ones(len(boxes), dtype=torch.bool, device=boxes.device)
+    rows[1:] = boxes[1:, 0] != boxes[:-1, 0]
+    return rows

@@ -15,7 +15,7 @@ from villa.engine.distributed import all_gather_no_grad, all_gather_with_grad
 from villa.features.embeddings import TextEmbeddingCache, preprocessed_encoder
 from villa.storage.errors import VillaError
 from villa.vlm.data import PAIR_MODES, RegionTextDataset, build_dataset, collate_region_text
-from villa.vlm.loss import TAU, symmetric_info_nce
+from villa.vlm.loss import TAU, WHOLE_IMAGE_PAIRS, separate_info_nce, symmetric_info_nce, whole_image_rows
 
 DEFAULT_OPTIMIZER = functools.partial(
     torch.optim.Adam, lr=5e-5, weight_decay=0.2, betas=(0.9, 0.999), eps=1e-8
@@ -34,11 +34,15 @@ class RegionTextLoss:
     """``loss_fn(model, batch)`` for :func:`villa.engine.training.fit`: symmetric InfoNCE over the batch's pairs.
 
     batch: images uint8 ``[B, 3, H, W]`` (scaled to [0, 1] here, on the device, so the host->device copy
-    stays uint8), boxes ``[M, 5]``, text ``[M, D]``. Returns (mean loss over the M pairs, M).
+    stays uint8), boxes ``[M, 5]``, text ``[M, D]``. Returns (the loss, M). ``whole_image_pairs``: one of
+    :data:`~villa.vlm.loss.WHOLE_IMAGE_PAIRS` (``pooled``: one InfoNCE over all M pairs; ``separate``: the
+    whole-image pairs' InfoNCE plus the region pairs').
     """
 
-    def __init__(self, tau: float = TAU):
+    def __init__(self, tau: float = TAU, whole_image_pairs: str = "pooled"):
+        check_whole_image_pairs(whole_image_pairs)
         self.tau = tau
+        self.whole_image_pairs = whole_image_pairs
 
     def __call__(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
         images = batch["images"].float().div_(255)
@@ -46,7 +50,30 @@ class RegionTextLoss:
         # under torchrun the negatives are the pairs of the GLOBAL batch, as in one process
         region_embs, _ = all_gather_with_grad(region_embs)
         text = all_gather_no_grad(batch["text"])
+        if self.whole_image_pairs == "separate":
+            whole = all_gather_no_grad(whole_image_rows(batch["boxes"]))
+            return separate_info_nce(region_embs, text, whole, self.tau), int(region_embs.shape[0])
         return symmetric_info_nce(region_embs, text, self.tau), int(region_embs.shape[0])
+
+
+def check_stage2_config(cfg) -> None:
+    """``pairs`` and ``whole_image_pairs`` of a composed config (``python -m villa.stage2``'s command-line check)."""
+    check_pairs(cfg.pairs)
+    check_whole_image_pairs(cfg.whole_image_pairs)
+
+
+def check_pairs(pairs: str) -> None:
+    """One-line error unless ``pairs`` is one of :data:`~villa.vlm.data.PAIR_MODES`."""
+    if pairs not in PAIR_MODES:
+        raise VillaError(f"unknown pairs '{pairs}': use one of {', '.join(PAIR_MODES)}")
+
+
+def check_whole_image_pairs(whole_image_pairs: str) -> None:
+    """One-line error unless ``whole_image_pairs`` is one of :data:`~villa.vlm.loss.WHOLE_IMAGE_PAIRS`."""
+    if whole_image_pairs not in WHOLE_IMAGE_PAIRS:
+        raise VillaError(
+            f"unknown whole_image_pairs '{whole_image_pairs}': use one of {', '.join(WHOLE_IMAGE_PAIRS)}"
+        )
 
 
 #: pair modes built from stage 1's mapping (the others read the dataset's annotations)
@@ -55,8 +82,7 @@ STAGE1_PAIR_MODES = ("villa", "random_mapping")
 
 def stage2_frames(dataset: Dataset, pairs: str, stage_1_ckpt_dir: str | os.PathLike | None):
     """(train, val) frames: stage-1 mappings for ViLLA and the random mapping, annotations for the others."""
-    if pairs not in PAIR_MODES:
-        raise VillaError(f"unknown pairs '{pairs}': use one of {', '.join(PAIR_MODES)}")
+    check_pairs(pairs)
     if pairs == "oracle" and not dataset.has_region_labels:
         raise VillaError(
             f"pairs=oracle needs ground-truth region labels and {dataset.root} has none "
@@ -124,6 +150,7 @@ def run_stage2(
     scheduler_factory=DEFAULT_SCHEDULER,
     early_stopping_patience: int | None = 5,
     tau: float = TAU,
+    whole_image_pairs: str = "pooled",
     amp: bool = True,
     compile: bool = False,
     resume: bool = False,
@@ -143,7 +170,8 @@ def run_stage2(
     ``encoder``/``clip_weights`` None: those preprocessing recorded in the dataset's embeddings. Images keep
     decoded in memory when they fit ``image_cache_mb``, else are decoded per batch. ``activation_checkpointing``
     recomputes the tower's activations in the backward pass instead of keeping them (less memory, one more
-    forward a step; same results).
+    forward a step; same results). ``whole_image_pairs``: ``pooled`` (the reference: each whole-image pair is one of
+    the batch's pairs) or ``separate`` (the whole-image pairs get their own InfoNCE, added to the region pairs').
     Writes ``run_dir/{metrics.csv,last.pkl,best.pkl,curves.png}`` through :func:`villa.engine.training.fit` and
     ``env.json``; ``logger`` (:class:`villa.engine.tracking.TrackerSettings` or a ``logger`` config node) names the
     experiment trackers that also get the run. Returns the FitResult.
@@ -153,6 +181,7 @@ def run_stage2(
     from villa.engine.tracking import open_tracker
     from villa.engine.training import fit
 
+    check_whole_image_pairs(whole_image_pairs)
     dev = resolve_device(device)
     tracker = open_tracker(logger, run_dir, params=config)  # (a missing tracker package: refused here)
     write_environment(run_dir, "stage2", seed=seed, device=dev)
@@ -180,7 +209,7 @@ def run_stage2(
         model,
         train_set,
         val_set,
-        RegionTextLoss(tau),
+        RegionTextLoss(tau, whole_image_pairs),
         collate_fn=collate_region_text,
         batch_size=batch_size,
         epochs=epochs,
@@ -196,7 +225,12 @@ def run_stage2(
         num_workers=num_workers,
         pin_memory=pin_memory,
         config=config,
-        extra={"encoder": enc.name, "encoder_config": enc.config, "pairs": pairs},
+        extra={
+            "encoder": enc.name,
+            "encoder_config": enc.config,
+            "pairs": pairs,
+            "whole_image_pairs": whole_image_pairs,
+        },
         desc=f"stage2-{pairs}",
         progress=progress,
         cpu_keep_freed_memory=cpu_keep_freed_memory,
@@ -224,6 +258,7 @@ def run_stage2_from_config(cfg):
         encoder=cfg.encoder,
         clip_weights=cfg.clip_weights,
         tau=float(cfg.tau),
+        whole_image_pairs=str(cfg.whole_image_pairs),
         image_cache_mb=float(cfg.image_cache_mb),
         activation_checkpointing=bool(cfg.activation_checkpointing),
         **training_arguments(cfg),
