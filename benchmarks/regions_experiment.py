@@ -27,8 +27,10 @@ ViLLA - CLIP paired by seed).
 
 Overrides: ``--stage1_overrides`` go to stage 1, ``--stage2_overrides`` to the stage-2 training of ViLLA and CLIP
 alike, ``--villa_overrides`` to ViLLA's stage 2 only (the CLIP runs are then reused). Runs made with overrides
-have their own folders named after them (``runs/<arm>_<encoder>+<override>...``,
-``runs/clip_<encoder>+<override>...``), so a rerun never picks up runs made with other settings.
+have their own folders named after them, each group marked (``runs/<arm>_<encoder>+<stage-1 override>
++stage2.<override>+villa.<override>``, ``runs/clip_<encoder>+stage2.<override>``), so a rerun with other
+overrides never picks up these runs. ``--images``, ``--stage2_epochs`` and ``--stage2_batch`` do not name folders:
+give a run with other values of these its own ``--out``.
 """
 
 from __future__ import annotations
@@ -131,7 +133,7 @@ def _vocabulary(shapes: Path) -> str:
 
 def train_clip(out: Path, folder: Path, seed: int, args, log: Path) -> Path:
     """The CLIP baseline of one seed (whole images and texts: the same for every arm); returns its best.pkl."""
-    ckpt = out / "runs" / f"clip_{args.encoder}{_settings(args.stage2_overrides)}" / f"s{seed}"
+    ckpt = out / "runs" / f"clip_{args.encoder}{_settings(args.stage2_overrides, 'stage2.')}" / f"s{seed}"
     run_dir = ckpt / "clip"
     if not (run_dir / TRAINED).is_file():
         run([sys.executable, "-m", "villa.stage2", "experiment=clip", "resume=true", f"data_dir={folder}", f"run_dir={run_dir}",
@@ -145,7 +147,11 @@ def train_and_evaluate(out: Path, arm: str, folder: Path, seed: int, clip: Path,
     """Stage 1, ViLLA and the three evaluations of one arm and seed; returns the folder of its runs."""
     py = sys.executable
     # the overrides name the runs' folder: runs made with other settings are never taken for these
-    settings = _settings(f"{args.stage1_overrides} {args.stage2_overrides} {args.villa_overrides}")
+    settings = (
+        _settings(args.stage1_overrides)
+        + _settings(args.stage2_overrides, "stage2.")
+        + _settings(args.villa_overrides, "villa.")
+    )
     ckpt = out / "runs" / f"{arm}_{args.encoder}{settings}" / f"s{seed}"
     runs = ckpt / "runs"
     common = [f"data_dir={folder}", f"checkpoint_dir={ckpt}", f"seed={seed}", "device=cpu", "progress=false"]
@@ -163,9 +169,10 @@ def train_and_evaluate(out: Path, arm: str, folder: Path, seed: int, clip: Path,
     return runs
 
 
-def _settings(overrides: str) -> str:
-    """The folder-name suffix of a set of overrides: ``+key=value`` each, sorted (empty without overrides)."""
-    return "".join(f"+{o}" for o in sorted(set(overrides.split())))
+def _settings(overrides: str, group: str = "") -> str:
+    """The folder-name suffix of one group of overrides: ``+<group>key=value`` each, sorted (empty without
+    overrides; stage-1 overrides have no group mark, as before the other groups existed)."""
+    return "".join(f"+{group}{o}" for o in sorted(overrides.split()))
 
 
 def evaluations(runs: Path, clip: Path, arm: str) -> list[tuple[str, str, list[str]]]:

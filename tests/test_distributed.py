@@ -63,7 +63,8 @@ def test_stage1_two_processes_match_one(tiny_docmnist, tmp_path):
     assert resumed.stdout.count("mapping with") == 1, "only rank 0 maps and prints"
 
 
-def test_stage2_two_processes_match_one(tiny_docmnist, tmp_path):
+@pytest.mark.parametrize("whole_image_pairs", ["pooled", "separate"])
+def test_stage2_two_processes_match_one(tiny_docmnist, tmp_path, whole_image_pairs):
     stage1 = ["villa.stage1", "experiment=docmnist_stage1", f"data_dir={tiny_docmnist}", "epochs=1"]
     run_entry([*stage1, f"checkpoint_dir={tmp_path}", "device=cpu", "progress=false"], None, tmp_path)
     common = [
@@ -74,6 +75,7 @@ def test_stage2_two_processes_match_one(tiny_docmnist, tmp_path):
         "epochs=2",
         "device=cpu",
         "progress=false",
+        f"whole_image_pairs={whole_image_pairs}",  # separate: each rank marks its own images' whole pairs
     ]
     run_entry([*common, f"checkpoint_dir={tmp_path / 'one'}", "batch_size=8"], None, tmp_path)
     run_entry([*common, f"checkpoint_dir={tmp_path / 'two'}", "batch_size=4"], 2, tmp_path)

@@ -140,6 +140,8 @@ def test_a_bad_setting_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
             "detection.nms_iou must be in (0, 1]",
         ),
         ("stage2", ["experiment=docmnist_stage2", "pairs=regions"], "unknown pairs 'regions'"),
+        ("stage2", [STAGE1], "is a 'stage1' experiment, but this command runs 'stage2'"),
+        ("stage1", ["experiment=docmnist_stage2"], "is a 'stage2' experiment, but this command runs 'stage1'"),
         (
             "stage2",
             ["experiment=docmnist_stage2", "whole_image_pairs=split"],

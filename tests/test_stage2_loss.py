@@ -59,22 +59,44 @@ def test_separate_info_nce_is_the_sum_of_two_group_losses():
     )
 
 
+def test_whole_image_rows_on_a_dataset_batch():
+    """Shuffled indices and an image without region pairs: the marked rows are exactly each image's whole pair."""
+    from villa.vlm.data import RegionTextDataset
+    from villa.vlm.loss import whole_image_rows
+
+    offsets = [0, 2, 3, 6]  # image 1 has its whole pair only
+    boxes = torch.tensor(
+        [[0, 0, 8, 8], [1, 1, 3, 3], [0, 0, 8, 8], [0, 0, 8, 8], [2, 2, 4, 4], [4, 4, 6, 6]]
+    ).float()
+    text = torch.arange(6, dtype=torch.float32)[:, None]  # row id as the "embedding"
+    dataset = RegionTextDataset(torch.zeros(3, 3, 8, 8, dtype=torch.uint8), offsets, boxes, text)
+    batch = dataset.__getitems__([2, 0, 1])
+    whole = whole_image_rows(batch["boxes"])
+    assert whole.tolist() == [True, False, False, True, False, True]
+    assert batch["text"][whole, 0].tolist() == [3.0, 0.0, 2.0]  # the first pair of images 2, 0 and 1
+
+
 def test_region_text_loss_separate_keeps_a_whole_image_out_of_its_own_sentences_negatives():
-    """A whole image whose caption equals its region sentence: pooled, that sentence is a hard negative of it."""
+    """Image 0's caption is also one of its region sentences: pooled, that sentence is a hard negative of the
+    whole image; separate, the two are in different groups. The groups are uneven, so marking the wrong pair of
+    an image as its whole pair would put the two copies in one group again."""
     from villa.vlm.run import RegionTextLoss
 
-    class Identity(torch.nn.Module):
-        def forward(self, images, boxes):  # one embedding per pair, read from the box's x1
+    class OneHot(torch.nn.Module):
+        def forward(self, images, boxes):  # one embedding per pair, chosen by the box's x1
             return torch.nn.functional.one_hot(boxes[:, 1].long(), 4).float()
 
     batch = {
         "images": torch.zeros(2, 3, 4, 4, dtype=torch.uint8),
-        "boxes": torch.tensor([[0, 0, 0, 4, 4], [0, 0, 0, 2, 2], [1, 2, 0, 4, 4], [1, 3, 0, 2, 2]]).float(),
-        "text": torch.nn.functional.one_hot(torch.tensor([0, 0, 2, 3]), 4).float(),
+        # image 0: whole pair, a region with the same embedding and text, another region; image 1: whole, region
+        "boxes": torch.tensor(
+            [[0, 0, 0, 4, 4], [0, 0, 0, 2, 2], [0, 1, 0, 2, 2], [1, 2, 0, 4, 4], [1, 3, 0, 2, 2]]
+        ).float(),
+        "text": torch.nn.functional.one_hot(torch.tensor([0, 0, 1, 2, 3]), 4).float(),
     }
-    pooled, n = RegionTextLoss(whole_image_pairs="pooled")(Identity(), batch)
-    separate, m = RegionTextLoss(whole_image_pairs="separate")(Identity(), batch)
-    assert n == m == 4
-    assert separate.item() < 1e-4 < pooled.item()
+    pooled, n = RegionTextLoss(whole_image_pairs="pooled")(OneHot(), batch)
+    separate, m = RegionTextLoss(whole_image_pairs="separate")(OneHot(), batch)
+    assert n == m == 5
+    assert separate.item() < 1e-4 and pooled.item() > 0.1
     with pytest.raises(Exception, match="whole_image_pairs"):
         RegionTextLoss(whole_image_pairs="both")

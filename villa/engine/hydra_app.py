@@ -117,7 +117,8 @@ def hydra_main(
     The command line is checked first (:func:`check_command_line`), so that Hydra's own errors (an unknown
     key, an unknown experiment, bad override syntax, a missing ``???`` value) read like ours: one line
     ``error: ...`` and exit code 2. A :class:`VillaError` raised inside does the same. ``check``: the entry
-    point's test of its settings on the composed config, run with that check (before Hydra makes the run folder).
+    point's test of its own settings, called with the composed config as part of that first check, so a bad value
+    is refused before Hydra makes the run folder.
     """
 
     def decorate(func: Callable[[DictConfig], object]) -> Callable[[], None]:

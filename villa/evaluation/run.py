@@ -285,11 +285,16 @@ def check_evaluation_settings(image_score: str, score: str, nms_iou, max_per_ima
     """One-line errors for the evaluation settings that need no dataset (``image_score`` and the
     ``detection.*`` values but the candidates); the commands call it on the command line, before Hydra makes the
     run folder."""
+    _check_image_score(image_score)
+    _check_detection_values(score, nms_iou, max_per_image)
+
+
+def _check_detection_values(score: str, nms_iou, max_per_image) -> None:
+    """One-line errors for ``detection.score``, ``detection.nms_iou`` and ``detection.max_per_image``."""
     import numbers
 
     from villa.evaluation.detection import SCORES
 
-    _check_image_score(image_score)
     if score not in SCORES:
         raise VillaError(f"unknown detection.score '{score}': use one of {', '.join(SCORES)}")
     if nms_iou is not None and not (isinstance(nms_iou, numbers.Real) and 0 < nms_iou <= 1):
@@ -310,7 +315,7 @@ def check_evaluation_config(cfg) -> None:
 
 def _check_detection_settings(dataset: Dataset, regions: str, score: str, nms_iou, max_per_image) -> None:
     """One-line errors for detection settings, before any work."""
-    check_evaluation_settings(IMAGE_SCORES[0], score, nms_iou, max_per_image)
+    _check_detection_values(score, nms_iou, max_per_image)
     spec = detection_candidate_spec(dataset, regions)
     if score == "cosine" and spec is not None and spec.kind == "proposals":
         raise VillaError(

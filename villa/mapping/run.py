@@ -264,6 +264,9 @@ def check_mapping_settings(epsilon: float, map_weights: str) -> None:
 
 def check_mapping_config(cfg) -> None:
     """:func:`check_mapping_settings` on a composed config (``python -m villa.stage1``'s command-line check)."""
+    from villa.engine.hydra_app import require_stage
+
+    require_stage(cfg, "stage1")  # (another stage's experiment has no mapping keys)
     check_mapping_settings(cfg.mapping.epsilon, cfg.mapping.weights)
 
 

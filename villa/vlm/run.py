@@ -58,6 +58,9 @@ class RegionTextLoss:
 
 def check_stage2_config(cfg) -> None:
     """``pairs`` and ``whole_image_pairs`` of a composed config (``python -m villa.stage2``'s command-line check)."""
+    from villa.engine.hydra_app import require_stage
+
+    require_stage(cfg, "stage2")  # (another stage's experiment has no stage-2 keys)
     check_pairs(cfg.pairs)
     check_whole_image_pairs(cfg.whole_image_pairs)
 
