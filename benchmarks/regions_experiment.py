@@ -21,9 +21,9 @@ change stage 1's and stage 2's initialisation and order, not the data. Every com
 with ``--threads`` torch threads (1 by default; the commands are printed as they run and logged in
 ``<out>/commands.log``); a finished step (its output file present) is skipped and an interrupted training
 continues from its ``last.pkl``, so a run can be resumed, and seeds can run as concurrent processes once
-``--prepare_only`` has made the data. Results: ``<out>/results_<encoder>.csv`` (one row per arm, seed, model
-and, on the table arm, image score) and ``<out>/summary_<encoder>.csv`` (mean and 95% Student-t interval over the seeds, and
-ViLLA - CLIP paired by seed).
+``--prepare_only`` has made the data. Results: ``<out>/results_<encoder><overrides>.csv`` (one row per arm, seed,
+model and, on the table arm, image score) and ``<out>/summary_<encoder><overrides>.csv`` (mean and 95% Student-t
+interval over the seeds, and ViLLA - CLIP paired by seed).
 
 Overrides: ``--stage1_overrides`` go to stage 1, ``--stage2_overrides`` to the stage-2 training of ViLLA and CLIP
 alike, ``--villa_overrides`` to ViLLA's stage 2 only (the CLIP runs are then reused). Runs made with overrides
@@ -147,12 +147,7 @@ def train_and_evaluate(out: Path, arm: str, folder: Path, seed: int, clip: Path,
     """Stage 1, ViLLA and the three evaluations of one arm and seed; returns the folder of its runs."""
     py = sys.executable
     # the overrides name the runs' folder: runs made with other settings are never taken for these
-    settings = (
-        _settings(args.stage1_overrides)
-        + _settings(args.stage2_overrides, "stage2.")
-        + _settings(args.villa_overrides, "villa.")
-    )
-    ckpt = out / "runs" / f"{arm}_{args.encoder}{settings}" / f"s{seed}"
+    ckpt = out / "runs" / f"{arm}_{args.encoder}{_all_settings(args)}" / f"s{seed}"
     runs = ckpt / "runs"
     common = [f"data_dir={folder}", f"checkpoint_dir={ckpt}", f"seed={seed}", "device=cpu", "progress=false"]
     if not (runs / "stage1" / "mapping_metrics.json").is_file():
@@ -167,6 +162,15 @@ def train_and_evaluate(out: Path, arm: str, folder: Path, seed: int, clip: Path,
         if not (runs / folder_name / "metrics.json").is_file():
             run([py, "-m", "villa.evaluate", f"experiment={experiment}", *common, *keys], log)
     return runs
+
+
+def _all_settings(args) -> str:
+    """The folder- and file-name suffix of every override group of a run (empty without overrides)."""
+    return (
+        _settings(args.stage1_overrides)
+        + _settings(args.stage2_overrides, "stage2.")
+        + _settings(args.villa_overrides, "villa.")
+    )
 
 
 def _settings(overrides: str, group: str = "") -> str:
@@ -296,8 +300,9 @@ def main() -> None:
     results.insert(0, "encoder", args.encoder)
     summary = summarise(results)
     summary.insert(0, "encoder", args.encoder)
-    results.to_csv(out / f"results_{args.encoder}.csv", index=False)
-    summary.to_csv(out / f"summary_{args.encoder}.csv", index=False)
+    name = f"{args.encoder}{_all_settings(args)}"  # runs with other overrides into one --out keep their own files
+    results.to_csv(out / f"results_{name}.csv", index=False)
+    summary.to_csv(out / f"summary_{name}.csv", index=False)
     with pd.option_context("display.width", 200, "display.max_rows", 200):
         print(summary.round(2).to_string(index=False))
 

@@ -16,8 +16,8 @@ def symmetric_info_nce(image_embs: torch.Tensor, text_embs: torch.Tensor, tau: f
     """Symmetric InfoNCE over all M pairs of a batch: 0.5 * (image->text + text->image), each a mean over pairs.
 
     image_embs ``[M, D]``, text_embs ``[M, D]`` (row i of each forms a positive pair; both are
-    L2-normalised here). Returns a scalar, computed in float32 also under autocast. Like the reference, pairs that share identical text are still
-    negatives of each other.
+    L2-normalised here). Returns a scalar, computed in float32 also under autocast. Like the reference, pairs
+    that share identical text are still negatives of each other.
     """
     image_embs = F.normalize(image_embs.float(), dim=-1)
     text_embs = F.normalize(text_embs.float(), dim=-1)
